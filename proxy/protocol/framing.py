@@ -1,0 +1,72 @@
+"""Split a byte stream into whole v3 protocol messages.
+
+Whether a whole message is here is decided from its 5-byte header alone; the bodies are
+never copied unless a handler asks. A chunk that holds only whole messages (the common
+case: one read, one reply) is returned as is, so forwarding it costs no copy at all.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from proxy.protocol.messages import ProtocolViolation
+
+_HEAD = struct.Struct("!BI")
+_unpack_head = _HEAD.unpack_from
+
+# (type byte, offset of the type byte, offset one past the message's last byte)
+Frame = tuple[int, int, int]
+
+
+class Framer:
+    """Accumulates chunks and yields the complete messages they contain.
+
+    The incomplete tail is kept in a bytearray (amortised growth), so a message that
+    arrives in many small reads costs linear, not quadratic, time.
+    """
+
+    __slots__ = ("_need", "_tail", "max_len")
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self._tail = bytearray()
+        self._need = 0  # bytes the tail must reach before it is worth scanning again
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete message held back."""
+        return len(self._tail)
+
+    def feed(self, data: bytes) -> tuple[bytes, list[Frame]]:
+        """Return (buffer, frames) for the whole messages now available.
+
+        `buffer[frames[0][1]:frames[-1][2]]` is exactly the bytes of those messages.
+        Raises ProtocolViolation on a length that cannot be valid.
+        """
+        if self._tail:
+            self._tail += data
+            if len(self._tail) < self._need:
+                return b"", []
+            buf: bytes = bytes(self._tail)
+            self._tail = bytearray()
+        else:
+            buf = data
+        frames: list[Frame] = []
+        pos = 0
+        end = len(buf)
+        max_len = self.max_len
+        while end - pos >= 5:
+            kind, n = _unpack_head(buf, pos)
+            if n < 4 or n > max_len:
+                raise ProtocolViolation(f"invalid message length {n}")
+            stop = pos + 1 + n
+            if stop > end:
+                self._need = stop - pos
+                break
+            frames.append((kind, pos, stop))
+            pos = stop
+        else:
+            self._need = 5
+        if pos < end:
+            self._tail = bytearray(buf[pos:])
+        return buf, frames

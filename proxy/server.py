@@ -1,0 +1,319 @@
+"""Listeners, the session registry, cancel routing, the janitor, signals and workers.
+
+One process serves many sessions on one event loop. With `workers: N` the main process
+forks N children that each bind the same port with SO_REUSEPORT; the kernel spreads new
+connections across them. A CancelRequest can land on any worker, so a worker that does
+not own the key forwards it to the upstream server, which checks the key itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+
+from proxy.gate import Gate
+from proxy.protocol import messages as m
+from proxy.session import Session, State
+from proxy.settings import ConfigError, Settings, load
+
+log = logging.getLogger("strongroom.server")
+
+
+class Server:
+    """Owns the listening socket(s) and every session of this process."""
+
+    def __init__(self, settings: Settings, *, worker_count: int = 1) -> None:
+        self.settings = settings
+        self.worker_count = worker_count
+        self.gate = Gate()
+        self.sessions: set[Session] = set()
+        self.keys: dict[tuple[int, int], Session] = {}
+        self.client_ssl = settings.client_ssl_context()
+        self.upstream_ssl = settings.upstream_ssl_context()
+        self._ids = itertools.count(1)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._janitor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.counters: dict[str, int] = {
+            "accepted": 0,
+            "rejected": 0,
+            "closed": 0,
+            "protocol_errors": 0,
+            "auth_failures": 0,
+            "upstream_connect_failures": 0,
+        }
+        self.on_reload: list[Callable[[Settings], None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sock is None:
+            sock = make_listen_socket(
+                self.settings.listen.host, self.settings.listen.port, self.worker_count > 1
+            )
+        srv = await loop.create_server(lambda: Session(self), sock=sock, backlog=4096)
+        self._servers.append(srv)
+        self._janitor = loop.create_task(self._janitor_loop())
+
+    @property
+    def port(self) -> int:
+        return self._servers[0].sockets[0].getsockname()[1]
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let sessions finish for `grace` seconds, then close the rest."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for srv in self._servers:
+            srv.close()
+        grace = self.settings.limits.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.expire("57P01", "terminating connection due to administrator command")
+        if self._janitor:
+            self._janitor.cancel()
+        await asyncio.sleep(0)
+
+    def reload(self, path: str) -> bool:
+        """Swap in a new Settings; a broken file leaves the running one in force."""
+        try:
+            new = load(path)
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running configuration:\n%s", exc)
+            self.count("reload_failed")
+            return False
+        old = self.settings
+        if (new.listen, new.workers) != (old.listen, old.workers):
+            log.warning("listen address or worker count changed: takes effect after a restart")
+        self.settings = new
+        self.client_ssl = new.client_ssl_context()
+        self.upstream_ssl = new.upstream_ssl_context()
+        for hook in self.on_reload:
+            hook(new)
+        self.count("reload_ok")
+        log.info("configuration reloaded from %s", path)
+        return True
+
+    # ------------------------------------------------------------------ sessions
+
+    def next_session_id(self) -> int:
+        return next(self._ids) * 1000 + os.getpid() % 1000
+
+    def admit(self, session: Session) -> bool:
+        if self._stopping or len(self.sessions) >= self.settings.limits.max_clients:
+            self.count("rejected")
+            return False
+        self.sessions.add(session)
+        self.count("accepted")
+        return True
+
+    def release(self, session: Session, was: State) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.count("closed")
+        if session.backend_key is not None and self.keys.get(session.backend_key) is session:
+            del self.keys[session.backend_key]
+
+    def register_key(self, key: tuple[int, int], session: Session) -> None:
+        self.keys[key] = session
+
+    def on_session_ready(self, session: Session) -> None:
+        pass
+
+    def count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def on_protocol_error(self, sqlstate: str) -> None:
+        self.count("protocol_errors")
+
+    def on_auth_failure(self, sqlstate: str) -> None:
+        self.count("auth_failures")
+
+    def on_upstream_connect_failed(self, exc: BaseException) -> None:
+        self.count("upstream_connect_failures")
+
+    def on_upstream_connected(self, seconds: float) -> None:
+        pass
+
+    # ------------------------------------------------------------------ cancel
+
+    def forward_cancel(self, pid: int, secret: int) -> None:
+        """Route a client's CancelRequest to the upstream that owns the key.
+
+        The key is the server's own, so the server is the authority on it. A key this
+        process does not know is dropped silently (as PostgreSQL does), except with
+        several workers, where another worker may own it: then the server decides.
+        """
+        if (pid, secret) in self.keys or self.worker_count > 1:
+            self.send_cancel(pid, secret)
+
+    def send_cancel(self, pid: int, secret: int) -> None:
+        asyncio.get_running_loop().create_task(self._send_cancel(pid, secret))
+
+    async def _send_cancel(self, pid: int, secret: int) -> None:
+        up = self.settings.upstream
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(up.host, up.port), up.connect_timeout
+            )
+            if self.upstream_ssl is not None:
+                writer.write(m.encode_ssl_request())
+                answer = await asyncio.wait_for(reader.readexactly(1), up.connect_timeout)
+                if answer != b"S":
+                    writer.close()
+                    return
+                await writer.start_tls(
+                    self.upstream_ssl, server_hostname=up.tls_server_name or up.host
+                )
+            writer.write(m.encode_cancel(pid, secret))
+            await writer.drain()
+            # The server closes after reading the request; wait for that so the cancel
+            # has been delivered before we return.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reader.read(1), up.connect_timeout)
+            writer.close()
+        except (OSError, asyncio.TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+            log.warning("could not forward cancel request: %s", exc.__class__.__name__)
+
+    # ------------------------------------------------------------------ janitor
+
+    async def _janitor_loop(self) -> None:
+        """Once a second: idle limits. One periodic task, not a timer per session."""
+        while True:
+            await asyncio.sleep(1.0)
+            limits = self.settings.limits
+            if not (limits.idle_timeout or limits.idle_in_transaction_timeout):
+                continue
+            now = time.monotonic()
+            for s in list(self.sessions):
+                if s.state is not State.READY or s.outstanding > 0:
+                    continue
+                idle = now - s.last_active
+                if s.txn_status == b"I":
+                    if limits.idle_timeout and idle > limits.idle_timeout:
+                        s.expire("57P05", "terminating connection due to idle-session timeout")
+                elif limits.idle_in_transaction_timeout and idle > (
+                    limits.idle_in_transaction_timeout
+                ):
+                    s.expire(
+                        "25P03",
+                        "terminating connection due to idle-in-transaction timeout",
+                    )
+
+
+def make_listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(addr)
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+# ---------------------------------------------------------------------- process entry
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def serve(settings: Settings, config_path: str | None) -> int:
+    """Run the proxy until SIGTERM/SIGINT. Returns the process exit code."""
+    if settings.workers > 1:
+        return _serve_workers(settings, config_path)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_serve_one(settings, config_path, None, 1))
+    finally:
+        loop.close()
+
+
+async def _serve_one(
+    settings: Settings, config_path: str | None, sock: socket.socket | None, workers: int
+) -> int:
+    server = Server(settings, worker_count=workers)
+    await server.start(sock)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if config_path:
+        loop.add_signal_handler(signal.SIGHUP, server.reload, config_path)
+    log.info(
+        "strongroom listening on %s:%s, upstream %s:%s (pid %s)",
+        settings.listen.host,
+        server.port,
+        settings.upstream.host,
+        settings.upstream.port,
+        os.getpid(),
+    )
+    await stop.wait()
+    log.info("shutting down: no new connections, %d sessions draining", len(server.sessions))
+    await server.shutdown()
+    return 0
+
+
+def _serve_workers(settings: Settings, config_path: str | None) -> int:
+    """Fork workers that each bind the port with SO_REUSEPORT; relay signals; reap them.
+
+    Each worker has its own listening socket so the kernel balances connections across
+    them by hash; one inherited socket would let whichever worker wakes first take most.
+    """
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                sock = make_listen_socket(settings.listen.host, settings.listen.port, True)
+                loop = new_event_loop()
+                asyncio.set_event_loop(loop)
+                code = loop.run_until_complete(
+                    _serve_one(settings, config_path, sock, settings.workers)
+                )
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def relay(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, relay)
+    status = 0
+    for child in children:
+        while True:
+            try:
+                _, st = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                st = 0
+                break
+        status = status or os.waitstatus_to_exitcode(st)
+    sys.stdout.flush()
+    return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else 1

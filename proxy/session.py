@@ -1,0 +1,470 @@
+"""One client connection and the upstream connection it owns (session mode).
+
+The session is an asyncio Protocol, not a coroutine: every read is handled in one
+callback that frames the chunk, lets the statement gate look at Query/Parse messages,
+and writes the (usually untouched) bytes on in one call. There is no await and no
+per-message object on the hot path; that is what keeps a Python proxy near PgBouncer.
+
+States (explicit, like PgBouncer's): STARTUP (SSL/GSS negotiation, startup packet) →
+CONNECTING (opening the upstream) → AUTH (relaying authentication) → READY (relay) →
+CLOSED. Authentication is relayed, never performed: the server proves the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import ssl
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from proxy.protocol import messages as m
+from proxy.protocol.framing import Framer
+from proxy.protocol.messages import ProtocolViolation
+
+if TYPE_CHECKING:
+    from proxy.server import Server
+
+log = logging.getLogger("strongroom.session")
+
+_U32 = struct.Struct("!I")
+
+# Type bytes as ints (framing yields ints).
+_Q, _P, _S, _X, _F, _H = (ord(c) for c in "QPSXFH")
+_Z, _R, _K, _E, _PS = (ord(c) for c in "ZRKES")
+_FRONTEND = frozenset(m.FRONTEND_TYPES)
+
+
+class State(enum.Enum):
+    STARTUP = 1
+    CONNECTING = 2
+    AUTH = 3
+    READY = 4
+    CLOSED = 5
+
+
+class Upstream(asyncio.Protocol):
+    """The server side of a session: hands every chunk to the session."""
+
+    __slots__ = ("_ssl_answer", "closed", "session", "transport")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+        self._ssl_answer: asyncio.Future[bytes] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._ssl_answer is not None:
+            fut, self._ssl_answer = self._ssl_answer, None
+            if not fut.done():
+                fut.set_result(data)
+            return
+        self.session.server_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._ssl_answer is not None and not self._ssl_answer.done():
+            self._ssl_answer.set_exception(ConnectionError("upstream closed during TLS setup"))
+        self.session.server_lost()
+
+    def pause_writing(self) -> None:
+        self.session.pause_client_reading("upstream")
+
+    def resume_writing(self) -> None:
+        self.session.resume_client_reading("upstream")
+
+    def expect_ssl_answer(self) -> asyncio.Future[bytes]:
+        self._ssl_answer = asyncio.get_running_loop().create_future()
+        return self._ssl_answer
+
+
+class Session(asyncio.Protocol):
+    """A client connection: startup, auth relay, then the message relay."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.id = server.next_session_id()
+        self.state = State.STARTUP
+        self.transport: asyncio.Transport | None = None
+        self.upstream: Upstream | None = None
+        self.peer = "?"
+        self.tls = False
+        self.startup: m.StartupPacket | None = None
+        self.user = ""
+        self.database = ""
+        self.backend_key: tuple[int, int] | None = None
+        self.server_params: dict[str, str] = {}
+        self.txn_status = b"I"
+        self.outstanding = 0  # Query/Sync/FunctionCall sent without a ReadyForQuery yet
+        self.last_active = time.monotonic()
+        self.server_fatal = False
+        self._startup_buf = bytearray()
+        self._cframer = Framer(self.settings.limits.max_message_size)
+        self._sframer = Framer(1 << 30)
+        self._paused: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self.gate = server.gate
+        self.prepared: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ client side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        if not self.server.admit(self):
+            self._fatal("53300", "sorry, too many clients already")
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.settings.limits.startup_timeout, self._startup_expired)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is State.READY:
+            self._client_ready(data)
+        elif self.state is State.STARTUP:
+            self._client_startup(data)
+        elif self.state is State.AUTH:
+            self._client_auth(data)
+        # CONNECTING: reading is paused; CLOSED: drop.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was = self.state
+        self.state = State.CLOSED
+        if self._timer:
+            self._timer.cancel()
+        up = self.upstream
+        if up is not None and not up.closed and up.transport is not None:
+            if self.outstanding > 0 and self.backend_key is not None:
+                # A statement is running: cancel it, or the backend would live on
+                # until it finishes.
+                self.server.send_cancel(*self.backend_key)
+            try:
+                up.transport.write(m.message(b"X"))
+            finally:
+                up.transport.close()
+        self.server.release(self, was)
+
+    def pause_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None and not up.closed:
+            up.transport.resume_reading()
+
+    def pause_client_reading(self, reason: str) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume_client_reading(self, reason: str) -> None:
+        self._paused.discard(reason)
+        if not self._paused and self.transport is not None and self.state is not State.CLOSED:
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ startup
+
+    def _client_startup(self, data: bytes) -> None:
+        buf = self._startup_buf
+        buf += data
+        while self.state is State.STARTUP and len(buf) >= 4:
+            n = _U32.unpack_from(buf)[0]
+            if n < 8 or n > m.MAX_STARTUP_PACKET:
+                self._violation("invalid length of startup packet")
+                return
+            if len(buf) < n:
+                return
+            body = bytes(buf[4:n])
+            del buf[:n]
+            self._startup_packet(body)
+
+    def _startup_packet(self, body: bytes) -> None:
+        code = _U32.unpack_from(body)[0]
+        if code == m.SSL_REQUEST_CODE:
+            ctx = self.server.client_ssl
+            if ctx is None or self.tls:
+                self.transport.write(b"N")  # type: ignore[union-attr]
+                return
+            if self._startup_buf:
+                # Bytes sent after SSLRequest but before the handshake would be read as
+                # if they had been encrypted (CVE-2021-23214): refuse them.
+                self._violation("received unencrypted data after SSL request")
+                return
+            self.pause_client_reading("tls")
+            self.transport.write(b"S")  # type: ignore[union-attr]
+            asyncio.get_running_loop().create_task(self._start_tls(ctx))
+        elif code == m.GSSENC_REQUEST_CODE:
+            self.transport.write(b"N")  # type: ignore[union-attr]
+        elif code == m.CANCEL_REQUEST_CODE:
+            try:
+                pid, secret = m.decode_cancel(body)
+            except ProtocolViolation:
+                self._close()
+                return
+            self.server.forward_cancel(pid, secret)
+            self._close()
+        elif code >> 16 == 3:
+            try:
+                packet = m.parse_startup(body)
+            except ProtocolViolation as exc:
+                self._violation(str(exc))
+                return
+            self._begin_session(packet)
+        else:
+            self._violation(
+                f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                "server supports 3.0 to 3.0"
+            )
+
+    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport,  # type: ignore[arg-type]
+                self,
+                ctx,
+                server_side=True,
+                ssl_handshake_timeout=self.settings.limits.startup_timeout,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("session %s %s: TLS handshake failed: %s", self.id, self.peer, exc)
+            self._close()
+            return
+        if transport is None or self.state is State.CLOSED:
+            self._close()
+            return
+        self.transport = transport
+        self.tls = True
+        self.resume_client_reading("tls")
+
+    def _begin_session(self, packet: m.StartupPacket) -> None:
+        repl = (packet.get("replication") or "").lower()
+        if repl and repl not in ("false", "off", "no", "0") and not self.settings.allow_replication:
+            self._violation("replication connections are not supported by this proxy")
+            return
+        if packet.get("user") is None:
+            self._fatal("28000", "no PostgreSQL user name specified in startup packet")
+            return
+        if self.settings.upstream.database:
+            packet = packet.replace("database", self.settings.upstream.database)
+        self.startup = packet
+        self.user = packet.get("user") or ""
+        self.database = packet.get("database") or self.user
+        self.state = State.CONNECTING
+        self.pause_client_reading("connect")
+        asyncio.get_running_loop().create_task(self._connect_upstream(packet))
+
+    async def _connect_upstream(self, packet: m.StartupPacket) -> None:
+        up = self.settings.upstream
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            transport, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: Upstream(self), up.host, up.port),
+                up.connect_timeout,
+            )
+            ctx = self.server.upstream_ssl
+            if ctx is not None:
+                answer = proto.expect_ssl_answer()
+                transport.write(m.encode_ssl_request())
+                reply = await asyncio.wait_for(answer, up.connect_timeout)
+                if reply[:1] != b"S":
+                    raise ConnectionError("upstream server does not support TLS")
+                transport = await loop.start_tls(
+                    transport,
+                    proto,
+                    ctx,
+                    server_hostname=up.tls_server_name or up.host,
+                    ssl_handshake_timeout=up.connect_timeout,
+                )
+                proto.transport = transport
+        except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError) as exc:
+            self.server.on_upstream_connect_failed(exc)
+            log.warning("session %s: cannot reach upstream %s:%s: %s", self.id, up.host, up.port,
+                        exc.__class__.__name__)
+            if self.state is not State.CLOSED:
+                self._fatal(
+                    "08006",
+                    "could not connect to the upstream server",
+                    hint="The proxy is up but PostgreSQL is not reachable; retry shortly.",
+                )
+            return
+        self.server.on_upstream_connected(time.perf_counter() - started)
+        self.upstream = proto
+        if self.state is State.CLOSED:
+            transport.close()
+            return
+        transport.write(m.encode_startup(packet))
+        self.state = State.AUTH
+        self.resume_client_reading("connect")
+
+    def _client_auth(self, data: bytes) -> None:
+        """Relay password / SASL responses. Whatever else the client sends is the server's
+        to reject, as it would be without the proxy."""
+        try:
+            buf, frames = self._cframer.feed(data)
+        except ProtocolViolation as exc:
+            self._violation(str(exc))
+            return
+        if frames:
+            self.upstream.transport.write(buf[frames[0][1] : frames[-1][2]])  # type: ignore[union-attr]
+
+    def _server_auth(self, data: bytes) -> None:
+        buf, frames = self._sframer.feed(data)
+        out: list[bytes] = []
+        for kind, start, stop in frames:
+            chunk = buf[start:stop]
+            if kind == _R:
+                code = m.auth_code(chunk[5:])
+                if code == m.AUTH_SASL:
+                    # Channel binding cannot cross a TLS-terminating proxy: the client's
+                    # TLS session is not the server's. Offer only plain SCRAM.
+                    mechs = [x for x in m.sasl_mechanisms(chunk[5:]) if not x.endswith(b"-PLUS")]
+                    chunk = m.encode_sasl_mechanisms(mechs)
+            elif kind == _K:
+                self.backend_key = m.backend_key(chunk[5:])
+                self.server.register_key(self.backend_key, self)
+            elif kind == _PS:
+                name, value = m.parameter_status(chunk[5:])
+                self.server_params[name] = value
+            elif kind == _E:
+                fields = m.parse_fields(chunk[5:])
+                if fields.get("S") in ("FATAL", "PANIC"):
+                    self.server_fatal = True
+                    log.info("session %s user=%s: upstream refused: %s", self.id,
+                             self.user, fields.get("C"))
+                    self.server.on_auth_failure(fields.get("C", ""))
+            elif kind == _Z:
+                self.txn_status = chunk[5:6]
+                self.state = State.READY
+                if self._timer:
+                    self._timer.cancel()
+                    self._timer = None
+                self.server.on_session_ready(self)
+            out.append(chunk)
+        if out:
+            self.transport.write(b"".join(out))  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ relay
+
+    def _client_ready(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        try:
+            buf, frames = self._cframer.feed(data)
+        except ProtocolViolation as exc:
+            self._violation(str(exc))
+            return
+        if not frames:
+            return
+        pieces: list[bytes] | None = None
+        gate = self.gate
+        for i, (kind, start, stop) in enumerate(frames):
+            replacement = None
+            if kind == _Q:
+                self.outstanding += 1
+                replacement = gate.query(self, buf[start + 5 : stop])
+            elif kind == _P:
+                replacement = gate.parse(self, buf[start + 5 : stop])
+            elif kind == _S or kind == _F:
+                self.outstanding += 1
+            elif kind == _X:
+                self._terminate(buf, frames, i)
+                return
+            elif kind not in _FRONTEND:
+                self._violation(f"invalid frontend message type {kind}")
+                return
+            if replacement is not None:
+                if pieces is None:
+                    pieces = [buf[f[1] : f[2]] for f in frames[:i]]
+                pieces.append(replacement)
+            elif pieces is not None:
+                pieces.append(buf[start:stop])
+        up = self.upstream.transport  # type: ignore[union-attr]
+        if pieces is not None:
+            up.write(b"".join(pieces))
+        elif frames[0][1] == 0 and frames[-1][2] == len(buf):
+            up.write(buf)
+        else:
+            up.write(buf[frames[0][1] : frames[-1][2]])
+
+    def server_data(self, data: bytes) -> None:
+        if self.state is State.READY:
+            buf, frames = self._sframer.feed(data)
+            if not frames:
+                return
+            for kind, start, stop in frames:
+                if kind == _Z:
+                    self.txn_status = buf[start + 5 : start + 6]
+                    self.outstanding -= 1
+                elif kind == _PS:
+                    name, value = m.parameter_status(buf[start + 5 : stop])
+                    self.server_params[name] = value
+                elif kind == _E and buf[start + 5 : start + 13] == b"SFATAL\0V":
+                    self.server_fatal = True
+            if frames[0][1] == 0 and frames[-1][2] == len(buf):
+                self.transport.write(buf)  # type: ignore[union-attr]
+            else:
+                self.transport.write(buf[frames[0][1] : frames[-1][2]])  # type: ignore[union-attr]
+        elif self.state is State.AUTH:
+            self._server_auth(data)
+            # Messages after ReadyForQuery in the same chunk were handled by _server_auth.
+
+    def server_lost(self) -> None:
+        if self.state is State.CLOSED:
+            return
+        if not self.server_fatal and self.transport is not None:
+            self.transport.write(
+                m.fatal(
+                    "08006",
+                    "the upstream server closed the connection unexpectedly",
+                    hint="PostgreSQL may have restarted; reconnect to get a new session.",
+                )
+            )
+        log.info("session %s user=%s: upstream closed", self.id, self.user)
+        self._close()
+
+    # ------------------------------------------------------------------ endings
+
+    def _terminate(self, buf: bytes, frames: list, i: int) -> None:
+        """Terminate: forward what came before it and the Terminate itself, ignore the rest."""
+        up = self.upstream.transport  # type: ignore[union-attr]
+        up.write(buf[frames[0][1] : frames[i][2]])
+        self.state = State.CLOSED
+        up.close()
+        self._close()
+
+    def _violation(self, text: str) -> None:
+        log.info("session %s %s: protocol violation: %s", self.id, self.peer, text)
+        self.server.on_protocol_error("08P01")
+        self._fatal("08P01", text)
+
+    def _fatal(self, code: str, text: str, hint: str | None = None) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(m.fatal(code, text, hint=hint))
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.state = State.CLOSED
+
+    def _startup_expired(self) -> None:
+        self._timer = None
+        if self.state is not State.READY and self.state is not State.CLOSED:
+            log.info("session %s %s: startup timeout", self.id, self.peer)
+            self.server.on_protocol_error("08P01")
+            self._fatal("08P01", "timeout expired during connection startup")
+
+    def expire(self, code: str, text: str) -> None:
+        """Called by the janitor for idle limits and by shutdown."""
+        log.info("session %s user=%s: %s", self.id, self.user, text)
+        self._fatal(code, text)

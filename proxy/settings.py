@@ -1,0 +1,272 @@
+"""The proxy's configuration: an immutable Settings object built from YAML.
+
+Loading validates against `config/strongroom.schema.json` and reports every problem as
+`file:line: message`, so ops can fix a broken file without guessing. A reload (SIGHUP)
+builds a new Settings and swaps it in whole; a broken file leaves the old one in force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "strongroom.schema.json"
+
+
+class ConfigError(Exception):
+    """A configuration file is invalid. `problems` holds `file:line: message` strings."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSettings:
+    host: str = "127.0.0.1"
+    port: int = 6432
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    host: str = "127.0.0.1"
+    port: int = 5432
+    database: str | None = None
+    tls_mode: str = "disable"  # disable | require | verify-full
+    tls_ca_file: str | None = None
+    tls_server_name: str | None = None
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    max_clients: int = 10000
+    startup_timeout: float = 10.0
+    idle_timeout: float = 0.0
+    idle_in_transaction_timeout: float = 0.0
+    max_message_size: int = 256 * 1024 * 1024
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = metrics endpoint off
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: ListenSettings = field(default_factory=ListenSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    allow_replication: bool = False
+    log_level: str = "info"
+    log_format: str = "text"
+    workers: int = 1
+    source: str = "<defaults>"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def client_ssl_context(self) -> ssl.SSLContext | None:
+        """Server-side TLS context for clients, or None to answer 'N' to SSLRequest."""
+        if not self.listen.tls_cert:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.listen.tls_cert, self.listen.tls_key)
+        return ctx
+
+    def upstream_ssl_context(self) -> ssl.SSLContext | None:
+        mode = self.upstream.tls_mode
+        if mode == "disable":
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if mode == "verify-full":
+            ctx.check_hostname = True
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            if self.upstream.tls_ca_file:
+                ctx.load_verify_locations(self.upstream.tls_ca_file)
+            else:
+                ctx.load_default_certs()
+        else:  # require: encrypted, not authenticated (libpq's sslmode=require)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _MarkLoader(yaml.SafeLoader):
+    """A YAML loader that remembers the line of every mapping key and value."""
+
+
+def _construct_mapping(loader: _MarkLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    mapping = _LineDict()
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = key_node.start_mark.line + 1
+    mapping.line = node.start_mark.line + 1
+    return mapping
+
+
+class _LineDict(dict):  # type: ignore[type-arg]
+    """A dict that knows the source line of itself and of each key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: dict[Any, int] = {}
+        self.line = 1
+
+
+_MarkLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+def _line_of(doc: Any, path: list[Any]) -> int:
+    """Best line for a JSON-schema error path: the deepest key we can still find."""
+    line = getattr(doc, "line", 1)
+    node = doc
+    for part in path:
+        if isinstance(node, _LineDict) and part in node:
+            line = node.lines.get(part, line)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+            line = getattr(node, "line", line)
+        else:
+            break
+    return line
+
+
+def _schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def parse_text(text: str, source: str = "<string>") -> Settings:
+    """Validate YAML text and build Settings, or raise ConfigError with file:line messages."""
+    try:
+        doc = yaml.load(text, Loader=_MarkLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{source}:{line}: invalid YAML: {problem}"]) from None
+    if doc is None:
+        doc = _LineDict()
+    if not isinstance(doc, dict):
+        raise ConfigError([f"{source}:1: the top level must be a mapping"])
+    validator = jsonschema.Draft202012Validator(_schema())
+    problems = []
+    for err in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path))):
+        where = ".".join(str(p) for p in err.path) or "(top level)"
+        problems.append(f"{source}:{_line_of(doc, list(err.path))}: {where}: {err.message}")
+    problems += _check_files(doc, source)
+    if problems:
+        raise ConfigError(problems)
+    return _build(doc, source)
+
+
+def _check_files(doc: dict[str, Any], source: str) -> list[str]:
+    """Files named in the config must exist: a typo should fail at load, not at first use."""
+    problems = []
+    base = Path(source).parent if source and not source.startswith("<") else Path.cwd()
+    checks = [
+        (("listen", "tls", "cert_file"),),
+        (("listen", "tls", "key_file"),),
+        (("upstream", "tls", "ca_file"),),
+    ]
+    for (path,) in checks:
+        node: Any = doc
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(path[-1]):
+            target = _resolve(base, node[path[-1]])
+            if not os.path.isfile(target):
+                line = _line_of(doc, list(path))
+                problems.append(f"{source}:{line}: {'.'.join(path)}: no such file: {target}")
+    return problems
+
+
+def _resolve(base: Path, value: str) -> str:
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else base / p)
+
+
+def _build(doc: dict[str, Any], source: str) -> Settings:
+    base = Path(source).parent if source and not source.startswith("<") else Path.cwd()
+    listen = doc.get("listen") or {}
+    ltls = listen.get("tls") or {}
+    up = doc.get("upstream") or {}
+    utls = up.get("tls") or {}
+    limits = doc.get("limits") or {}
+    metrics = doc.get("metrics") or {}
+    d = LimitSettings()
+    return Settings(
+        listen=ListenSettings(
+            host=listen.get("host", "127.0.0.1"),
+            port=int(listen.get("port", 6432)),
+            tls_cert=_resolve(base, ltls["cert_file"]) if ltls.get("cert_file") else None,
+            tls_key=_resolve(base, ltls["key_file"]) if ltls.get("key_file") else None,
+        ),
+        upstream=UpstreamSettings(
+            host=up.get("host", "127.0.0.1"),
+            port=int(up.get("port", 5432)),
+            database=up.get("database"),
+            tls_mode=utls.get("mode", "disable"),
+            tls_ca_file=_resolve(base, utls["ca_file"]) if utls.get("ca_file") else None,
+            tls_server_name=utls.get("server_name"),
+            connect_timeout=float(up.get("connect_timeout", 10)),
+        ),
+        limits=LimitSettings(
+            max_clients=int(limits.get("max_clients", d.max_clients)),
+            startup_timeout=float(limits.get("startup_timeout", d.startup_timeout)),
+            idle_timeout=float(limits.get("idle_timeout", d.idle_timeout)),
+            idle_in_transaction_timeout=float(
+                limits.get("idle_in_transaction_timeout", d.idle_in_transaction_timeout)
+            ),
+            max_message_size=int(limits.get("max_message_size", d.max_message_size)),
+            shutdown_grace=float(limits.get("shutdown_grace", d.shutdown_grace)),
+        ),
+        metrics=MetricsSettings(
+            host=metrics.get("host", "127.0.0.1"), port=int(metrics.get("port", 0))
+        ),
+        allow_replication=bool(doc.get("allow_replication", False)),
+        log_level=doc.get("log_level", "info"),
+        log_format=doc.get("log_format", "text"),
+        workers=int(doc.get("workers", 1)),
+        source=source,
+        raw=_plain(doc),
+    )
+
+
+def _plain(node: Any) -> Any:
+    """Strip line bookkeeping so later consumers see ordinary dicts."""
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def load(path: str | os.PathLike[str]) -> Settings:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}:0: cannot read config: {exc.strerror}"]) from None
+    return parse_text(text, str(p))
