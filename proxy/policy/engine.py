@@ -1,0 +1,380 @@
+"""``decide()``: apply a Policy to an analysed statement, per POLICY-SEMANTICS.md.
+
+Pure and deterministic: the same (policy, role, analysis, search_path, database,
+environment) always yields the same Decision, which is what makes PolicyCache sound.
+
+Name resolution without a catalog (documented choice, fail closed): an unqualified
+relation ``n`` is checked in *every* schema of the effective search_path that could hold
+it, in order, stopping after the first schema where the policy names ``n`` exactly (the
+operator asserts it exists there; PostgreSQL picks the first match).  ``$user`` expands
+to the role; ``pg_catalog`` is searched first unless listed, and holds ``n`` only if ``n``
+is a known catalog relation; schemas known not to exist (Environment.existing_schemas,
+loaded by the proxy from pg_namespace) are skipped; ``pg_temp`` is skipped (a temporary
+table shadowing a name is the session's own data and needed ``ddl`` to create).
+Unqualified functions resolve the same way, with ``pg_catalog`` holding the name when it
+is a known built-in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from proxy.policy.functions import is_admin_function
+from proxy.policy.model import Policy, RolePolicy
+from proxy.policy.pg_builtins import (
+    INFORMATION_SCHEMA_RELATIONS,
+    PG_CATALOG_FUNCTIONS,
+    PG_CATALOG_RELATIONS,
+)
+from proxy.sql.info import (
+    ACCESS_ALTERNATIVES,
+    ALL,
+    TRANSACTION_KINDS,
+    Analysis,
+    StatementInfo,
+)
+from proxy.sql.names import FunctionName, RelationName, quote_ident
+
+CATALOG_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+SECRET_CATALOG_RELATIONS = frozenset(
+    {
+        # spec
+        "pg_authid",
+        "pg_shadow",
+        "pg_user_mapping",
+        "pg_statistic",
+        "pg_stats",
+        "pg_stats_ext",
+        "pg_stats_ext_exprs",
+        "pg_statistic_ext_data",
+        "pg_largeobject",
+        # fail-closed extras: may show user-mapping options (passwords)
+        "pg_user_mappings",
+        "_pg_user_mappings",
+        "user_mapping_options",
+    }
+)
+
+_NEEDS_ALLOW = {
+    "ddl": "ddl",
+    "admin": "admin",
+    "do": "do",
+    "call": "call",
+    "set_role": "set_role",
+    "listen": "listen",
+    "notify": "notify",
+    "prepare_transaction": "prepare_transaction",
+    "commit_prepared": "prepare_transaction",
+    "rollback_prepared": "prepare_transaction",
+    "copy_program": "admin",
+    "copy_file": "admin",
+}
+_TXN_END = frozenset(
+    {"commit", "rollback", "rollback_to", "prepare_transaction", "release", "begin"}
+)
+_PLAIN_KINDS = (
+    frozenset(
+        {
+            "select",
+            "insert",
+            "update",
+            "delete",
+            "merge",
+            "truncate",
+            "copy_in",
+            "copy_out",
+            "lock",
+            "show",
+            "set",
+            "discard",
+            "deallocate",
+            "close",
+            "fetch",
+            "move",
+            "unlisten",
+            "empty",
+        }
+    )
+    | TRANSACTION_KINDS
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Environment:
+    """Catalog facts the proxy may load at startup (defaults: stock PostgreSQL 15)."""
+
+    builtin_functions: frozenset[str] = PG_CATALOG_FUNCTIONS
+    catalog_relations: frozenset[str] = PG_CATALOG_RELATIONS
+    existing_schemas: frozenset[str] | None = None
+    """Schemas that exist (pg_namespace); None: any schema may exist (strictest)."""
+    reset_search_path: tuple[str, ...] = ("$user", "public")
+    """What RESET / SET ... TO DEFAULT / RESET ALL / DISCARD ALL restore."""
+
+
+DEFAULT_ENVIRONMENT = Environment()
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnView:
+    """How a protected column this statement reads must be returned to this role."""
+
+    schema: str
+    table: str
+    column: str
+    view: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The verdict; ``reason`` names role, kind and object, never a value."""
+
+    allowed: bool
+    reason: str
+    statement_index: int | None = None
+    column_views: tuple[ColumnView, ...] = ()
+
+
+class Denied(Exception):
+    """Internal: carries the first reason a statement is denied."""
+
+
+def decide(
+    policy: Policy,
+    role: str,
+    statement: Analysis | StatementInfo,
+    search_path: tuple[str, ...],
+    current_database: str,
+    *,
+    env: Environment = DEFAULT_ENVIRONMENT,
+    prepared: Mapping[str, StatementInfo] | None = None,
+) -> Decision:
+    """Allow or deny a whole query string (denied as a whole if any statement is).
+
+    ``prepared`` maps prepared-statement names to the StatementInfo the session recorded
+    at PREPARE (the ``inner``); EXECUTE of a name not in it is denied.
+    """
+    rp = policy.role(role)
+    if rp is None:
+        return Decision(False, f'role "{role}" is not in the policy (default: deny)')
+    stmts = statement.statements if isinstance(statement, Analysis) else (statement,)
+    checker = _Checker(policy, rp, role, current_database, env, prepared or {})
+    # A SET changes search_path for later statements of the same string; a transaction
+    # end (ROLLBACK, ROLLBACK TO, COMMIT of a SET LOCAL...) may undo it, after which any
+    # path seen so far may be in effect: check against each of them (fail closed).
+    paths = [search_path]
+    seen = [search_path]
+    for index, info in enumerate(stmts):
+        for path in paths:
+            try:
+                checker.statement(info, path)
+            except Denied as denied:
+                prefix = f"statement {index + 1}: " if len(stmts) > 1 else ""
+                return Decision(False, f"{prefix}{denied}", index)
+        if info.kind in _TXN_END:
+            paths = list(seen)
+        else:
+            paths = list(
+                dict.fromkeys(search_path_after(info, p, env.reset_search_path) for p in paths)
+            )
+            seen = list(dict.fromkeys(seen + paths))
+    return Decision(True, "allowed", None, tuple(dict.fromkeys(checker.views)))
+
+
+def search_path_after(
+    info: StatementInfo, path: tuple[str, ...], reset_to: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The search_path after ``info`` runs (ignoring transaction ends; the session does those).
+
+    Returns ``path`` unchanged for statements that do not touch it.
+    """
+    setting = info.setting
+    if setting is not None and setting.param in ("search_path", "all"):
+        if setting.action == "value" and setting.param == "search_path":
+            return setting.values
+        if setting.action == "default":
+            return reset_to
+    if info.kind == "discard" and info.name == "all":
+        return reset_to  # DISCARD ALL includes RESET ALL
+    for call in info.config_calls:
+        if call.param == "search_path" and call.values is not None:
+            path = call.values
+    if info.kind == "explain" and info.explain_analyze and info.inner is not None:
+        return search_path_after(info.inner, path, reset_to)
+    return path
+
+
+class _Checker:
+    def __init__(
+        self,
+        policy: Policy,
+        rp: RolePolicy,
+        role: str,
+        database: str,
+        env: Environment,
+        prepared: Mapping[str, StatementInfo],
+    ) -> None:
+        self.policy, self.rp, self.role, self.database = policy, rp, role, database
+        self.env, self.prepared = env, prepared
+        self.views: list[ColumnView] = []
+
+    def deny(self, message: str) -> Denied:
+        return Denied(f'role "{self.role}": {message}')
+
+    # -- statements --------------------------------------------------------------------
+
+    def statement(self, info: StatementInfo, path: tuple[str, ...]) -> None:
+        kind = info.kind
+        if kind == "unknown":
+            raise self.deny(f"statement could not be classified ({info.detail or 'unknown'})")
+        if kind in ("explain", "prepare", "declare"):
+            if info.inner is None:
+                raise self.deny(f"{kind} without a statement")
+            self.statement(info.inner, path)
+            return
+        if kind == "execute":
+            self.touches(info, path)
+            inner = self.prepared.get(info.name or "")
+            if inner is None:
+                raise self.deny(f"execute of unknown prepared statement {info.name!r}")
+            self.statement(inner, path)
+            return
+        need = _NEEDS_ALLOW.get(kind)
+        if need is not None:
+            if need not in self.rp.allow:
+                raise self.deny(f"{kind} statements are not allowed (needs allow: {need})")
+        elif kind not in _PLAIN_KINDS:
+            raise self.deny(f"statement kind {kind} is not allowed")
+        if info.cascade:
+            raise self.deny(
+                "TRUNCATE ... CASCADE reaches tables the proxy cannot see; name them instead"
+            )
+        self.touches(info, path)
+
+    def touches(self, info: StatementInfo, path: tuple[str, ...]) -> None:
+        """Relations, columns, functions and set_config calls of one statement."""
+        for rel, access in sorted(info.accesses, key=lambda a: (str(a[0]), a[1])):
+            for schema, name in self.resolve(rel, path):
+                self.access(schema, name, access)
+        for rel, cols in info.columns_read.items():
+            for schema, name in self.resolve(rel, path):
+                self.columns(schema, name, cols)
+        for fn in sorted(info.functions):
+            self.function(fn, path)
+        for call in info.config_calls:
+            if call.param is None:
+                raise self.deny("set_config with a parameter name that is not a constant")
+            if call.param in ("role", "session_authorization"):
+                if "set_role" not in self.rp.allow:
+                    raise self.deny(f"set_config('{call.param}') is set_role, not allowed")
+            elif call.param == "search_path" and (call.values is None or call.is_local is None):
+                raise self.deny("set_config('search_path') with a value the proxy cannot track")
+
+    # -- relations ---------------------------------------------------------------------
+
+    def effective_path(self, path: Iterable[str]) -> list[str]:
+        out: list[str] = []
+        for schema in path:
+            schema = self.role if schema == "$user" else schema
+            if schema == "pg_temp" or schema.startswith("pg_temp_"):
+                continue
+            if schema not in out:
+                out.append(schema)
+        if "pg_catalog" not in out:
+            out.insert(0, "pg_catalog")
+        existing = self.env.existing_schemas
+        if existing is not None:
+            out = [s for s in out if s in existing or s in CATALOG_SCHEMAS]
+        return out
+
+    def resolve(self, rel: RelationName, path: tuple[str, ...]) -> list[tuple[str, str]]:
+        """Every (schema, name) the relation may be; see the module docstring."""
+        if rel.catalog is not None and rel.catalog != self.database:
+            raise self.deny(f"cross-database reference {rel}")
+        if rel.schema is not None:
+            return [(rel.schema, rel.name)]
+        out: list[tuple[str, str]] = []
+        for schema in self.effective_path(path):
+            if schema == "pg_catalog":
+                if rel.name in self.env.catalog_relations:
+                    out.append((schema, rel.name))
+                    break
+                continue
+            if schema == "information_schema" and rel.name in INFORMATION_SCHEMA_RELATIONS:
+                out.append((schema, rel.name))
+                break
+            out.append((schema, rel.name))
+            if (schema, rel.name) in self.policy.explicit_relations:
+                break
+        if not out:
+            raise self.deny(f"relation {rel} does not resolve in search_path")
+        return out
+
+    def access(self, schema: str, name: str, access: str) -> None:
+        needed = ACCESS_ALTERNATIVES.get(access)
+        if needed is None:
+            raise self.deny(f"unknown access {access} on {_obj(schema, name)}")
+        if self.rp.kinds_for(schema, name) & needed:
+            return
+        if schema in CATALOG_SCHEMAS and "select" in needed:
+            if name not in SECRET_CATALOG_RELATIONS:
+                return
+            raise self.deny(f"{access} on {_obj(schema, name)} is not allowed (holds secrets)")
+        what = access if len(needed) == 1 else f"{access} (needs one of {sorted(needed)})"
+        raise self.deny(f"{what} on {_obj(schema, name)} is not allowed")
+
+    def columns(self, schema: str, name: str, cols: frozenset[str]) -> None:
+        protected = self.rp.columns.get((schema, name))
+        if not protected:
+            return
+        whole = ALL in cols
+        for col, view in protected.items():
+            if not whole and col not in cols:
+                continue
+            if view == "deny":
+                how = "a whole-row read includes" if whole and col not in cols else "reads"
+                raise self.deny(
+                    f"statement {how} denied column {_obj(schema, name)}.{quote_ident(col)}"
+                )
+            self.views.append(ColumnView(schema, name, col, view))
+
+    # -- functions ---------------------------------------------------------------------
+
+    def function(self, fn: FunctionName, path: tuple[str, ...]) -> None:
+        if fn.catalog is not None and fn.catalog != self.database:
+            raise self.deny(f"cross-database function reference {fn}")
+        if fn.schema is not None:
+            if (fn.schema, fn.name) in self.rp.functions:
+                return
+            if fn.schema == "pg_catalog":
+                self.builtin(fn.name)
+                return
+            raise self.deny(f"function {fn} is not allowed")
+        checked = False
+        for schema in self.effective_path(path):
+            if schema == "pg_catalog":
+                if fn.name in self.env.builtin_functions:
+                    if ("pg_catalog", fn.name) not in self.rp.functions:
+                        self.builtin(fn.name)
+                    return
+                continue
+            if (schema, fn.name) not in self.rp.functions:
+                raise self.deny(
+                    f"function {quote_ident(fn.name)} (may resolve to "
+                    f"{_obj(schema, fn.name)}) is not allowed"
+                )
+            checked = True
+            if (schema, fn.name) in self.policy.explicit_functions:
+                return
+        if not checked:
+            raise self.deny(f"function {fn} does not resolve in search_path")
+
+    def builtin(self, name: str) -> None:
+        if is_admin_function(name) and "admin" not in self.rp.allow:
+            raise self.deny(f"admin function pg_catalog.{name} is not allowed (needs allow: admin)")
+        if name == "pg_notify" and "notify" not in self.rp.allow:
+            raise self.deny("pg_notify is notify, not allowed (needs allow: notify)")
+
+
+def _obj(schema: str, name: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
