@@ -34,7 +34,7 @@ class Server:
     def __init__(self, settings: Settings, *, worker_count: int = 1) -> None:
         self.settings = settings
         self.worker_count = worker_count
-        self.gate = Gate()
+        self.gate = Gate(settings)
         self.sessions: set[Session] = set()
         self.keys: dict[tuple[int, int], Session] = {}
         self.client_ssl = settings.client_ssl_context()
@@ -97,6 +97,13 @@ class Server:
         old = self.settings
         if (new.listen, new.workers) != (old.listen, old.workers):
             log.warning("listen address or worker count changed: takes effect after a restart")
+        try:
+            self.gate.configure(new)
+        except Exception as exc:  # a policy that validated but cannot be built
+            log.error("reload rejected, keeping the running configuration: %s", exc)
+            self.gate.configure(old)
+            self.count("reload_failed")
+            return False
         self.settings = new
         self.client_ssl = new.client_ssl_context()
         self.upstream_ssl = new.upstream_ssl_context()
@@ -184,7 +191,7 @@ class Server:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(reader.read(1), up.connect_timeout)
             writer.close()
-        except (OSError, asyncio.TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
             log.warning("could not forward cancel request: %s", exc.__class__.__name__)
 
     # ------------------------------------------------------------------ janitor

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 from proxy.protocol import messages as m
 from proxy.protocol.framing import Framer
 from proxy.protocol.messages import ProtocolViolation
+from proxy.protocol.rows import decode_data_row
+from proxy.tracking import Tracker
 
 if TYPE_CHECKING:
     from proxy.server import Server
@@ -32,7 +34,8 @@ log = logging.getLogger("strongroom.session")
 _U32 = struct.Struct("!I")
 
 # Type bytes as ints (framing yields ints).
-_Q, _P, _S, _X, _F, _H = (ord(c) for c in "QPSXFH")
+_Q, _P, _S, _X, _F, _H, _B = (ord(c) for c in "QPSXFHB")
+_T, _D, _C = (ord(c) for c in "TDC")
 _Z, _R, _K, _E, _PS = (ord(c) for c in "ZRKES")
 _FRONTEND = frozenset(m.FRONTEND_TYPES)
 
@@ -41,8 +44,9 @@ class State(enum.Enum):
     STARTUP = 1
     CONNECTING = 2
     AUTH = 3
-    READY = 4
-    CLOSED = 5
+    PRELUDE = 4  # the proxy's own start-of-session query; the client waits for it
+    READY = 5
+    CLOSED = 6
 
 
 class Upstream(asyncio.Protocol):
@@ -111,7 +115,12 @@ class Session(asyncio.Protocol):
         self._paused: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self.gate = server.gate
-        self.prepared: dict[str, object] = {}
+        # Set by the gate when policy or encryption applies to this session.
+        self.tracker: Tracker | None = None  # tracking mode (encryption): see tracking.py
+        self.denied: set[bytes] = set()  # statement names substituted by a refusal
+        self.watch_ready = False  # gate.ready() wants every ReadyForQuery status
+        self.policy_state: object | None = None
+        self._prelude: tuple[bytes, list[list[list[bytes | None]]]] | None = None
 
     # ------------------------------------------------------------------ client side
 
@@ -235,7 +244,7 @@ class Session(asyncio.Protocol):
                 server_side=True,
                 ssl_handshake_timeout=self.settings.limits.startup_timeout,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("session %s %s: TLS handshake failed: %s", self.id, self.peer, exc)
             self._close()
             return
@@ -287,7 +296,7 @@ class Session(asyncio.Protocol):
                     ssl_handshake_timeout=up.connect_timeout,
                 )
                 proto.transport = transport
-        except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             self.server.on_upstream_connect_failed(exc)
             log.warning("session %s: cannot reach upstream %s:%s: %s", self.id, up.host, up.port,
                         exc.__class__.__name__)
@@ -345,10 +354,20 @@ class Session(asyncio.Protocol):
                     self.server.on_auth_failure(fields.get("C", ""))
             elif kind == _Z:
                 self.txn_status = chunk[5:6]
-                self.state = State.READY
                 if self._timer:
                     self._timer.cancel()
                     self._timer = None
+                prelude = self.gate.session_started(self)
+                if prelude is not None:
+                    # Hold the client's ReadyForQuery until the proxy's own query is
+                    # answered (schemas, search_path, protected-column catalog).
+                    self.state = State.PRELUDE
+                    self._prelude = (chunk, [])
+                    self.upstream.transport.write(  # type: ignore[union-attr]
+                        m.message(b"Q", prelude.encode() + b"\0")
+                    )
+                    break
+                self.state = State.READY
                 self.server.on_session_ready(self)
             out.append(chunk)
         if out:
@@ -365,6 +384,9 @@ class Session(asyncio.Protocol):
             return
         if not frames:
             return
+        if self.tracker is not None:
+            self._client_tracking(buf, frames)
+            return
         pieces: list[bytes] | None = None
         gate = self.gate
         for i, (kind, start, stop) in enumerate(frames):
@@ -376,6 +398,8 @@ class Session(asyncio.Protocol):
                 replacement = gate.parse(self, buf[start + 5 : stop])
             elif kind == _S or kind == _F:
                 self.outstanding += 1
+            elif kind == _B and self.denied:
+                replacement = gate.bind(self, buf[start + 5 : stop])
             elif kind == _X:
                 self._terminate(buf, frames, i)
                 return
@@ -396,15 +420,67 @@ class Session(asyncio.Protocol):
         else:
             up.write(buf[frames[0][1] : frames[-1][2]])
 
+    def _client_tracking(self, buf: bytes, frames: list) -> None:
+        """Tracking mode: every message goes through the outstanding-request queue."""
+        tracker = self.tracker
+        assert tracker is not None
+        out: list[bytes] = []
+        for i, (kind, start, stop) in enumerate(frames):
+            msg = buf[start:stop]
+            if kind == _Q or kind == _S or kind == _F:
+                self.outstanding += 1
+            elif kind == _X:
+                if out:
+                    self.upstream.transport.write(b"".join(out))  # type: ignore[union-attr]
+                self._terminate(buf, frames[i:], 0)
+                return
+            elif kind not in _FRONTEND:
+                self._violation(f"invalid frontend message type {kind}")
+                return
+            try:
+                replacement = tracker.client(kind, msg)
+            except ProtocolViolation as exc:
+                self._violation(str(exc))
+                return
+            out.append(msg if replacement is None else replacement)
+        self.upstream.transport.write(b"".join(out))  # type: ignore[union-attr]
+
+    def _server_tracking(self, buf: bytes, frames: list) -> None:
+        tracker = self.tracker
+        assert tracker is not None
+        out: list[bytes] = []
+        for kind, start, stop in frames:
+            msg = buf[start:stop]
+            replacement = tracker.server(kind, msg)
+            if kind == _Z and replacement is None:  # not the reply to an injected query
+                self.txn_status = msg[5:6]
+                self.outstanding -= 1
+                if self.watch_ready:
+                    self.gate.ready(self, self.txn_status)
+            elif kind == _PS:
+                name, value = m.parameter_status(msg[5:])
+                self.server_params[name] = value
+            if replacement is None:
+                out.append(msg)
+            elif replacement:
+                out.append(replacement)
+        if out:
+            self.transport.write(b"".join(out))  # type: ignore[union-attr]
+
     def server_data(self, data: bytes) -> None:
         if self.state is State.READY:
             buf, frames = self._sframer.feed(data)
             if not frames:
                 return
+            if self.tracker is not None:
+                self._server_tracking(buf, frames)
+                return
             for kind, start, stop in frames:
                 if kind == _Z:
                     self.txn_status = buf[start + 5 : start + 6]
                     self.outstanding -= 1
+                    if self.watch_ready:
+                        self.gate.ready(self, self.txn_status)
                 elif kind == _PS:
                     name, value = m.parameter_status(buf[start + 5 : stop])
                     self.server_params[name] = value
@@ -417,6 +493,39 @@ class Session(asyncio.Protocol):
         elif self.state is State.AUTH:
             self._server_auth(data)
             # Messages after ReadyForQuery in the same chunk were handled by _server_auth.
+        elif self.state is State.PRELUDE:
+            self._server_prelude(data)
+
+    def _server_prelude(self, data: bytes) -> None:
+        """Collect the rows of the proxy's start-of-session query, then open the gate."""
+        buf, frames = self._sframer.feed(data)
+        assert self._prelude is not None
+        held, results = self._prelude
+        for kind, start, stop in frames:
+            if kind == _T:
+                results.append([])
+            elif kind == _D and results:
+                results[-1].append(decode_data_row(buf[start + 5 : stop]))
+            elif kind == _E:
+                fields = m.parse_fields(buf[start + 5 : stop])
+                log.warning("session %s: start-of-session query failed: %s", self.id,
+                            fields.get("C"))
+                self._fatal("08000", "strongroom could not prepare the session",
+                            hint="The proxy's catalog query failed; see the proxy log.")
+                return
+            elif kind == _Z:
+                self._prelude = None
+                try:
+                    self.gate.prelude_done(self, results)
+                except Exception:
+                    log.exception("session %s: could not set up the session", self.id)
+                    self._fatal("08000", "strongroom could not prepare the session")
+                    return
+                self.state = State.READY
+                self.server.on_session_ready(self)
+                # Anything after it can only be asynchronous (notices, parameters).
+                self.transport.write(held + buf[stop : frames[-1][2]])  # type: ignore[union-attr]
+                return
 
     def server_lost(self) -> None:
         if self.state is State.CLOSED:

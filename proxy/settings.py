@@ -160,7 +160,7 @@ def _schema() -> dict[str, Any]:
 def parse_text(text: str, source: str = "<string>") -> Settings:
     """Validate YAML text and build Settings, or raise ConfigError with file:line messages."""
     try:
-        doc = yaml.load(text, Loader=_MarkLoader)  # noqa: S506 - SafeLoader subclass
+        doc = yaml.load(text, Loader=_MarkLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
@@ -176,9 +176,30 @@ def parse_text(text: str, source: str = "<string>") -> Settings:
         where = ".".join(str(p) for p in err.path) or "(top level)"
         problems.append(f"{source}:{_line_of(doc, list(err.path))}: {where}: {err.message}")
     problems += _check_files(doc, source)
+    if not problems:
+        problems += _check_policy(doc, source)
     if problems:
         raise ConfigError(problems)
     return _build(doc, source)
+
+
+def _check_policy(doc: dict[str, Any], source: str) -> list[str]:
+    """Roles, tables, kinds and column views: the policy model's own checks, with lines."""
+    if not any(k in doc for k in ("roles", "default", "default_column_view")):
+        return []
+    from proxy.policy import Policy, PolicyError
+
+    try:
+        Policy.from_dict(
+            _plain({k: doc[k] for k in ("roles", "default", "default_column_view") if k in doc})
+        )
+    except PolicyError as exc:
+        return [
+            f"{source}:{_line_of(doc, list(issue.path))}: "
+            f"{'.'.join(issue.path) or '(policy)'}: {issue.message}"
+            for issue in exc.issues
+        ]
+    return []
 
 
 def _check_files(doc: dict[str, Any], source: str) -> list[str]:

@@ -20,4 +20,4 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || $PY -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test,hsm]'
+.venv/bin/pip install -q -e '.[test]'

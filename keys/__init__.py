@@ -1,0 +1,1 @@
+"""Key management: KEK providers and the keyring of wrapped per-column DEKs."""

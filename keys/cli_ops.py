@@ -1,0 +1,113 @@
+"""Plain functions behind `strongroom keys ...`; the CLI parses arguments and prints.
+
+Each mutating operation holds an exclusive lock (`<keyring>.lock`, flock) around
+load-modify-save, so two operators cannot lose each other's changes, and saves atomically.
+Return values are plain data (ids, dicts) with no key bytes, ready to print as a table or
+JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from keys import keyring as kr
+from keys.providers.base import KekProvider
+from keys.providers.local import LocalKekProvider, init_kek_file
+from proxy.crypto.keyview import Purpose
+
+Columns = Mapping[str, Mapping[str, Any]] | Iterable[str]
+
+
+@contextlib.contextmanager
+def _locked(path_keyring: str | os.PathLike[str]) -> Iterator[None]:
+    lock = Path(f"{os.fspath(path_keyring)}.lock")
+    fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _specs(columns: Columns) -> list[tuple[str, Purpose]]:
+    """(column, purpose) pairs: an encrypt key per column, plus a blind_index key for
+    columns whose config says `search: blind_index` (when given the `protect:` mapping)."""
+    out: list[tuple[str, Purpose]] = []
+    if isinstance(columns, Mapping):
+        for column, spec in columns.items():
+            out.append((column, Purpose.ENCRYPT))
+            if isinstance(spec, Mapping) and spec.get("search") == "blind_index":
+                out.append((column, Purpose.BLIND_INDEX))
+    else:
+        if isinstance(columns, str):
+            raise TypeError("columns must be an iterable of names, not one string")
+        out = [(c, Purpose.ENCRYPT) for c in columns]
+    for column, _ in out:
+        kr.validate_column(column)
+    return out
+
+
+def init(
+    path_kek: str | os.PathLike[str] | None,
+    path_keyring: str | os.PathLike[str],
+    columns: Columns,
+    provider: KekProvider | None = None,
+) -> list[dict[str, Any]]:
+    """`strongroom keys init`: create the KEK file (local provider) if absent, then a
+    keyring with one active key per column (and per blind index).
+
+    `columns` is either the `protect:` mapping (column -> {type, mode, search}) or a list
+    of column names. With `provider` given (env, pkcs11) `path_kek` is ignored. An existing
+    keyring is extended with keys for columns that have none; nothing is replaced.
+    Returns `show()` of the result.
+    """
+    if provider is None:
+        if path_kek is None:
+            raise ValueError("path_kek is required for the local provider")
+        if not Path(path_kek).exists():
+            init_kek_file(path_kek)
+        provider = LocalKekProvider(path_kek)
+    specs = _specs(columns)
+    with _locked(path_keyring):
+        if Path(path_keyring).exists():
+            ring = kr.load(path_keyring)
+        else:
+            ring = kr.new_keyring(provider)
+        ring = kr.add_columns(ring, provider, specs)
+        kr.save(ring, path_keyring)
+    return ring.describe()
+
+
+def show(path_keyring: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """`strongroom keys show`: id, column, purpose, state, created_at per key. No KEK needed."""
+    return kr.load(path_keyring).describe()
+
+
+def add(
+    path_keyring: str | os.PathLike[str],
+    provider: KekProvider,
+    column: str,
+    purpose: str = Purpose.ENCRYPT.value,
+) -> int:
+    """`strongroom keys add`: new decrypt-only key for a column; returns its id."""
+    with _locked(path_keyring):
+        ring, key_id = kr.load(path_keyring).add(column, purpose, provider)
+        kr.save(ring, path_keyring)
+    return key_id
+
+
+def promote(path_keyring: str | os.PathLike[str], key_id: int) -> None:
+    """`strongroom keys promote`: decrypt-only key becomes the column's primary."""
+    with _locked(path_keyring):
+        kr.save(kr.load(path_keyring).promote(key_id), path_keyring)
+
+
+def retire(path_keyring: str | os.PathLike[str], key_id: int) -> None:
+    """`strongroom keys retire`: a decrypt-only key stops decrypting."""
+    with _locked(path_keyring):
+        kr.save(kr.load(path_keyring).retire(key_id), path_keyring)

@@ -1,0 +1,427 @@
+"""The outstanding-request queue: which reply belongs to which request.
+
+Sessions whose database has protected columns run in *tracking* mode: every frontend
+message that expects a reply is queued (forward or skip, like PgBouncer's
+`add_outstanding_request`), and every backend message is matched to the head of the
+queue. That tells the rewriter which RowDescription governs which DataRows (also for
+a prepared statement executed long after it was described), lets the proxy inject
+Describe messages whose replies it swallows, and keeps pipelines ordered when a
+statement is substituted. An error in the extended protocol discards queued requests up
+to the next Sync, exactly as the server discards them.
+
+The module is pure: messages in, bytes out. The session does the I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from proxy.protocol import messages as m
+from proxy.protocol import rows
+from proxy.protocol.messages import ProtocolViolation
+
+_H = struct.Struct("!h")
+
+BYTEA_OID = 17
+
+
+class ClientRefusal(Exception):
+    """A statement the proxy will not forward. Carries a SQLSTATE and a value-free text."""
+
+    def __init__(self, sqlstate: str, text: str, hint: str | None = None) -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate
+        self.text = text
+        self.hint = hint
+
+
+class ValueError_(Exception):
+    """A value could not be converted (bad input syntax, failed decryption)."""
+
+    def __init__(self, sqlstate: str, text: str) -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate
+        self.text = text
+
+
+class ColumnCrypto(Protocol):
+    """What the tracker needs of one protected column, as this session's role sees it."""
+
+    logical_oid: int
+    typlen: int
+    view: str  # plaintext | masked | ciphertext
+
+    def encrypt_param(self, value: bytes, fmt: int) -> bytes: ...
+    def blind_index_param(self, value: bytes, fmt: int) -> bytes: ...
+    def reveal(self, envelope: bytes, fmt: int) -> bytes | None: ...
+
+
+class Protector(Protocol):
+    """The session-side view of catalog + keys + rewriter + policy, per statement."""
+
+    def column_at(self, table_oid: int, attnum: int) -> ColumnCrypto | None: ...
+    def plan_query(self, sql: str) -> Any: ...  # StatementPlan
+    def copy_plan(self, plan: Any) -> Any: ...
+
+
+@dataclass(slots=True)
+class StatementPlan:
+    """What the rewriter decided for one statement text, for one session's role."""
+
+    sql: bytes  # text to send (splices applied; fresh ciphertexts each time)
+    params: dict[int, tuple[str, ColumnCrypto]] = field(default_factory=dict)  # 0-based
+    touches_protected: bool = False
+    refusal: ClientRefusal | None = None
+    copy: Any = None
+
+
+@dataclass(slots=True)
+class Statement:
+    plan: StatementPlan
+    fields: list[rows.Field] | None = None
+
+
+@dataclass(slots=True)
+class Portal:
+    statement: Statement | None
+    result_formats: list[int]
+    fields: list[rows.Field] | None = None
+
+
+# Queue entry kinds.
+PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNC, INJECTED_QUERY = range(9)
+
+
+@dataclass(slots=True)
+class Entry:
+    kind: int
+    skip: bool = False
+    target: Statement | Portal | None = None
+    describe_statement: bool = False
+    on_done: Callable[[list[list[bytes | None]]], None] | None = None
+    collected: list[list[bytes | None]] | None = None
+
+
+RowPlan = list[tuple[int, "ColumnCrypto", int]]  # (column index, crypto, format)
+
+
+def refusal_sql(refusal: ClientRefusal) -> bytes:
+    """A statement that makes the server raise the refusal itself, so that transaction
+    state and reply order are exactly those of a real error of that kind."""
+    text = refusal.text.replace("'", "''")
+    hint = f", HINT = '{refusal.hint.replace(chr(39), chr(39) * 2)}'" if refusal.hint else ""
+    body = (
+        f"BEGIN RAISE EXCEPTION USING ERRCODE = '{refusal.sqlstate}', "
+        f"MESSAGE = '{text}'{hint}; END"
+    )
+    tag = "$strongroom$"
+    while tag in body:
+        tag = tag[:-1] + "x$"
+    return f"DO {tag}{body}{tag}".encode()
+
+
+class Tracker:
+    """Per-session request/reply bookkeeping for tracking mode."""
+
+    def __init__(self, protector: Protector) -> None:
+        self.protector = protector
+        self.queue: deque[Entry] = deque()
+        self.statements: dict[bytes, Statement] = {}
+        self.portals: dict[bytes, Portal] = {}
+        self.discarding = False  # server is skipping to Sync after an error
+        self.row_plan: RowPlan | None = None  # for the current simple Query result set
+        self.consume_to_ready = False  # after a proxy-made error: drop until ReadyForQuery
+        self.copy_out: Any = None
+        self.copy_in: Any = None
+
+    # ------------------------------------------------------------------ client side
+
+    def _push(self, entry: Entry) -> None:
+        if self.discarding and entry.kind != SYNC:
+            return
+        if entry.kind == SYNC:
+            self.discarding = False
+        self.queue.append(entry)
+
+    def client(self, kind: int, msg: bytes) -> bytes | None:
+        """One frontend message. Returns the bytes to send instead (None: as is)."""
+        if kind == 0x51:  # Q
+            self._push(Entry(QUERY))
+            self.row_plan = None
+            sql = m.query_text(msg[5:])
+            plan = self.protector.plan_query(sql)
+            if plan.refusal is not None:
+                return m.message(b"Q", refusal_sql(plan.refusal) + b"\0")
+            self.copy_in = plan.copy
+            if plan.sql != msg[5:-1]:
+                return m.message(b"Q", plan.sql + b"\0")
+            return None
+        if kind == 0x50:  # P
+            name, query, oids = rows.decode_parse(msg[5:])
+            plan = self.protector.plan_query(query.decode(errors="surrogateescape"))
+            stmt = Statement(plan)
+            self.statements[name] = stmt
+            self._push(Entry(PARSE))
+            if plan.refusal is not None:
+                return rows.encode_parse(name, refusal_sql(plan.refusal), [])
+            out = None
+            if plan.params or plan.sql != query:
+                for i in plan.params:
+                    if i < len(oids):
+                        oids[i] = 0  # let the server infer bytea from the column
+                out = rows.encode_parse(name, plan.sql, oids)
+            if plan.touches_protected:
+                # Learn the statement's result columns now, whether or not the client
+                # asks: a later Bind/Execute carries no RowDescription.
+                self._push(Entry(DESCRIBE, skip=True, target=stmt, describe_statement=True))
+                out = (out or msg) + m.message(b"D", b"S" + name + b"\0")
+            return out
+        if kind == 0x42:  # B
+            bind = rows.decode_bind(msg[5:])
+            stmt = self.statements.get(bind.statement)
+            self.portals[bind.portal] = Portal(stmt, bind.result_formats)
+            self._push(Entry(BIND))
+            if stmt is None:
+                return None
+            if stmt.plan.refusal is not None:
+                bind.params = []
+                bind.param_formats = []
+                return rows.encode_bind(bind)
+            if stmt.plan.params:
+                return rows.encode_bind(self._encrypt_bind(bind, stmt.plan))
+            return None
+        if kind == 0x44:  # D
+            which = msg[5:6]
+            name = msg[6:-1]
+            if which == b"S":
+                self._push(Entry(DESCRIBE, target=self.statements.get(name),
+                                 describe_statement=True))
+            else:
+                self._push(Entry(DESCRIBE, target=self.portals.get(name)))
+            return None
+        if kind == 0x45:  # E
+            portal = self.portals.get(msg[5 : msg.index(b"\0", 5)])
+            self._push(Entry(EXECUTE, target=portal))
+            return None
+        if kind == 0x43:  # C
+            which = msg[5:6]
+            name = msg[6:-1]
+            (self.statements if which == b"S" else self.portals).pop(name, None)
+            self._push(Entry(CLOSE))
+            return None
+        if kind == 0x53:  # S
+            self._push(Entry(SYNC))
+            return None
+        if kind == 0x46:  # F
+            self._push(Entry(FUNC))
+            return None
+        if kind == 0x64 and self.copy_in is not None:  # CopyData from client
+            return self.copy_in.client_data(msg[5:])
+        if kind in (0x63, 0x66):  # CopyDone / CopyFail
+            if self.copy_in is not None:
+                tail = self.copy_in.client_done() if kind == 0x63 else b""
+                self.copy_in = None
+                return tail + msg
+        return None
+
+    def inject_query(self, sql: str, on_done: Callable[[list[list[bytes | None]]], None]) -> bytes:
+        """A Query the proxy sends for itself; its whole reply is swallowed."""
+        self.queue.append(Entry(INJECTED_QUERY, skip=True, on_done=on_done, collected=[]))
+        return m.message(b"Q", sql.encode() + b"\0")
+
+    def _encrypt_bind(self, bind: rows.Bind, plan: StatementPlan) -> rows.Bind:
+        n = len(bind.params)
+        formats = [bind.param_format(i) for i in range(n)]
+        params = list(bind.params)
+        for i, (action, crypto) in plan.params.items():
+            if i >= n or params[i] is None:
+                continue
+            value = params[i]
+            assert value is not None
+            if action == "blind_index":
+                params[i] = crypto.blind_index_param(value, formats[i])
+            else:
+                params[i] = crypto.encrypt_param(value, formats[i])
+            formats[i] = 1  # bytea in binary format: the envelope itself
+        bind.params = params
+        bind.param_formats = formats
+        return bind
+
+    # ------------------------------------------------------------------ server side
+
+    def server(self, kind: int, msg: bytes) -> bytes | None:
+        """One backend message. Returns None (forward), b"" (swallow) or replacement."""
+        if self.consume_to_ready and kind != 0x5A:
+            # Only asynchronous messages still reach the client after a proxy-made error.
+            return None if kind in (0x4E, 0x41, 0x53) else b""
+        head = self.queue[0] if self.queue else None
+        if kind == 0x44:  # DataRow
+            plan = self._current_plan(head)
+            if head is not None and head.kind == INJECTED_QUERY:
+                head.collected.append(rows.decode_data_row(msg[5:]))  # type: ignore[union-attr]
+                return b""
+            return self._reveal_row(msg, plan) if plan else None
+        if kind == 0x5A:  # ReadyForQuery
+            self.consume_to_ready = False
+            self.row_plan = None
+            # Pop through the request this ReadyForQuery answers; replies to anything
+            # before it (dropped after an error) are not coming.
+            while self.queue:
+                entry = self.queue.popleft()
+                if entry.kind == INJECTED_QUERY:
+                    if entry.on_done:
+                        entry.on_done(entry.collected or [])
+                    return b""
+                if entry.kind in (SYNC, QUERY, FUNC):
+                    break
+            return None
+        if kind == 0x54:  # RowDescription
+            fields = rows.decode_row_description(msg[5:])
+            plan, changed = self._plan_fields(fields)
+            if head is not None and head.kind == DESCRIBE:
+                self.queue.popleft()
+                target = head.target
+                if target is not None:
+                    target.fields = fields
+                if head.skip:
+                    return b""
+            elif head is not None and head.kind in (QUERY, FUNC, EXECUTE):
+                self.row_plan = plan
+            elif head is not None and head.kind == INJECTED_QUERY:
+                return b""
+            return rows.encode_row_description(fields) if changed else None
+        if kind == 0x74:  # ParameterDescription
+            skip = head is not None and head.skip
+            if head is not None and head.kind == DESCRIBE and isinstance(head.target, Statement):
+                stmt = head.target
+                if stmt.plan.params:
+                    oids = rows.decode_parameter_description(msg[5:])
+                    for i, (_action, crypto) in stmt.plan.params.items():
+                        if i < len(oids) and oids[i] == BYTEA_OID:
+                            oids[i] = crypto.logical_oid
+                    return b"" if skip else rows.encode_parameter_description(oids)
+            return b"" if skip else None
+        if kind == 0x6E:  # NoData
+            if head is not None and head.kind == DESCRIBE:
+                self.queue.popleft()
+                if head.target is not None:
+                    head.target.fields = []
+                return b"" if head.skip else None
+            return None
+        if kind in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
+            if head is not None and head.kind in (PARSE, BIND, CLOSE):
+                self.queue.popleft()
+                return b"" if head.skip else None
+            return None
+        if kind in (0x43, 0x73, 0x49):  # CommandComplete, PortalSuspended, EmptyQuery
+            if head is not None and head.kind == EXECUTE:
+                self.queue.popleft()
+            elif head is not None and head.kind == INJECTED_QUERY:
+                return b""
+            self.row_plan = None
+            self.copy_out = None
+            return None
+        if kind == 0x45:  # ErrorResponse
+            if head is not None and head.kind == INJECTED_QUERY:
+                return b""
+            self.row_plan = None
+            if head is not None and head.kind not in (QUERY, FUNC):
+                self._discard_to_sync()
+            return None
+        if kind == 0x48:  # CopyOutResponse
+            return None
+        if kind == 0x64 and self.copy_out is not None:
+            return self.copy_out.server_data(msg[5:])
+        return None
+
+    def _discard_to_sync(self) -> None:
+        q = self.queue
+        while q and q[0].kind != SYNC:
+            q.popleft()
+        if not q:
+            self.discarding = True
+
+    def _current_plan(self, head: Entry | None) -> RowPlan | None:
+        if head is None:
+            return None
+        if head.kind == EXECUTE:
+            portal = head.target
+            if not isinstance(portal, Portal):
+                return None
+            return self._portal_plan(portal)
+        return self.row_plan
+
+    def _portal_plan(self, portal: Portal) -> RowPlan | None:
+        fields = portal.fields
+        if fields is None and portal.statement is not None:
+            fields = portal.statement.fields
+        if not fields:
+            return None
+        plan: RowPlan = []
+        for i, f in enumerate(fields):
+            crypto = self.protector.column_at(f.table_oid, f.attnum) if f.table_oid else None
+            if crypto is not None and crypto.view != "ciphertext":
+                fmt = _result_format(portal.result_formats, i)
+                plan.append((i, crypto, fmt))
+        return plan or None
+
+    def _plan_fields(self, fields: list[rows.Field]) -> tuple[RowPlan | None, bool]:
+        plan: RowPlan = []
+        changed = False
+        for i, f in enumerate(fields):
+            if not f.table_oid:
+                continue
+            crypto = self.protector.column_at(f.table_oid, f.attnum)
+            if crypto is None or crypto.view == "ciphertext":
+                continue
+            f.type_oid = crypto.logical_oid
+            f.typlen = crypto.typlen
+            f.typmod = -1
+            changed = True
+            plan.append((i, crypto, f.format))
+        return (plan or None), changed
+
+    def _reveal_row(self, msg: bytes, plan: RowPlan) -> bytes:
+        values = rows.decode_data_row(msg[5:])
+        for i, crypto, fmt in plan:
+            if i >= len(values):
+                continue
+            raw = values[i]
+            if raw is None:
+                continue
+            try:
+                envelope = raw if fmt == 1 else rows.bytea_from_text(raw)
+                values[i] = crypto.reveal(envelope, fmt)
+            except ValueError_ as exc:
+                self.consume_to_ready = True
+                self.row_plan = None
+                return m.error_response(exc.sqlstate, exc.text)
+            except (ValueError, UnicodeDecodeError):
+                self.consume_to_ready = True
+                self.row_plan = None
+                return m.error_response("XX001", "a protected value could not be decoded")
+        return rows.encode_data_row(values)
+
+
+def _result_format(formats: list[int], i: int) -> int:
+    if not formats:
+        return 0
+    if len(formats) == 1:
+        return formats[0]
+    return formats[i] if i < len(formats) else 0
+
+
+__all__ = [
+    "ClientRefusal",
+    "ColumnCrypto",
+    "Protector",
+    "ProtocolViolation",
+    "StatementPlan",
+    "Tracker",
+    "ValueError_",
+    "refusal_sql",
+]

@@ -1,0 +1,197 @@
+"""Keyring: state machine, persistence, permissions, unwrapping, CLI operations."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from keys import cli_ops
+from keys import keyring as kr
+from keys.keyring import KeyringError, KeyState
+from keys.providers.env import EnvKekProvider, generate_env_value
+from keys.providers.local import LocalKekProvider, init_kek_file
+from proxy.crypto import BlindIndex, ColumnCipher, DecryptError, Mode, Purpose
+
+COL = "public.cards.pan"
+
+
+@pytest.fixture
+def provider(tmp_path: Path) -> LocalKekProvider:
+    init_kek_file(tmp_path / "dev.kek")
+    return LocalKekProvider(tmp_path / "dev.kek")
+
+
+def fresh(provider: LocalKekProvider) -> tuple[kr.Keyring, int]:
+    ring, k1 = kr.new_keyring(provider).add(COL, "encrypt", provider)
+    return ring.promote(k1), k1
+
+
+def test_add_starts_decrypt_only_and_promote_swaps(provider: LocalKekProvider) -> None:
+    ring, k1 = kr.new_keyring(provider).add(COL, Purpose.ENCRYPT, provider)
+    assert ring.get(k1).state is KeyState.DECRYPT_ONLY
+    assert ring.primary(COL, "encrypt") is None
+    with pytest.raises(KeyringError):
+        ring.column_keys(COL, "encrypt", provider)  # no active key yet
+    ring = ring.promote(k1)
+    ring, k2 = ring.add(COL, "encrypt", provider)
+    assert ring.primary(COL, "encrypt").id == k1  # type: ignore[union-attr]
+    ring = ring.promote(k2)
+    assert ring.get(k2).state is KeyState.ACTIVE
+    assert ring.get(k1).state is KeyState.DECRYPT_ONLY
+    ring = ring.retire(k1)
+    assert ring.get(k1).state is KeyState.RETIRED
+
+
+def test_illegal_transitions(provider: LocalKekProvider) -> None:
+    ring, k1 = fresh(provider)
+    with pytest.raises(KeyringError, match="primary"):
+        ring.retire(k1)
+    with pytest.raises(KeyringError):
+        ring.promote(k1)  # already active
+    ring, k2 = ring.add(COL, "encrypt", provider)
+    ring = ring.promote(k2).retire(k1)
+    with pytest.raises(KeyringError):
+        ring.promote(k1)  # retired keys never come back as primary
+    with pytest.raises(KeyringError):
+        ring.retire(k1)
+    with pytest.raises(KeyringError):
+        ring.promote(12345)
+    with pytest.raises(KeyringError):
+        ring.add("cards.pan", "encrypt", provider)
+    with pytest.raises(ValueError):
+        ring.add(COL, "signing", provider)
+
+
+def test_purposes_are_independent(provider: LocalKekProvider) -> None:
+    ring, _ = fresh(provider)
+    ring, b1 = ring.add(COL, "blind_index", provider)
+    ring = ring.promote(b1)
+    ring, b2 = ring.add(COL, "blind_index", provider)
+    ring = ring.promote(b2)
+    assert ring.primary(COL, "encrypt").state is KeyState.ACTIVE  # type: ignore[union-attr]
+    assert ring.get(b1).state is KeyState.DECRYPT_ONLY
+
+
+def test_rotation_end_to_end(provider: LocalKekProvider) -> None:
+    ring, k1 = fresh(provider)
+    c1 = ColumnCipher(COL, "text", Mode.RANDOMIZED, ring.column_keys(COL, "encrypt", provider))
+    old = c1.encrypt(b"4111111111111111")
+    ring, k2 = ring.add(COL, "encrypt", provider)
+    c_added = ColumnCipher(COL, "text", "randomized", ring.column_keys(COL, "encrypt", provider))
+    assert c_added.key_id_of(c_added.encrypt(b"x")) == k1  # added keys do not write yet
+    ring = ring.promote(k2)
+    c2 = ColumnCipher(COL, "text", "randomized", ring.column_keys(COL, "encrypt", provider))
+    new = c2.rotate(old)
+    assert c2.key_id_of(new) == k2 and c2.decrypt(old) == b"4111111111111111"
+    ring = ring.retire(k1)
+    c3 = ColumnCipher(COL, "text", "randomized", ring.column_keys(COL, "encrypt", provider))
+    assert c3.decrypt(new) == b"4111111111111111"
+    with pytest.raises(DecryptError):
+        c3.decrypt(old)
+
+
+def test_blind_index_dual_lookup_from_keyring(provider: LocalKekProvider) -> None:
+    ring, b1 = kr.new_keyring(provider).add(COL, "blind_index", provider)
+    ring = ring.promote(b1)
+    before = BlindIndex(COL, "text", ring.column_keys(COL, "blind_index", provider))
+    ring, b2 = ring.add(COL, "blind_index", provider)
+    ring = ring.promote(b2)
+    during = BlindIndex(COL, "text", ring.column_keys(COL, "blind_index", provider))
+    assert before.compute(b"v") in during.lookup_values(b"v")
+    assert len(during.lookup_values(b"v")) == 2
+
+
+def test_save_load_atomic_and_private(provider: LocalKekProvider, tmp_path: Path) -> None:
+    ring, k1 = fresh(provider)
+    path = tmp_path / "keyring.json"
+    os.umask(0o022)
+    kr.save(ring, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert kr.load(path) == ring
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    keys = ring.column_keys(COL, "encrypt", provider)
+    text = path.read_text()
+    assert keys.material(k1).hex() not in text
+    assert kr.load(path).column_keys(COL, "encrypt", provider).material(k1) == keys.material(k1)
+
+
+def test_load_rejects_malformed(tmp_path: Path, provider: LocalKekProvider) -> None:
+    path = tmp_path / "k.json"
+    ring, k1 = fresh(provider)
+    doc = json.loads(ring.to_json())
+    bad_docs = [
+        "not json",
+        json.dumps({**doc, "format": 2}),
+        json.dumps({**doc, "keys": doc["keys"] * 2}),  # duplicate ids
+        json.dumps({**doc, "keys": [{**doc["keys"][0], "state": "dormant"}]}),
+        json.dumps({**doc, "keys": [{**doc["keys"][0], "id": -1}]}),
+        json.dumps({**doc, "keys": [{**doc["keys"][0], "wrapped": "!!"}]}),
+        json.dumps({**doc, "keys": [doc["keys"][0], {**doc["keys"][0], "id": k1 + 1}]}),
+    ]
+    for text in bad_docs:
+        path.write_text(text)
+        with pytest.raises(KeyringError):
+            kr.load(path)
+
+
+def test_wrapped_dek_bound_to_its_entry(provider: LocalKekProvider) -> None:
+    ring, k1 = fresh(provider)
+    ring, k2 = ring.add("public.cards.cvv", "encrypt", provider)
+    ring = ring.promote(k2)
+    doc = json.loads(ring.to_json())
+    by_id = {e["id"]: e for e in doc["keys"]}
+    by_id[k1]["wrapped"], by_id[k2]["wrapped"] = by_id[k2]["wrapped"], by_id[k1]["wrapped"]
+    swapped = kr.Keyring.from_json(json.dumps(doc))
+    with pytest.raises(KeyringError, match="unwrap"):
+        swapped.column_keys(COL, "encrypt", provider)
+
+
+def test_other_kek_refused(provider: LocalKekProvider) -> None:
+    ring, _ = fresh(provider)
+    other = EnvKekProvider(environ={"STRONGROOM_KEK": generate_env_value()})
+    with pytest.raises(KeyringError, match="KEK"):
+        ring.column_keys(COL, "encrypt", other)
+    with pytest.raises(KeyringError, match="KEK"):
+        ring.add(COL, "encrypt", other)
+
+
+def test_describe_has_no_key_material(provider: LocalKekProvider) -> None:
+    ring, k1 = fresh(provider)
+    (row,) = ring.describe()
+    assert set(row) == {"id", "column", "purpose", "state", "created_at"}
+    assert row["id"] == k1 and row["state"] == "active" and row["created_at"].endswith("Z")
+    assert "wrapped" not in repr(ring.entries[0]) or "b'" not in repr(ring.entries[0])
+
+
+def test_cli_ops(tmp_path: Path) -> None:
+    kek, ring_path = tmp_path / "dev.kek", tmp_path / "keyring.json"
+    protect = {
+        COL: {"type": "text", "mode": "randomized", "search": "blind_index"},
+        "public.accounts.iban": {"type": "text", "mode": "deterministic"},
+    }
+    rows = cli_ops.init(kek, ring_path, protect)
+    assert stat.S_IMODE(kek.stat().st_mode) == 0o600
+    assert stat.S_IMODE(ring_path.stat().st_mode) == 0o600
+    assert sorted((r["column"], r["purpose"], r["state"]) for r in rows) == [
+        ("public.accounts.iban", "encrypt", "active"),
+        (COL, "blind_index", "active"),
+        (COL, "encrypt", "active"),
+    ]
+    again = cli_ops.init(kek, ring_path, [COL, "public.accounts.iban"])  # idempotent
+    assert again == cli_ops.show(ring_path) == rows
+    provider = LocalKekProvider(kek)
+    new = cli_ops.add(ring_path, provider, COL)
+    assert {r["id"]: r["state"] for r in cli_ops.show(ring_path)}[new] == "decrypt_only"
+    old = next(r["id"] for r in rows if r["column"] == COL and r["purpose"] == "encrypt")
+    with pytest.raises(KeyringError):
+        cli_ops.retire(ring_path, old)
+    cli_ops.promote(ring_path, new)
+    cli_ops.retire(ring_path, old)
+    states = {r["id"]: r["state"] for r in cli_ops.show(ring_path)}
+    assert states[new] == "active" and states[old] == "retired"
+    with pytest.raises(TypeError):
+        cli_ops.init(kek, ring_path, COL)

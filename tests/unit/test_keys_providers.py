@@ -1,0 +1,173 @@
+"""KEK providers: local file, environment variable, and PKCS#11 against a real SoftHSM2.
+
+The SoftHSM2 test does not skip: a missing softhsm2-util, module or python-pkcs11 is a
+failure, because the HSM path is what production deployments rely on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from keys.providers.base import KekProvider, UnwrapError
+from keys.providers.env import EnvKekError, EnvKekProvider, generate_env_value
+from keys.providers.local import KekFileError, LocalKekProvider, init_kek_file
+
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+DEK = bytes(range(32))
+
+
+def check_provider(p: KekProvider) -> None:
+    blob = p.wrap(DEK, b"entry-1")
+    assert DEK not in blob
+    assert p.unwrap(blob, b"entry-1") == DEK
+    assert p.wrap(DEK, b"entry-1") != blob  # random nonce
+    with pytest.raises(UnwrapError):
+        p.unwrap(blob, b"entry-2")
+    for i in range(len(blob)):
+        bad = bytearray(blob)
+        bad[i] ^= 1
+        with pytest.raises(UnwrapError):
+            p.unwrap(bytes(bad), b"entry-1")
+    with pytest.raises(UnwrapError):
+        p.unwrap(blob[:10], b"entry-1")
+    assert p.key_id and p.key_id in p.description
+    assert DEK.hex() not in repr(p)
+
+
+def test_local(tmp_path: Path) -> None:
+    path = tmp_path / "dev.kek"
+    os.umask(0o022)
+    init_kek_file(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_size == 32
+    with pytest.raises(FileExistsError):
+        init_kek_file(path)
+    p = LocalKekProvider(path)
+    check_provider(p)
+    assert path.read_bytes().hex() not in repr(p) + p.key_id
+    assert LocalKekProvider(path).key_id == p.key_id  # stable
+    blob = p.wrap(DEK)
+    init_kek_file(tmp_path / "other.kek")
+    with pytest.raises(UnwrapError):
+        LocalKekProvider(tmp_path / "other.kek").unwrap(blob)
+
+
+def test_local_refuses_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(KekFileError):
+        LocalKekProvider(tmp_path / "missing")
+    path = tmp_path / "open.kek"
+    init_kek_file(path)
+    path.chmod(0o644)
+    with pytest.raises(KekFileError, match="chmod"):
+        LocalKekProvider(path)
+    short = tmp_path / "short.kek"
+    short.write_bytes(b"x" * 31)
+    short.chmod(0o600)
+    with pytest.raises(KekFileError):
+        LocalKekProvider(short)
+
+
+def test_env() -> None:
+    value = generate_env_value()
+    p = EnvKekProvider(environ={"STRONGROOM_KEK": value})
+    check_provider(p)
+    assert value not in repr(p) + p.description
+    for env in ({}, {"STRONGROOM_KEK": "***"}, {"STRONGROOM_KEK": "AAAA"}):
+        with pytest.raises(EnvKekError) as info:
+            EnvKekProvider(environ=env)
+        assert "***" not in str(info.value)
+
+
+def test_wrap_self_check_catches_broken_provider() -> None:
+    class Broken(KekProvider):
+        kind = "broken"
+        key_id = "broken:1"  # type: ignore[assignment]
+
+        def _wrap(self, dek: bytes, associated_data: bytes) -> bytes:
+            return b"\x00" * 40
+
+        def _unwrap(self, blob: bytes, associated_data: bytes) -> bytes:
+            return b"\x01" * 32
+
+    with pytest.raises(UnwrapError, match="broken"):
+        Broken().wrap(DEK)
+
+
+@pytest.fixture(scope="module")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    util = shutil.which("softhsm2-util")
+    assert util, "softhsm2-util not installed (apt-get install softhsm2): test cannot run"
+    assert Path(SOFTHSM_MODULE).exists(), f"{SOFTHSM_MODULE} missing"
+    base = tmp_path_factory.mktemp("softhsm")
+    (base / "tokens").mkdir()
+    conf = base / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\n"
+        "log.level = ERROR\nslots.removable = false\n"
+    )
+    os.environ["SOFTHSM2_CONF"] = str(conf)  # read by the module at C_Initialize
+    subprocess.run(
+        [
+            util,
+            "--init-token",
+            "--free",
+            "--label",
+            "strongroom-test",
+            "--pin",
+            "1234",
+            "--so-pin",
+            "5678",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return {"token_label": "strongroom-test", "pin": "1234", "module": SOFTHSM_MODULE}
+
+
+def test_pkcs11_softhsm_round_trip(softhsm: dict[str, str]) -> None:
+    from keys.providers.pkcs11 import Pkcs11KekError, Pkcs11KekProvider, create_kek
+
+    create_kek(softhsm["module"], softhsm["token_label"], softhsm["pin"], "kek-1")
+    with pytest.raises(Pkcs11KekError, match="already exists"):
+        create_kek(softhsm["module"], softhsm["token_label"], softhsm["pin"], "kek-1")
+    p = Pkcs11KekProvider(softhsm["token_label"], softhsm["pin"], "kek-1", softhsm["module"])
+    try:
+        check_provider(p)
+        assert p.key_id == "pkcs11:strongroom-test/kek-1"
+        assert softhsm["pin"] not in repr(p)
+        # a second key on the same token cannot unwrap what the first wrapped
+        create_kek(softhsm["module"], softhsm["token_label"], softhsm["pin"], "kek-2")
+        other = Pkcs11KekProvider(softhsm["token_label"], softhsm["pin"], "kek-2")
+        with pytest.raises(UnwrapError):
+            other.unwrap(p.wrap(DEK))
+        other.close()
+    finally:
+        p.close()
+    with pytest.raises(Pkcs11KekError):
+        Pkcs11KekProvider(softhsm["token_label"], softhsm["pin"], "no-such-key")
+    with pytest.raises(Pkcs11KekError) as info:
+        Pkcs11KekProvider(softhsm["token_label"], "9999", "kek-1")
+    assert "9999" not in str(info.value)
+
+
+def test_pkcs11_keyring_end_to_end(softhsm: dict[str, str], tmp_path: Path) -> None:
+    from keys import cli_ops
+    from keys import keyring as kr
+    from keys.providers.pkcs11 import Pkcs11KekProvider, create_kek
+    from proxy.crypto import ColumnCipher
+
+    create_kek(softhsm["module"], softhsm["token_label"], softhsm["pin"], "kek-ring")
+    p = Pkcs11KekProvider(softhsm["token_label"], softhsm["pin"], "kek-ring")
+    try:
+        ring_path = tmp_path / "keyring.json"
+        cli_ops.init(None, ring_path, ["public.t.c"], provider=p)
+        keys = kr.load(ring_path).column_keys("public.t.c", "encrypt", p)
+        c = ColumnCipher("public.t.c", "text", "randomized", keys)
+        assert c.decrypt(c.encrypt(b"hsm")) == b"hsm"
+    finally:
+        p.close()
