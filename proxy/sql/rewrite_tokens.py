@@ -1,0 +1,139 @@
+"""Token extents for the rewriter: where a literal, cast or column name ends.
+
+libpg_query gives each parse node only a *start* location (a byte offset).  To replace a
+literal we also need its end, including the syntax that belongs to it (``'x'::date``,
+``CAST('x' AS date)``, ``DATE 'x'``, ``-5``, ``U&'..' UESCAPE '!'``).  The lexer knows
+token boundaries, so we take them from ``pglast.parser.scan`` instead of guessing with
+regular expressions.  ``scan`` reports *character* indexes (pglast converts them); this
+module converts back to UTF-8 byte offsets, the unit the parse tree and plans use.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+
+from pglast.parser import scan
+
+_OPEN = {"ASCII_40": "ASCII_41", "ASCII_91": "ASCII_93"}  # ( ) and [ ]
+_DOT = "ASCII_46"
+_SIGNS = frozenset({"ASCII_45", "ASCII_43"})  # - +
+_INTERVAL_FIELDS = frozenset({"YEAR_P", "MONTH_P", "DAY_P", "HOUR_P", "MINUTE_P", "SECOND_P", "TO"})
+
+
+class TokenError(Exception):
+    """The token stream does not look like the parse tree said; refuse (fail closed)."""
+
+
+class Tokens:
+    """Tokens of one SQL string with byte offsets; ``end`` is exclusive."""
+
+    __slots__ = ("by_start", "ends", "names", "raw", "starts")
+
+    def __init__(self, sql: str) -> None:
+        toks = scan(sql)
+        self.raw = sql.encode()
+        if sql.isascii():
+            self.starts = [t.start for t in toks]
+            self.ends = [t.end + 1 for t in toks]
+        else:
+            # byte offset of each character index (and of the end)
+            offs = [0, *accumulate(len(c.encode()) for c in sql)]
+            self.starts = [offs[t.start] for t in toks]
+            self.ends = [offs[t.end + 1] for t in toks]
+        self.names = [t.name for t in toks]
+        self.by_start = {s: i for i, s in enumerate(self.starts)}
+
+    def at(self, location: int) -> int:
+        """Index of the token starting at byte ``location``."""
+        try:
+            return self.by_start[location]
+        except KeyError:
+            raise TokenError(f"no token at byte {location}") from None
+
+    def name(self, i: int) -> str:
+        """Token name (``SCONST``, ``IDENT``, ``ASCII_44``...), '' past the end."""
+        return self.names[i] if 0 <= i < len(self.names) else ""
+
+    def text(self, i: int) -> str:
+        """Source text of token ``i``."""
+        return self.raw[self.starts[i] : self.ends[i]].decode()
+
+    def const_last(self, i: int) -> int:
+        """Last token of the constant starting at token ``i`` (sign, UESCAPE included)."""
+        if self.names[i] in _SIGNS:
+            i += 1
+        if self.name(i) == "USCONST" and self.name(i + 1) == "UESCAPE":
+            i += 2
+        if self.name(i) not in {
+            "SCONST",
+            "USCONST",
+            "ICONST",
+            "FCONST",
+            "BCONST",
+            "XCONST",
+            "TRUE_P",
+            "FALSE_P",
+            "NULL_P",
+            "PARAM",
+        }:
+            raise TokenError(f"token {self.name(i)} is not a constant")
+        return i
+
+    def close(self, i: int) -> int:
+        """Index of the bracket closing the one at token ``i``."""
+        want = _OPEN.get(self.names[i])
+        if want is None:
+            raise TokenError("expected an opening bracket")
+        opener, depth = self.names[i], 0
+        for j in range(i, len(self.names)):
+            n = self.names[j]
+            if n == opener:
+                depth += 1
+            elif n == want:
+                depth -= 1
+                if depth == 0:
+                    return j
+        raise TokenError("unbalanced brackets")
+
+    def type_last(self, i: int) -> int:
+        """Last token of a type name starting at token ``i``.
+
+        Follows the grammar's multi-word type names (``timestamp with time zone``,
+        ``double precision``, ``character varying``, ``national char``, interval fields),
+        qualified names, modifiers and array bounds; stops before anything else (an alias,
+        an operator, a keyword of the enclosing statement).
+        """
+        first, j = self.names[i], i
+        while True:
+            nxt = self.name(j + 1)
+            if nxt == _DOT:
+                j += 2
+            elif nxt in ("VARYING", "PRECISION"):
+                j += 1
+            elif (
+                nxt in ("WITH", "WITH_LA", "WITHOUT")
+                and first in ("TIMESTAMP", "TIME")
+                and self.name(j + 2) == "TIME"
+                and self.name(j + 3) == "ZONE"
+            ):
+                j += 3
+            elif first == "NATIONAL" and j == i and nxt in ("CHARACTER", "CHAR_P", "VARCHAR"):
+                j += 1
+            elif first == "INTERVAL" and nxt in _INTERVAL_FIELDS:
+                j += 1
+            elif nxt in _OPEN:
+                j = self.close(j + 1)
+            elif nxt == "ARRAY":
+                j += 1
+            else:
+                return j
+
+    def ident_path_last(self, i: int, nfields: int) -> int:
+        """Last token of a dotted name of ``nfields`` parts starting at token ``i``."""
+        for _ in range(nfields - 1):
+            if self.name(i + 1) == "UESCAPE":
+                i += 2
+            if self.name(i + 1) != _DOT:
+                raise TokenError("expected '.' in a qualified name")
+            i += 2
+        return i

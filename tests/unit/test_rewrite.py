@@ -1,0 +1,817 @@
+"""The rewrite planner: what is encrypted, renamed, refused; pure, no server.
+
+Expected rewrites are written with the splices rendered as ``E[value]`` (encrypt) and
+``B[value]`` (blind index), so a row shows exactly which bytes the session replaces.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pglast.parser import parse_sql_json
+
+from proxy.sql.protected import ProtectedColumn, ProtectedSchema
+from proxy.sql.rewrite import NO_PROTECTED, RewritePlan, apply_splices, plan_statement
+
+PAN = ProtectedColumn("public", "cards", "pan", "text", "randomized", blind_index=True)
+EXPIRY = ProtectedColumn("public", "cards", "expiry", "date", "randomized")
+IBAN = ProtectedColumn("public", "accounts", "iban", "text", "deterministic")
+BALANCE = ProtectedColumn("public", "accounts", "balance", "numeric", "randomized")
+OPENED = ProtectedColumn("public", "accounts", "opened", "timestamptz", "deterministic")
+LIMIT_ = ProtectedColumn("public", "accounts", "lim", "int8", "deterministic")
+TAX = ProtectedColumn("public", "customers", "tax_id", "text", "randomized", blind_index=True)
+PAY_IBAN = ProtectedColumn("public", "payments", "iban", "text", "deterministic")
+FLAG = ProtectedColumn("public", "payments", "flag", "bool", "deterministic")
+REF = ProtectedColumn("public", "payments", "ref", "uuid", "deterministic")
+DOC = ProtectedColumn("public", "payments", "doc", "jsonb", "deterministic")
+QTY = ProtectedColumn("public", "payments", "qty", "int4", "deterministic")
+NOTE = ProtectedColumn("public", "payments", "note", "varchar", "deterministic")
+VAULT = ProtectedColumn("vault", "Secrets", "Code", "text", "deterministic")
+
+SCHEMA = ProtectedSchema(
+    [PAN, EXPIRY, IBAN, BALANCE, OPENED, LIMIT_, TAX, PAY_IBAN, FLAG, REF, DOC, QTY, NOTE, VAULT]
+)
+PATH = ("public",)
+
+
+def plan(sql: str, path: tuple[str, ...] = PATH, **kw: object) -> RewritePlan:
+    return plan_statement(sql, SCHEMA, path, **kw)  # type: ignore[arg-type]
+
+
+def render(sql: str, p: RewritePlan) -> str:
+    return apply_splices(
+        sql, p.splices, lambda s: f"{'E' if s.action == 'encrypt' else 'B'}[{s.literal}]"
+    )
+
+
+def params(p: RewritePlan) -> dict[int, tuple[str, str]]:
+    return {n: (a.action, a.column.column) for n, a in p.params.items()}
+
+
+# (sql, rewritten, params)
+REWRITES: list[tuple[str, str, dict[int, tuple[str, str]]]] = [
+    # literal syntaxes into a deterministic text column
+    (
+        "INSERT INTO accounts(iban) VALUES ('DE01')",
+        "INSERT INTO accounts(iban) VALUES (E[DE01])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES (E'DE\\'01\\n')",
+        "INSERT INTO accounts(iban) VALUES (E[DE'01\n])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES ('it''s')",
+        "INSERT INTO accounts(iban) VALUES (E[it's])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES ($$dollar 'quoted'$$)",
+        "INSERT INTO accounts(iban) VALUES (E[dollar 'quoted'])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES ($tag$x$$y$tag$)",
+        "INSERT INTO accounts(iban) VALUES (E[x$$y])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES (U&'d\\0061t')",
+        "INSERT INTO accounts(iban) VALUES (E[dat])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES (U&'d!0061t' UESCAPE '!')",
+        "INSERT INTO accounts(iban) VALUES (E[dat])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES ('Grüße €')",
+        "INSERT INTO accounts(iban) VALUES (E[Grüße €])",
+        {},
+    ),
+    ("INSERT INTO accounts(iban) VALUES ('')", "INSERT INTO accounts(iban) VALUES (E[])", {}),
+    (
+        "INSERT INTO accounts(iban) VALUES ('a'\n'b')",
+        "INSERT INTO accounts(iban) VALUES (E[ab])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES ('x'::text)",
+        "INSERT INTO accounts(iban) VALUES (E[x])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES (CAST('x' AS varchar))",
+        "INSERT INTO accounts(iban) VALUES (E[x])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES ('x'::pg_catalog.text)",
+        "INSERT INTO accounts(iban) VALUES (E[x])",
+        {},
+    ),
+    ("INSERT INTO accounts(iban) VALUES (NULL)", "INSERT INTO accounts(iban) VALUES (NULL)", {}),
+    (
+        "INSERT INTO accounts(iban) VALUES (DEFAULT)",
+        "INSERT INTO accounts(iban) VALUES (DEFAULT)",
+        {},
+    ),
+    # other logical types
+    (
+        "INSERT INTO accounts(balance) VALUES (-5)",
+        "INSERT INTO accounts(balance) VALUES (E[-5])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(balance) VALUES (- 12.50)",
+        "INSERT INTO accounts(balance) VALUES (E[-12.50])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(balance) VALUES (+3)",
+        "INSERT INTO accounts(balance) VALUES (E[3])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(balance) VALUES ('NaN'::numeric)",
+        "INSERT INTO accounts(balance) VALUES (E[NaN])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(balance) VALUES (1e10)",
+        "INSERT INTO accounts(balance) VALUES (E[1e10])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(lim) VALUES (9223372036854775807)",
+        "INSERT INTO accounts(lim) VALUES (E[9223372036854775807])",
+        {},
+    ),
+    ("INSERT INTO accounts(lim) VALUES (0)", "INSERT INTO accounts(lim) VALUES (E[0])", {}),
+    (
+        "INSERT INTO accounts(opened) VALUES ('2024-01-01 10:00+02'::timestamp with time zone)",
+        "INSERT INTO accounts(opened) VALUES (E[2024-01-01 10:00+02])",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(opened) VALUES (TIMESTAMPTZ 'infinity')",
+        "INSERT INTO accounts(opened) VALUES (E[infinity])",
+        {},
+    ),
+    (
+        "INSERT INTO cards(expiry) VALUES (DATE '2024-01-01')",
+        "INSERT INTO cards(expiry) VALUES (E[2024-01-01])",
+        {},
+    ),
+    (
+        "INSERT INTO cards(expiry) VALUES ('-infinity'::date)",
+        "INSERT INTO cards(expiry) VALUES (E[-infinity])",
+        {},
+    ),
+    (
+        "INSERT INTO payments(flag, qty) VALUES (true, 42)",
+        "INSERT INTO payments(flag, qty) VALUES (E[true], E[42])",
+        {},
+    ),
+    (
+        "INSERT INTO payments(flag) VALUES (false)",
+        "INSERT INTO payments(flag) VALUES (E[false])",
+        {},
+    ),
+    (
+        "INSERT INTO payments(ref) VALUES ('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid)",
+        "INSERT INTO payments(ref) VALUES (E[a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11])",
+        {},
+    ),
+    (
+        "INSERT INTO payments(doc) VALUES ('{\"a\": [1, 2]}'::jsonb)",
+        'INSERT INTO payments(doc) VALUES (E[{"a": [1, 2]}])',
+        {},
+    ),
+    (
+        "INSERT INTO payments(note) VALUES ('v'::varchar)",
+        "INSERT INTO payments(note) VALUES (E[v])",
+        {},
+    ),
+    # multi-row VALUES, mixed columns, params
+    (
+        "INSERT INTO accounts(id, iban, balance) VALUES (1, 'A', 1.5), (2, $1, $2)",
+        "INSERT INTO accounts(id, iban, balance) VALUES (1, E[A], E[1.5]), (2, $1, $2)",
+        {1: ("encrypt", "iban"), 2: ("encrypt", "balance")},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES ($1::text)",
+        "INSERT INTO accounts(iban) VALUES ($1)",
+        {1: ("encrypt", "iban")},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES (CAST($1 AS text))",
+        "INSERT INTO accounts(iban) VALUES ($1)",
+        {1: ("encrypt", "iban")},
+    ),
+    # blind-indexed column: sibling column and value added
+    (
+        "INSERT INTO cards(id, pan) VALUES (1, '4111'), (2, '4222')",
+        "INSERT INTO cards(id, pan, pan_bidx) VALUES (1, E[4111], B[4111]), (2, E[4222], B[4222])",
+        {},
+    ),
+    (
+        "INSERT INTO cards(pan, expiry) VALUES ($1, $2)",
+        "INSERT INTO cards(pan, pan_bidx, expiry) VALUES ($1, $3, $2)",
+        {1: ("encrypt", "pan"), 2: ("encrypt", "expiry")},
+    ),
+    (
+        "INSERT INTO cards(pan) VALUES (NULL)",
+        "INSERT INTO cards(pan, pan_bidx) VALUES (NULL, NULL)",
+        {},
+    ),
+    (
+        "UPDATE cards SET pan = '4111' WHERE id = 1",
+        "UPDATE cards SET pan = E[4111], pan_bidx = B[4111] WHERE id = 1",
+        {},
+    ),
+    (
+        "UPDATE cards SET pan = pan WHERE id = 1",
+        "UPDATE cards SET pan = pan, pan_bidx = pan_bidx WHERE id = 1",
+        {},
+    ),
+    # upserts
+    (
+        "INSERT INTO accounts(id, iban) VALUES (1, 'A') ON CONFLICT (id) DO UPDATE "
+        "SET iban = EXCLUDED.iban",
+        "INSERT INTO accounts(id, iban) VALUES (1, E[A]) ON CONFLICT (id) DO UPDATE "
+        "SET iban = EXCLUDED.iban",
+        {},
+    ),
+    (
+        "INSERT INTO cards(id, pan) VALUES (1, $1) ON CONFLICT (id) DO UPDATE "
+        "SET pan = excluded.pan",
+        "INSERT INTO cards(id, pan, pan_bidx) VALUES (1, $1, $2) ON CONFLICT (id) DO UPDATE "
+        "SET pan = excluded.pan, pan_bidx = excluded.pan_bidx",
+        {1: ("encrypt", "pan")},
+    ),
+    (
+        "INSERT INTO accounts(id, iban) VALUES (1, 'A') ON CONFLICT (id) DO UPDATE "
+        "SET iban = $1 WHERE accounts.iban = 'B'",
+        "INSERT INTO accounts(id, iban) VALUES (1, E[A]) ON CONFLICT (id) DO UPDATE "
+        "SET iban = $1 WHERE accounts.iban = E[B]",
+        {1: ("encrypt", "iban")},
+    ),
+    (
+        "INSERT INTO accounts(iban) VALUES ('A') ON CONFLICT (iban) DO NOTHING",
+        "INSERT INTO accounts(iban) VALUES (E[A]) ON CONFLICT (iban) DO NOTHING",
+        {},
+    ),
+    # INSERT ... SELECT
+    (
+        "INSERT INTO accounts(id, iban) SELECT id, 'X' FROM staging",
+        "INSERT INTO accounts(id, iban) SELECT id, E[X] FROM staging",
+        {},
+    ),
+    (
+        "INSERT INTO accounts(iban, balance) SELECT $1, 10",
+        "INSERT INTO accounts(iban, balance) SELECT $1, E[10]",
+        {1: ("encrypt", "iban")},
+    ),
+    (
+        "INSERT INTO accounts(iban) SELECT iban FROM accounts WHERE id = 3",
+        "INSERT INTO accounts(iban) SELECT iban FROM accounts WHERE id = 3",
+        {},
+    ),
+    # UPDATE
+    (
+        "UPDATE accounts SET balance = 5, iban = $2 WHERE iban = $1",
+        "UPDATE accounts SET balance = E[5], iban = $2 WHERE iban = $1",
+        {1: ("encrypt", "iban"), 2: ("encrypt", "iban")},
+    ),
+    (
+        "UPDATE accounts a SET (iban, id) = ('N', 2) WHERE a.id = 1",
+        "UPDATE accounts a SET (iban, id) = (E[N], 2) WHERE a.id = 1",
+        {},
+    ),
+    ("UPDATE accounts SET balance = NULL", "UPDATE accounts SET balance = NULL", {}),
+    # WHERE with deterministic columns
+    ("SELECT id FROM accounts WHERE iban = 'A'", "SELECT id FROM accounts WHERE iban = E[A]", {}),
+    ("SELECT id FROM accounts WHERE 'A' = iban", "SELECT id FROM accounts WHERE E[A] = iban", {}),
+    (
+        "SELECT id FROM accounts WHERE $1 = iban",
+        "SELECT id FROM accounts WHERE $1 = iban",
+        {1: ("encrypt", "iban")},
+    ),
+    ("SELECT id FROM accounts WHERE iban <> 'A'", "SELECT id FROM accounts WHERE iban <> E[A]", {}),
+    (
+        "SELECT id FROM accounts WHERE iban != $1",
+        "SELECT id FROM accounts WHERE iban != $1",
+        {1: ("encrypt", "iban")},
+    ),
+    (
+        "SELECT id FROM accounts WHERE iban IN ('A', $1, 'C')",
+        "SELECT id FROM accounts WHERE iban IN (E[A], $1, E[C])",
+        {1: ("encrypt", "iban")},
+    ),
+    (
+        "SELECT id FROM accounts WHERE iban NOT IN ('A')",
+        "SELECT id FROM accounts WHERE iban NOT IN (E[A])",
+        {},
+    ),
+    (
+        "SELECT id FROM accounts WHERE iban IS NOT DISTINCT FROM $1",
+        "SELECT id FROM accounts WHERE iban IS NOT DISTINCT FROM $1",
+        {1: ("encrypt", "iban")},
+    ),
+    (
+        "SELECT id FROM accounts WHERE iban IS NULL OR balance IS NOT NULL",
+        "SELECT id FROM accounts WHERE iban IS NULL OR balance IS NOT NULL",
+        {},
+    ),
+    ("SELECT id FROM accounts WHERE iban = NULL", "SELECT id FROM accounts WHERE iban = NULL", {}),
+    (
+        "SELECT id FROM accounts WHERE opened = '2024-01-01T00:00:00Z'::timestamptz",
+        "SELECT id FROM accounts WHERE opened = E[2024-01-01T00:00:00Z]",
+        {},
+    ),
+    ("SELECT id FROM accounts WHERE lim = -1", "SELECT id FROM accounts WHERE lim = E[-1]", {}),
+    (
+        "SELECT id FROM accounts WHERE NOT (iban = 'A') AND id > 3",
+        "SELECT id FROM accounts WHERE NOT (iban = E[A]) AND id > 3",
+        {},
+    ),
+    # randomized + blind index: rename to the sibling column
+    (
+        "SELECT pan FROM cards WHERE pan = $1",
+        "SELECT pan FROM cards WHERE pan_bidx = $1",
+        {1: ("blind_index", "pan")},
+    ),
+    (
+        "SELECT c.pan FROM cards c WHERE c.pan = '4111'",
+        "SELECT c.pan FROM cards c WHERE c.pan_bidx = B[4111]",
+        {},
+    ),
+    (
+        "SELECT pan FROM public.cards WHERE public.cards.pan IN ('1', '2')",
+        "SELECT pan FROM public.cards WHERE public.cards.pan_bidx IN (B[1], B[2])",
+        {},
+    ),
+    (
+        'SELECT pan FROM cards WHERE "pan" <> $1',
+        "SELECT pan FROM cards WHERE pan_bidx <> $1",
+        {1: ("blind_index", "pan")},
+    ),
+    (
+        "SELECT pan FROM cards WHERE pan = $1::text",
+        "SELECT pan FROM cards WHERE pan_bidx = $1",
+        {1: ("blind_index", "pan")},
+    ),
+    (
+        "DELETE FROM customers WHERE tax_id = 'T1' RETURNING tax_id",
+        "DELETE FROM customers WHERE tax_id_bidx = B[T1] RETURNING tax_id",
+        {},
+    ),
+    # subqueries, CTEs, aliases
+    (
+        "SELECT id FROM orders WHERE card_id IN (SELECT id FROM cards WHERE pan = $1)",
+        "SELECT id FROM orders WHERE card_id IN (SELECT id FROM cards WHERE pan_bidx = $1)",
+        {1: ("blind_index", "pan")},
+    ),
+    (
+        "SELECT * FROM orders o WHERE EXISTS (SELECT 1 FROM accounts a WHERE a.iban = 'Z')",
+        "SELECT * FROM orders o WHERE EXISTS (SELECT 1 FROM accounts a WHERE a.iban = E[Z])",
+        {},
+    ),
+    (
+        "WITH x AS (SELECT iban FROM accounts) SELECT iban FROM x WHERE iban = 'A'",
+        "WITH x AS (SELECT iban FROM accounts) SELECT iban FROM x WHERE iban = E[A]",
+        {},
+    ),
+    (
+        "SELECT s.i FROM (SELECT iban AS i FROM accounts) s WHERE s.i = $1",
+        "SELECT s.i FROM (SELECT iban AS i FROM accounts) s WHERE s.i = $1",
+        {1: ("encrypt", "iban")},
+    ),
+    (
+        "WITH ins AS (INSERT INTO accounts(iban) VALUES ('N') RETURNING id) SELECT id FROM ins",
+        "WITH ins AS (INSERT INTO accounts(iban) VALUES (E[N]) RETURNING id) SELECT id FROM ins",
+        {},
+    ),
+    (
+        "SELECT a.id FROM accounts a JOIN payments p ON a.iban = p.iban WHERE p.iban = 'Q'",
+        "SELECT a.id FROM accounts a JOIN payments p ON a.iban = p.iban WHERE p.iban = E[Q]",
+        {},
+    ),
+    (
+        "SELECT a.id FROM accounts a JOIN payments p USING (iban)",
+        "SELECT a.id FROM accounts a JOIN payments p USING (iban)",
+        {},
+    ),
+    (
+        "SELECT id FROM accounts WHERE iban IN (SELECT iban FROM payments)",
+        "SELECT id FROM accounts WHERE iban IN (SELECT iban FROM payments)",
+        {},
+    ),
+    # names: quoted, qualified, non-default schema
+    (
+        'SELECT "Code" FROM vault."Secrets" WHERE "Code" = \'s\'',
+        'SELECT "Code" FROM vault."Secrets" WHERE "Code" = E[s]',
+        {},
+    ),
+    # aggregates and grouping allowed
+    (
+        "SELECT iban, count(*) FROM accounts GROUP BY iban",
+        "SELECT iban, count(*) FROM accounts GROUP BY iban",
+        {},
+    ),
+    (
+        "SELECT count(pan), count(DISTINCT iban) FROM cards, accounts",
+        "SELECT count(pan), count(DISTINCT iban) FROM cards, accounts",
+        {},
+    ),
+    ("SELECT DISTINCT iban FROM accounts", "SELECT DISTINCT iban FROM accounts", {}),
+    (
+        "SELECT CASE WHEN pan IS NULL THEN 'none' END FROM cards",
+        "SELECT CASE WHEN pan IS NULL THEN 'none' END FROM cards",
+        {},
+    ),
+    # COPY (query), EXPLAIN, views
+    (
+        "EXPLAIN SELECT id FROM accounts WHERE iban = 'A'",
+        "EXPLAIN SELECT id FROM accounts WHERE iban = E[A]",
+        {},
+    ),
+    (
+        "CREATE VIEW v AS SELECT id FROM accounts WHERE iban = 'A'",
+        "CREATE VIEW v AS SELECT id FROM accounts WHERE iban = E[A]",
+        {},
+    ),
+    # multi-statement strings: splices over the whole string
+    (
+        "SELECT 'ü'; INSERT INTO accounts(iban) VALUES ('é'); SELECT iban FROM accounts "
+        "WHERE iban = 'ß'",
+        "SELECT 'ü'; INSERT INTO accounts(iban) VALUES (E[é]); SELECT iban FROM accounts "
+        "WHERE iban = E[ß]",
+        {},
+    ),
+    (
+        "INSERT INTO cards(pan) SELECT pan FROM cards WHERE id = 1",
+        "INSERT INTO cards(pan, pan_bidx) SELECT pan, pan_bidx FROM cards WHERE id = 1",
+        {},
+    ),
+    (
+        "UPDATE customers SET tax_id = $1, id = $2 WHERE tax_id = $3",
+        "UPDATE customers SET tax_id = $1, tax_id_bidx = $4, id = $2 WHERE tax_id_bidx = $3",
+        {1: ("encrypt", "tax_id"), 3: ("blind_index", "tax_id")},
+    ),
+    ("select PAN from CARDS where Pan = 'x'", "select PAN from CARDS where pan_bidx = B[x]", {}),
+    (
+        "SELECT id FROM accounts a WHERE EXISTS (SELECT 1 FROM payments p WHERE p.iban = a.iban)",
+        "SELECT id FROM accounts a WHERE EXISTS (SELECT 1 FROM payments p WHERE p.iban = a.iban)",
+        {},
+    ),
+    (
+        "SELECT id FROM accounts WHERE EXISTS (SELECT 1 FROM orders o WHERE iban = 'q')",
+        "SELECT id FROM accounts WHERE EXISTS (SELECT 1 FROM orders o WHERE iban = E[q])",
+        {},
+    ),
+    (
+        "DECLARE cur CURSOR FOR SELECT pan FROM cards WHERE pan = $1",
+        "DECLARE cur CURSOR FOR SELECT pan FROM cards WHERE pan_bidx = $1",
+        {1: ("blind_index", "pan")},
+    ),
+    (
+        "SELECT id FROM accounts WHERE iban = 'x' UNION SELECT id FROM payments WHERE iban = 'y'",
+        "SELECT id FROM accounts WHERE iban = E[x] UNION SELECT id FROM payments WHERE iban = E[y]",
+        {},
+    ),
+    (
+        "SELECT id FROM accounts WHERE iban = E'\\u00e9' OR iban = 'a'::\"text\"",
+        "SELECT id FROM accounts WHERE iban = E[é] OR iban = E[a]",
+        {},
+    ),
+    ("LOCK cards", "LOCK cards", {}),
+    ("CREATE INDEX ON cards (pan_bidx)", "CREATE INDEX ON cards (pan_bidx)", {}),
+    # literals not aimed at protected columns stay
+    (
+        "UPDATE accounts SET note = 'plain' WHERE id = 4 AND iban = 'A'",
+        "UPDATE accounts SET note = 'plain' WHERE id = 4 AND iban = E[A]",
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(("sql", "expected", "want_params"), REWRITES)
+def test_rewrite(sql: str, expected: str, want_params: dict[int, tuple[str, str]]) -> None:
+    p = plan(sql)
+    assert p.refusal is None, p.refusal
+    assert p.touches_protected
+    assert render(sql, p) == expected
+    assert params(p) == want_params
+    parse_sql_json(apply_splices(sql, p.splices, lambda s: "'\\x00'::bytea"))
+
+
+# (sql, column named in the message, words that must not appear)
+REFUSALS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("SELECT id FROM accounts WHERE balance > 100", "public.accounts.balance", ("100",)),
+    ("SELECT id FROM accounts WHERE balance <= $1", "public.accounts.balance", ()),
+    (
+        "SELECT id FROM accounts WHERE iban BETWEEN 'A1' AND 'B2'",
+        "public.accounts.iban",
+        ("A1", "B2"),
+    ),
+    ("SELECT id FROM cards WHERE pan LIKE '4111%'", "public.cards.pan", ("4111",)),
+    ("SELECT id FROM cards WHERE pan ILIKE $1", "public.cards.pan", ()),
+    ("SELECT id FROM cards WHERE pan SIMILAR TO '41%'", "public.cards.pan", ("41%",)),
+    ("SELECT id FROM cards WHERE pan ~ '^41'", "public.cards.pan", ("^41",)),
+    ("SELECT pan FROM cards ORDER BY pan", "public.cards.pan", ()),
+    ("SELECT pan FROM cards ORDER BY 1", "public.cards.pan", ()),
+    ("SELECT id FROM accounts ORDER BY iban DESC", "public.accounts.iban", ()),
+    ("SELECT expiry, count(*) FROM cards GROUP BY expiry", "public.cards.expiry", ()),
+    ("SELECT DISTINCT balance FROM accounts", "public.accounts.balance", ()),
+    ("SELECT DISTINCT ON (pan) id FROM cards", "public.cards.pan", ()),
+    ("SELECT upper(pan) FROM cards", "public.cards.pan", ()),
+    ("SELECT pan || 'x' FROM cards", "public.cards.pan", ("'x'",)),
+    ("SELECT sum(balance) FROM accounts", "public.accounts.balance", ()),
+    ("SELECT id FROM cards WHERE lower(pan) = 'abc'", "public.cards.pan", ("abc",)),
+    ("SELECT pan::text FROM cards", "public.cards.pan", ()),
+    ("SELECT count(DISTINCT pan) FROM cards", "public.cards.pan", ()),
+    ("SELECT id FROM cards WHERE expiry = '2024-01-01'", "public.cards.expiry", ("2024-01-01",)),
+    ("SELECT id FROM cards WHERE expiry IN ($1, $2)", "public.cards.expiry", ()),
+    ("SELECT id FROM cards WHERE pan = ANY($1)", "public.cards.pan", ()),
+    ("SELECT iban FROM accounts UNION SELECT 'leak'", "public.accounts.iban", ("leak",)),
+    ("SELECT id, pan FROM cards EXCEPT SELECT 1, 'y'", "public.cards.pan", ()),
+    ("INSERT INTO cards(pan) VALUES ('4111' || '1111')", "public.cards.pan", ("4111", "1111")),
+    ("UPDATE cards SET pan = upper($1)", "public.cards.pan", ()),
+    ("UPDATE accounts SET iban = note", "public.accounts.iban", ()),
+    ("INSERT INTO accounts(iban) SELECT pan FROM cards", "public.accounts.iban", ()),
+    (
+        "INSERT INTO accounts(iban) SELECT x FROM (VALUES ('secret')) v(x)",
+        "public.accounts.iban",
+        ("secret",),
+    ),
+    ("INSERT INTO accounts(iban) VALUES (coalesce($1, 'dflt'))", "public.accounts.iban", ("dflt",)),
+    ("INSERT INTO accounts(iban) VALUES ('x'::varchar(3))", "public.accounts.iban", ("'x'",)),
+    ("INSERT INTO accounts(balance) VALUES ('1.5'::float8)", "public.accounts.balance", ("1.5",)),
+    ("INSERT INTO accounts(iban) VALUES ($1::int)", "public.accounts.iban", ()),
+    ("SELECT id FROM customers WHERE tax_id = 'T' || 'X'", "public.customers.tax_id", ("'T'",)),
+    ("SELECT a.id FROM accounts a JOIN cards c ON a.iban = c.pan", "public.accounts.iban", ()),
+    (
+        "SELECT a.id FROM accounts a JOIN cards c ON a.balance = a.balance",
+        "public.accounts.balance",
+        (),
+    ),
+    ("SELECT id FROM accounts a NATURAL JOIN payments", "public.", ()),
+    ("SELECT id FROM accounts WHERE iban = (SELECT note FROM x)", "public.accounts.iban", ()),
+    (
+        "SELECT id FROM x WHERE 'leak' IN (SELECT iban FROM accounts)",
+        "public.accounts.iban",
+        ("leak",),
+    ),
+    ("SELECT row_to_json(c) FROM cards c", "public.cards.", ()),
+    ("SELECT * FROM (SELECT pan FROM cards) s WHERE s.pan = $1", "public.cards.pan", ()),
+    ("DO $$BEGIN INSERT INTO cards(pan) VALUES ('4111'); END$$", "cards", ("4111",)),
+    (
+        "DO $$BEGIN EXECUTE 'UPDATE CARDS SET pan = ' || quote_literal('9'); END$$",
+        "cards",
+        ("'9'",),
+    ),
+    ("CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'DELETE FROM cards'", "cards", ()),
+    (
+        "CREATE PROCEDURE p() LANGUAGE plpgsql AS $$BEGIN UPDATE accounts SET iban = 'x'; END$$",
+        "accounts",
+        ("'x'",),
+    ),
+    ("COPY cards FROM '/tmp/cards.csv'", "public.cards.", ()),
+    ("COPY accounts FROM PROGRAM 'cat x'", "public.accounts.", ("cat x",)),
+    ("COPY cards FROM STDIN", "public.cards.pan", ()),
+    ("INSERT INTO accounts VALUES (1, 'x')", "public.accounts.", ("'x'",)),
+    (
+        "MERGE INTO accounts a USING s ON a.id = s.id WHEN MATCHED THEN UPDATE SET iban = 'q'",
+        "public.accounts.",
+        ("'q'",),
+    ),
+    ("PREPARE q AS INSERT INTO accounts(iban) VALUES ($1)", "public.accounts.iban", ()),
+    ("EXECUTE q('4111')", "public.", ("4111",)),
+    ("ALTER TABLE accounts ALTER COLUMN iban SET DEFAULT 'dflt'", "public.accounts.", ("dflt",)),
+    ("INSERT INTO accounts(iban, note) VALUES ($1, $1)", "public.accounts.iban", ()),
+    ("INSERT INTO cards(pan, pan_bidx) VALUES ('1', '2')", "public.cards.pan", ()),
+    ("SELECT id FROM accounts WHERE iban = $1 AND balance = $1", "public.accounts.balance", ()),
+    ("SELECT * FROM cards c(a, b)", "public.cards.", ()),
+    ("SELECT id FROM accounts WHERE (iban, id) = ('Z9', 1)", "public.accounts.iban", ("Z9",)),
+    ("SELECT row_number() OVER (ORDER BY pan) FROM cards", "public.cards.pan", ()),
+    ("CREATE INDEX ON accounts (lower(iban))", "public.accounts.", ()),
+    ("SELECT c FROM cards c", "public.cards.", ()),
+    ("SELECT c1.id FROM cards c1 JOIN cards c2 ON c1.pan = c2.pan", "public.cards.pan", ()),
+    ("SELECT pan FROM cards WHERE pan = 'k9' COLLATE \"C\"", "public.cards.pan", ("k9",)),
+    ("SELECT * FROM cards c, LATERAL f(c.pan) g", "public.cards.pan", ()),
+    ("SELECT * FROM payments WHERE flag", "public.payments.flag", ()),
+    ("SELECT pan FROM cards WHERE pan IN (SELECT pan FROM cards)", "public.cards.pan", ()),
+    ("SELECT 1 FROM accounts WHERE balance = 5", "public.accounts.balance", ()),
+    ("UPDATE cards SET pan = $1 WHERE pan = $1", "public.cards.pan", ()),
+]
+
+
+@pytest.mark.parametrize(("sql", "column", "forbidden"), REFUSALS)
+def test_refusal(sql: str, column: str, forbidden: tuple[str, ...]) -> None:
+    p = plan(sql)
+    assert p.refusal is not None, render(sql, p)
+    assert p.touches_protected
+    assert column in p.refusal
+    for word in forbidden:
+        assert word not in p.refusal
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1",
+        "SELECT * FROM orders WHERE note = 'cards'",
+        "INSERT INTO orders(note) VALUES ('4111')",
+        "SELECT * FROM other.cards WHERE pan = 'x'",
+        "WITH cards AS (SELECT 'x' AS pan) SELECT pan FROM cards WHERE pan < 'y'",
+        "BEGIN",
+        "DO $$BEGIN PERFORM 1; END$$",
+        "DROP TABLE IF EXISTS scratch",
+        "-- cards\nSELECT 2",
+    ],
+)
+def test_no_protected(sql: str) -> None:
+    assert plan(sql) is NO_PROTECTED
+
+
+def test_fast_exit_before_parsing() -> None:
+    # text that cannot name a protected table is not even parsed (a syntax error passes)
+    assert plan("SELEC nonsense ((") is NO_PROTECTED
+    assert plan("SELEC cards ((").refusal is not None
+
+
+def test_search_path_resolution() -> None:
+    sql = 'SELECT 1 FROM "Secrets" WHERE "Code" = \'k\''
+    assert plan(sql) is NO_PROTECTED  # vault not on the path
+    p = plan(sql, ("public", "vault"))
+    assert render(sql, p) == 'SELECT 1 FROM "Secrets" WHERE "Code" = E[k]'
+    assert p.tables_referenced == frozenset({("vault", "Secrets")})
+    assert plan("SELECT 1 FROM secrets WHERE \"Code\" = 'k'", ("vault",)) is NO_PROTECTED
+    # an unprotected table earlier on the path shadows the protected one
+    shadow = plan(
+        "SELECT id FROM accounts WHERE iban = 'k'",
+        ("app", "public"),
+        table_exists=lambda s, t: s == "app",
+    )
+    assert shadow is NO_PROTECTED
+    assert ProtectedSchema([PAN]).lookup((None, "cards"), ("x", "public")) == ("public", "cards")
+
+
+def test_columns_selected() -> None:
+    p = plan("SELECT c.pan AS p, id, expiry, (SELECT iban FROM accounts LIMIT 1) FROM cards c")
+    assert p.columns_selected == ((PAN, None, EXPIRY, IBAN),)
+    p = plan("SELECT * FROM cards")
+    assert p.columns_selected == (None,)
+    p = plan("SELECT * FROM cards", column_order=lambda s, t: ("id", "pan", "pan_bidx", "expiry"))
+    assert p.columns_selected == ((None, PAN, None, EXPIRY),)
+    p = plan("UPDATE cards SET id = 2 RETURNING pan, id")
+    assert p.columns_selected == ((PAN, None),)
+    p = plan("SELECT x.i FROM (SELECT iban AS i FROM accounts) x; DELETE FROM accounts")
+    assert p.columns_selected == ((IBAN,), ())
+
+
+def test_insert_without_columns_uses_catalog_order() -> None:
+    order = {("public", "accounts"): ("id", "iban", "balance")}
+    sql = "INSERT INTO accounts VALUES (1, 'A', 2)"
+    p = plan(sql, column_order=lambda s, t: order.get((s, t)))
+    assert render(sql, p) == "INSERT INTO accounts VALUES (1, E[A], E[2])"
+    # a blind-indexed table needs the list (the sibling column must be added)
+    p = plan("INSERT INTO cards VALUES (1, '4111')", column_order=lambda s, t: ("id", "pan"))
+    assert p.refusal is not None and "name the columns" in p.refusal
+
+
+def test_blind_index_recheck_and_derived_params() -> None:
+    p = plan("SELECT pan FROM cards WHERE pan = $1 OR pan <> 'x'")
+    assert {(r.column, r.literal, r.param, r.negated) for r in p.recheck} == {
+        (PAN, None, 1, False),
+        (PAN, "x", None, True),
+    }
+    p = plan("INSERT INTO cards(pan) VALUES ($4), ($4), ($2)")
+    assert [(d.number, d.source, d.action) for d in p.derived_params] == [
+        (5, 4, "blind_index"),
+        (6, 2, "blind_index"),
+    ]
+    assert render("INSERT INTO cards(pan) VALUES ($4), ($4), ($2)", p) == (
+        "INSERT INTO cards(pan, pan_bidx) VALUES ($4, $5), ($4, $5), ($2, $6)"
+    )
+
+
+def test_join_pairs() -> None:
+    p = plan("SELECT 1 FROM accounts a JOIN payments p ON a.iban = p.iban")
+    assert p.join_pairs == ((IBAN, PAY_IBAN),)
+
+
+def test_copy_plans() -> None:
+    p = plan(
+        "COPY accounts (id, iban) FROM STDIN WITH (FORMAT csv, DELIMITER ';', HEADER true, NULL '')"
+    )
+    assert p.copy is not None
+    assert (p.copy.table, p.copy.columns, p.copy.direction, p.copy.format) == (
+        ("public", "accounts"),
+        ("id", "iban"),
+        "in",
+        "csv",
+    )
+    assert p.copy.options["delimiter"] == ";" and p.copy.options["null"] == ""
+    assert p.copy.options["header"] == "true"
+    p = plan("COPY accounts TO STDOUT (FORMAT binary)")
+    assert p.copy is not None and (p.copy.columns, p.copy.direction, p.copy.format) == (
+        None,
+        "out",
+        "binary",
+    )
+    sql = "COPY public.cards (id, pan) FROM STDIN"
+    p = plan(sql)
+    assert render(sql, p) == "COPY public.cards (id, pan, pan_bidx) FROM STDIN"
+    assert p.copy is not None and p.copy.index_columns == (("pan_bidx", PAN),)
+    p = plan("COPY (SELECT id, pan FROM cards WHERE pan = $1) TO STDOUT WITH CSV HEADER")
+    assert p.copy is not None and p.copy.table is None
+    assert p.copy.query_columns == (None, PAN) and p.copy.format == "csv"
+    assert plan("COPY cards TO '/tmp/x'").copy is None  # server writes ciphertext only
+
+
+def test_execute_with_prepared_plan() -> None:
+    prepared = plan("SELECT id FROM accounts WHERE iban = $1 AND id = $2")
+    sql = "EXECUTE q('DE1', 7)"
+    p = plan(sql, prepared=lambda name: prepared if name == "q" else None)
+    assert render(sql, p) == "EXECUTE q(E[DE1], 7)"
+
+
+def test_byte_offsets() -> None:
+    sql = "SELECT '€€' ; SELECT id FROM accounts WHERE iban = 'x'"
+    (s,) = plan(sql).splices
+    raw = sql.encode()
+    assert raw[s.start : s.end] == b"'x'"
+    assert s.start != sql.index("'x'")  # char index differs: offsets are bytes
+
+
+def test_noop_string_of_statements_without_protected_is_shared() -> None:
+    assert plan("SELECT 1; SELECT 2") is NO_PROTECTED
+
+
+# ---------------------------------------------------------------- property test
+
+_TEXTS = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    min_size=0,
+    max_size=12,
+)
+
+
+def _quote(kind: str, value: str) -> str:
+    if kind == "std":
+        return "'" + value.replace("'", "''") + "'"
+    if kind == "e":
+        return "E'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if kind == "dollar":
+        return (
+            "$q$" + value + "$q$"
+            if "$q" not in value and not value.endswith("$")
+            else "'" + value.replace("'", "''") + "'"
+        )
+    return "'" + value.replace("'", "''") + "'::text"
+
+
+_TEMPLATES = [
+    "INSERT INTO accounts(id, iban) VALUES (1, {v}), (2, {w})",
+    "INSERT INTO cards(pan, id) VALUES ({v}, 3), ({w}, 4)",
+    "UPDATE cards SET pan = {v} WHERE pan = {w}",
+    "SELECT id FROM accounts WHERE iban IN ({v}, {w}) AND note = 'keep'",
+    "INSERT INTO accounts(iban) SELECT {v} UNION ALL SELECT {w}",
+    "INSERT INTO customers(tax_id) VALUES ({v}) ON CONFLICT (id) DO UPDATE SET tax_id = {w}",
+    "SELECT 'keep'; DELETE FROM customers WHERE tax_id = {v} OR tax_id = {w}",
+    "WITH c AS (SELECT id FROM cards WHERE pan = {v}) UPDATE accounts SET iban = {w} "
+    "FROM c WHERE accounts.id = c.id",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    template=st.sampled_from(_TEMPLATES),
+    v=_TEXTS,
+    w=_TEXTS,
+    kv=st.sampled_from(["std", "e", "dollar", "cast"]),
+    kw=st.sampled_from(["std", "e", "dollar", "cast"]),
+)
+def test_splices_remove_every_protected_literal(
+    template: str, v: str, w: str, kv: str, kw: str
+) -> None:
+    marker_v, marker_w = "QX" + v + "VQ", "QX" + w + "WQ"
+    sql = template.format(v=_quote(kv, marker_v), w=_quote(kw, marker_w))
+    p = plan(sql)
+    if p.refusal is not None:
+        # only the set-operation template is refused, and without the values
+        assert "UNION" in sql
+        assert marker_v not in p.refusal and marker_w not in p.refusal
+        return
+    seen = {s.literal for s in p.splices if s.action != "rename"}
+    assert {marker_v, marker_w} <= seen
+    out = apply_splices(sql, p.splices, lambda s: "'\\x00ff'::bytea")
+    parse_sql_json(out)
+    assert marker_v not in out and marker_w not in out
+    assert "keep" in out or "keep" not in sql
