@@ -123,6 +123,70 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_context(config: str) -> tuple[settings_mod.Settings, str, str | None, object]:
+    """Settings, keyring path, local KEK path and provider for the `keys` commands."""
+    from proxy.encryption import make_provider, resolve
+
+    cfg = settings_mod.load(config)
+    keys_cfg = cfg.raw.get("keys") or {}
+    if not keys_cfg:
+        raise SystemExit(f"{config}: no `keys:` section")
+    base = str(Path(config).resolve().parent)
+    keyring = resolve(base, keys_cfg["keyring"])
+    kek = resolve(base, keys_cfg["path"]) if keys_cfg.get("provider", "local") == "local" else None
+    provider = None if kek else make_provider(keys_cfg, base)
+    return cfg, keyring, kek, provider
+
+
+def _print_keys(rows: list[dict]) -> None:
+    print(f"{'id':>10}  {'column':40} {'purpose':12} {'state':13} created")
+    for r in rows:
+        print(f"{r['id']:>10}  {r['column']:40} {r['purpose']:12} {r['state']:13} "
+              f"{r['created_at']}")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Key management. Key bytes are never printed."""
+    from keys import cli_ops
+    from proxy.encryption import make_provider, protect_columns_for_keys
+
+    try:
+        cfg, keyring, kek, provider = _keys_context(args.config)
+    except settings_mod.ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    if args.keys_command == "init":
+        columns = protect_columns_for_keys(cfg.raw.get("protect") or {})
+        _print_keys(cli_ops.init(kek, keyring, columns, provider=provider))  # type: ignore[arg-type]
+        return 0
+    if args.keys_command == "show":
+        _print_keys(cli_ops.show(keyring))
+        return 0
+    if provider is None:
+        provider = make_provider(cfg.raw["keys"], str(Path(args.config).resolve().parent))
+    if args.keys_command == "add":
+        key_id = cli_ops.add(keyring, provider, args.column, args.purpose)  # type: ignore[arg-type]
+        print(f"added key {key_id} for {args.column} ({args.purpose}), decrypt-only; "
+              "reload every proxy, then promote it")
+    elif args.keys_command == "promote":
+        cli_ops.promote(keyring, args.key_id)
+        print(f"key {args.key_id} is now primary; reload every proxy (SIGHUP)")
+    elif args.keys_command == "retire":
+        cli_ops.retire(keyring, args.key_id)
+        print(f"key {args.key_id} retired")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from proxy.audit import audit_verify_main
+
+    rest = list(args.rest)
+    if rest[:1] != ["verify"]:
+        print("usage: strongroom audit verify FILE... --key-file K", file=sys.stderr)
+        return 2
+    return int(audit_verify_main(rest[1:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="strongroom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +205,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--seconds", type=float, default=0, help="stop after N seconds")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("keys", help="manage data keys (never prints key bytes)")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    for name, text in (("init", "create the KEK (local) and one key per protected column"),
+                       ("show", "list key ids, columns, states and creation times")):
+        kp = ksub.add_parser(name, help=text)
+        kp.add_argument("--config", "-c", required=True)
+    kp = ksub.add_parser("add", help="add a decrypt-only key to a column")
+    kp.add_argument("--config", "-c", required=True)
+    kp.add_argument("--column", required=True)
+    kp.add_argument("--purpose", choices=["encrypt", "blind_index"], default="encrypt")
+    for name in ("promote", "retire"):
+        kp = ksub.add_parser(name, help=f"{name} a key")
+        kp.add_argument("--config", "-c", required=True)
+        kp.add_argument("key_id", type=int)
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("audit", help="audit log tools: `audit verify FILE... --key-file K`")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_audit)
 
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -76,7 +76,10 @@ class StatementPlan:
     params: dict[int, tuple[str, ColumnCrypto]] = field(default_factory=dict)  # 0-based
     touches_protected: bool = False
     refusal: ClientRefusal | None = None
-    copy: Any = None
+    copy: Any = None  # ("in" | "out", factory of the COPY stream transformer)
+    # Parameters the proxy appends to Bind (blind-index siblings of written values):
+    # (0-based number, 0-based source parameter, action, column)
+    derived: list[tuple[int, int, str, ColumnCrypto]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -137,6 +140,8 @@ class Tracker:
         self.consume_to_ready = False  # after a proxy-made error: drop until ReadyForQuery
         self.copy_out: Any = None
         self.copy_in: Any = None
+        self.pending_copy: Any = None  # the plan of a COPY whose response has not come yet
+        self.copy_in_failed = False  # CopyFail sent for the client: drop its data until done
 
     # ------------------------------------------------------------------ client side
 
@@ -155,16 +160,19 @@ class Tracker:
             sql = m.query_text(msg[5:])
             plan = self.protector.plan_query(sql)
             if plan.refusal is not None:
-                return m.message(b"Q", refusal_sql(plan.refusal) + b"\0")
-            self.copy_in = plan.copy
+                return m.message(b"Q", refusal_sql(plan.refusal) + b"\0") + self._refresh()
+            self.pending_copy = plan.copy
             if plan.sql != msg[5:-1]:
-                return m.message(b"Q", plan.sql + b"\0")
-            return None
+                return m.message(b"Q", plan.sql + b"\0") + self._refresh()
+            extra = self._refresh()
+            return msg + extra if extra else None
         if kind == 0x50:  # P
             name, query, oids = rows.decode_parse(msg[5:])
             plan = self.protector.plan_query(query.decode(errors="surrogateescape"))
             stmt = Statement(plan)
             self.statements[name] = stmt
+            if plan.copy is not None:
+                self.pending_copy = plan.copy
             self._push(Entry(PARSE))
             if plan.refusal is not None:
                 return rows.encode_parse(name, refusal_sql(plan.refusal), [])
@@ -191,8 +199,11 @@ class Tracker:
                 bind.params = []
                 bind.param_formats = []
                 return rows.encode_bind(bind)
-            if stmt.plan.params:
-                return rows.encode_bind(self._encrypt_bind(bind, stmt.plan))
+            if stmt.plan.params or stmt.plan.derived:
+                try:
+                    return rows.encode_bind(self._encrypt_bind(bind, stmt.plan))
+                except ValueError_ as exc:
+                    return self._failing_bind(bind, ClientRefusal(exc.sqlstate, exc.text))
             return None
         if kind == 0x44:  # D
             which = msg[5:6]
@@ -215,18 +226,68 @@ class Tracker:
             return None
         if kind == 0x53:  # S
             self._push(Entry(SYNC))
-            return None
+            extra = self._refresh()
+            return msg + extra if extra else None
         if kind == 0x46:  # F
             self._push(Entry(FUNC))
             return None
-        if kind == 0x64 and self.copy_in is not None:  # CopyData from client
-            return self.copy_in.client_data(msg[5:])
+        if kind == 0x64 and (self.copy_in is not None or self.copy_in_failed):
+            if self.copy_in_failed:
+                return b""
+            try:
+                return self.copy_in.client_data(msg[5:])  # type: ignore[union-attr]
+            except ValueError_ as exc:
+                return self._fail_copy(exc)
         if kind in (0x63, 0x66):  # CopyDone / CopyFail
+            if self.copy_in_failed:
+                self.copy_in_failed = False
+                return b""
             if self.copy_in is not None:
-                tail = self.copy_in.client_done() if kind == 0x63 else b""
+                try:
+                    tail = self.copy_in.client_done() if kind == 0x63 else b""
+                except ValueError_ as exc:
+                    self.copy_in = None
+                    return m.message(b"f", f"{exc.sqlstate}: {exc.text}".encode() + b"\0")
                 self.copy_in = None
                 return tail + msg
         return None
+
+    def _fail_copy(self, exc: ValueError_) -> bytes:
+        """A value in COPY data cannot be sealed: abort the COPY on the server (CopyFail)
+        rather than ever passing it on; the client's remaining data is dropped."""
+        self.copy_in = None
+        self.copy_in_failed = True
+        return m.message(b"f", f"{exc.sqlstate}: {exc.text}".encode() + b"\0")
+
+    def _refresh(self) -> bytes:
+        """An injected catalog reload, when the last statement may have changed tables."""
+        after = getattr(self.protector, "after_statement", None)
+        return after() if after is not None else b""
+
+    def _failing_bind(self, bind: rows.Bind, refusal: ClientRefusal) -> bytes:
+        """A parameter cannot be sealed (bad input for its type): bind the portal to a
+        statement that raises the error on the server, so the server aborts and orders
+        the reply exactly as for its own error. The helper statement's replies are
+        swallowed."""
+        name = b"strongroom_refusal"
+        self._push(Entry(CLOSE, skip=True))
+        self._push(Entry(PARSE, skip=True))
+        # The BIND entry for the client's Bind was pushed by the caller, after these
+        # would be wrong: move it to the end.
+        bind_entry = None
+        for e in reversed(self.queue):
+            if e.kind == BIND and not e.skip:
+                bind_entry = e
+                break
+        if bind_entry is not None:
+            self.queue.remove(bind_entry)
+            self.queue.append(bind_entry)
+        self.portals[bind.portal] = Portal(None, bind.result_formats)
+        return (
+            m.message(b"C", b"S" + name + b"\0")
+            + rows.encode_parse(name, refusal_sql(refusal), [])
+            + rows.encode_bind(rows.Bind(bind.portal, name, [], [], bind.result_formats))
+        )
 
     def inject_query(self, sql: str, on_done: Callable[[list[list[bytes | None]]], None]) -> bytes:
         """A Query the proxy sends for itself; its whole reply is swallowed."""
@@ -237,6 +298,16 @@ class Tracker:
         n = len(bind.params)
         formats = [bind.param_format(i) for i in range(n)]
         params = list(bind.params)
+        extra: list[bytes | None] = []
+        for number, source, action, crypto in sorted(plan.derived, key=lambda d: d[0]):
+            value = params[source] if source < n else None
+            if value is None:
+                extra.append(None)
+            elif action == "blind_index":
+                extra.append(crypto.blind_index_param(value, formats[source]))
+            else:
+                extra.append(crypto.encrypt_param(value, formats[source]))
+            del number
         for i, (action, crypto) in plan.params.items():
             if i >= n or params[i] is None:
                 continue
@@ -247,8 +318,8 @@ class Tracker:
             else:
                 params[i] = crypto.encrypt_param(value, formats[i])
             formats[i] = 1  # bytea in binary format: the envelope itself
-        bind.params = params
-        bind.param_formats = formats
+        bind.params = params + extra
+        bind.param_formats = formats + [1] * len(extra)
         return bind
 
     # ------------------------------------------------------------------ server side
@@ -298,11 +369,13 @@ class Tracker:
             skip = head is not None and head.skip
             if head is not None and head.kind == DESCRIBE and isinstance(head.target, Statement):
                 stmt = head.target
-                if stmt.plan.params:
+                if stmt.plan.params or stmt.plan.derived:
                     oids = rows.decode_parameter_description(msg[5:])
                     for i, (_action, crypto) in stmt.plan.params.items():
                         if i < len(oids) and oids[i] == BYTEA_OID:
                             oids[i] = crypto.logical_oid
+                    if stmt.plan.derived:  # the client never sees the proxy's own params
+                        oids = oids[: min(d[0] for d in stmt.plan.derived)]
                     return b"" if skip else rows.encode_parameter_description(oids)
             return b"" if skip else None
         if kind == 0x6E:  # NoData
@@ -332,10 +405,24 @@ class Tracker:
             if head is not None and head.kind not in (QUERY, FUNC):
                 self._discard_to_sync()
             return None
-        if kind == 0x48:  # CopyOutResponse
+        if kind == 0x48 or kind == 0x47:  # CopyOutResponse / CopyInResponse
+            pending, self.pending_copy = self.pending_copy, None
+            if pending is not None:
+                direction, factory = pending
+                if direction == "out" and kind == 0x48:
+                    self.copy_out = factory()
+                elif direction == "in" and kind == 0x47:
+                    self.copy_in = factory()
             return None
         if kind == 0x64 and self.copy_out is not None:
-            return self.copy_out.server_data(msg[5:])
+            try:
+                return self.copy_out.server_data(msg[5:])
+            except ValueError_ as exc:
+                self.copy_out = None
+                self.consume_to_ready = True
+                return m.error_response(exc.sqlstate, exc.text)
+        if kind == 0x63:  # CopyDone from server
+            self.copy_out = None
         return None
 
     def _discard_to_sync(self) -> None:

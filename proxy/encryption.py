@@ -1,0 +1,387 @@
+"""Glue between the wire (tracking), the SQL rewriter, the catalog and the ciphers.
+
+`ColumnRuntime` is one protected column with its cipher, blind index and codec, built
+once per keyring load. `RoleColumn` is that column as one role sees it (plaintext,
+masked or ciphertext). `SessionProtector` answers the tracker's questions for one
+session: which result column is protected, and what to send instead of a statement.
+
+Plaintext only ever exists here in local variables on its way into a cipher or out to
+the client; it is never logged, counted or put into an exception message.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.catalog import DatabaseCatalog, build_snapshot, catalog_query
+from proxy.crypto.blind_index import BlindIndex
+from proxy.crypto.envelope import ColumnCipher, DecryptError
+from proxy.crypto.masking import make_masker
+from proxy.protocol.rows import bytea_to_text
+from proxy.sql.protected import ProtectedColumn, ProtectedSchema
+from proxy.sql.rewrite import plan_statement
+from proxy.tracking import ClientRefusal, StatementPlan, Tracker, ValueError_
+from proxy.types import CodecError, get_codec
+
+TYPLEN = {
+    "text": -1, "varchar": -1, "numeric": -1, "int4": 4, "int8": 8, "date": 4,
+    "timestamptz": 8, "bool": 1, "uuid": 16, "jsonb": -1,
+}
+
+DECRYPT_FAILED = "XX001"  # data_corrupted: documented in README
+
+
+@dataclass(slots=True)
+class ColumnRuntime:
+    """A protected column with everything needed to seal and open its values."""
+
+    spec: ProtectedColumn
+    cipher: ColumnCipher
+    blind_index: BlindIndex | None
+    codec: Any
+    logical_oid: int
+    typlen: int
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.spec.schema}.{self.spec.table}.{self.spec.column}"
+
+
+class RoleColumn:
+    """One protected column as one role sees it; implements tracking.ColumnCrypto."""
+
+    __slots__ = ("_mask", "_tz", "logical_oid", "runtime", "typlen", "view")
+
+    def __init__(self, runtime: ColumnRuntime, view: str, mask: Any, tz: Any) -> None:
+        self.runtime = runtime
+        self.view = view
+        self._mask = mask
+        self._tz = tz
+        self.logical_oid = runtime.logical_oid
+        self.typlen = runtime.typlen
+
+    def _canonical(self, value: bytes, fmt: int) -> bytes:
+        codec = self.runtime.codec
+        try:
+            return codec.from_binary(value) if fmt == 1 else codec.from_text(value, self._tz())
+        except CodecError as exc:
+            raise ValueError_(
+                exc.sqlstate, f"{exc} (column {self.runtime.qualified})"
+            ) from None
+
+    def encrypt_param(self, value: bytes, fmt: int) -> bytes:
+        return self.runtime.cipher.encrypt(self._canonical(value, fmt))
+
+    def blind_index_param(self, value: bytes, fmt: int) -> bytes:
+        bidx = self.runtime.blind_index
+        if bidx is None:
+            raise ValueError_("0A000", f"column {self.runtime.qualified} has no blind index")
+        return bidx.compute(self._canonical(value, fmt))
+
+    def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
+        try:
+            canonical = self.runtime.cipher.decrypt(envelope)
+        except DecryptError:
+            raise ValueError_(
+                DECRYPT_FAILED,
+                f"stored value of protected column {self.runtime.qualified} failed "
+                "authentication (wrong key, tampered, or copied from another column)",
+            ) from None
+        codec = self.runtime.codec
+        if self.view == "masked":
+            text = codec.to_text(canonical, self._tz()).decode()
+            masked = self._mask(text)
+            if masked is None:
+                return None
+            if fmt == 1:
+                return codec.to_binary(codec.from_text(masked.encode(), self._tz()))
+            return masked.encode()
+        return codec.to_binary(canonical) if fmt == 1 else codec.to_text(canonical, self._tz())
+
+
+def literal_bytea(envelope: bytes) -> bytes:
+    return b"'" + bytea_to_text(envelope) + b"'::bytea"
+
+
+class SessionProtector:
+    """Per-session answers for the tracker: column views and statement plans."""
+
+    def __init__(self, enc: Encryption, catalog: DatabaseCatalog, session: Any) -> None:
+        self.enc = enc
+        self.catalog = catalog
+        self.session = session
+        views = enc.views_for(session)
+        self._role: dict[tuple[str, str, str], RoleColumn] = {
+            key: RoleColumn(rt, *views.get(key, ("plaintext", None)), tz=self.timezone)
+            for key, rt in enc.columns.items()
+        }
+        self._by_attr: dict[tuple[int, int], RoleColumn] = {}
+        self._attr_snapshot: object = None
+        self._tz_name: str | None = None
+        self._tz: datetime.tzinfo = datetime.UTC
+        self.wants_refresh = False
+
+    def timezone(self) -> datetime.tzinfo:
+        name = self.session.server_params.get("TimeZone", "UTC")
+        if name != self._tz_name:
+            self._tz_name = name
+            try:
+                from zoneinfo import ZoneInfo
+
+                self._tz = ZoneInfo(name)
+            except Exception:
+                self._tz = datetime.UTC
+        return self._tz
+
+    def column_at(self, table_oid: int, attnum: int) -> RoleColumn | None:
+        snap = self.catalog.snapshot
+        if snap is not self._attr_snapshot:
+            self._by_attr = {}
+            if snap is not None:
+                for (schema, table, column), rc in self._role.items():
+                    info = snap.table(schema, table)
+                    if info is not None and column in info.attnums:
+                        self._by_attr[(info.oid, info.attnums[column])] = rc
+            self._attr_snapshot = snap
+        return self._by_attr.get((table_oid, attnum))
+
+    def search_path(self) -> tuple[str, ...]:
+        st = self.session.policy_state
+        path = tuple(st.path) if st is not None else ("$user", "public")
+        user = self.session.user
+        return tuple(user if p == "$user" else p for p in path)
+
+    def _column_order(self, schema: str, table: str) -> tuple[str, ...] | None:
+        snap = self.catalog.snapshot
+        info = snap.table(schema, table) if snap is not None else None
+        return info.columns if info is not None else None
+
+    def plan_query(self, sql: str) -> StatementPlan:
+        raw = sql.encode(errors="surrogateescape")
+        refusal = self.session.gate.decide(self.session, sql)
+        if refusal is not None:
+            return StatementPlan(sql=raw, touches_protected=True, refusal=refusal)
+        path = self.search_path()
+        key = (sql, path, id(self.catalog.snapshot))
+        cache = self.enc.plan_cache
+        rplan = cache.get(key)
+        if rplan is None:
+            rplan = plan_statement(sql, self.enc.schema, path, column_order=self._column_order)
+            cache[key] = rplan
+            if len(cache) > 10_000:
+                cache.popitem(last=False)
+        if self.session.gate.is_ddl(sql):
+            # Tables may have appeared, vanished or changed: learn their oids/attnums.
+            self.wants_refresh = True
+        if not rplan.touches_protected:
+            return StatementPlan(sql=raw)
+        if rplan.refusal:
+            return StatementPlan(sql=raw, touches_protected=True,
+                                 refusal=ClientRefusal("0A000", rplan.refusal))
+        snap = self.catalog.snapshot
+        for schema, table in getattr(rplan, "tables_referenced", ()):
+            if snap is None or snap.table(schema, table) is None:
+                self.wants_refresh = True
+        try:
+            text = self._apply_splices(raw, rplan)
+        except ValueError_ as exc:
+            return StatementPlan(sql=raw, touches_protected=True,
+                                 refusal=ClientRefusal(exc.sqlstate, exc.text))
+        params = {n - 1: (a.action, self._role_of(a.column)) for n, a in rplan.params.items()}
+        derived = [
+            (d.number - 1, d.source - 1, d.action, self._role_of(d.column))
+            for d in getattr(rplan, "derived_params", ())
+        ]
+        copy = None
+        if rplan.copy is not None:
+            copy = self._copy(rplan.copy)
+        return StatementPlan(sql=text, params=params, touches_protected=True, copy=copy,
+                             derived=derived)
+
+    def after_statement(self) -> bytes:
+        """Called after each Query/Sync is queued: reload the catalog if it may be stale."""
+        if not self.wants_refresh:
+            return b""
+        self.wants_refresh = False
+        return self.enc.refresh(self.session)
+
+    def _copy(self, cp: Any) -> Any:
+        """A COPY stream transformer for `COPY t ... FROM STDIN / TO STDOUT`."""
+        from proxy import copy_stream
+
+        schema, table = cp.table
+        names = cp.columns or self._column_order(schema, table)
+        if names is None:
+            raise ValueError_("0A000", f"COPY of protected table {schema}.{table}: "
+                              "its columns are not known yet; name them")
+        cols = [self._role.get((schema, table, n)) for n in names]
+        if cp.direction == "out":
+            return ("out", lambda: copy_stream.CopyOut(cp.format, cp.options, cols))
+        index = [(names.index(src), self._role[(schema, table, src)])
+                 for src in getattr(cp, "index_columns", ())]
+        return ("in", lambda: copy_stream.CopyIn(cp.format, cp.options, cols, index))
+
+    def _role_of(self, col: ProtectedColumn) -> RoleColumn:
+        return self._role[(col.schema, col.table, col.column)]
+
+    def _apply_splices(self, raw: bytes, rplan: Any) -> bytes:
+        out = []
+        pos = 0
+        for sp in sorted(rplan.splices, key=lambda s: (s.start, s.end)):
+            out.append(raw[pos : sp.start])
+            out.append(sp.prefix.encode())
+            if sp.action == "rename":
+                out.append((sp.replacement or "").encode())
+            else:
+                rc = self._role_of(sp.column)
+                value = (sp.literal or "").encode()
+                if sp.action == "blind_index":
+                    out.append(literal_bytea(rc.blind_index_param(value, 0)))
+                else:
+                    out.append(literal_bytea(rc.encrypt_param(value, 0)))
+            pos = sp.end
+        out.append(raw[pos:])
+        return b"".join(out)
+
+
+# ---------------------------------------------------------------------------- service
+
+
+class Encryption:
+    """Column keys and specs of a configuration; one per process, rebuilt on reload."""
+
+    def __init__(self, protect: dict[str, Any], keys_cfg: dict[str, Any], base: str,
+                 gate: Any) -> None:
+        from keys import keyring as kr
+
+        self.gate = gate
+        self.specs: dict[tuple[str, str, str], ProtectedColumn] = {}
+        self.options: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for name, spec in protect.items():
+            schema, table, column = name.split(".")
+            search = spec.get("search")
+            self.specs[(schema, table, column)] = ProtectedColumn(
+                schema, table, column, spec.get("type", "text"),
+                spec.get("mode", "randomized"), search == "blind_index",
+                spec.get("bidx_column") if search == "blind_index" else None,
+            )
+            self.options[(schema, table, column)] = dict(spec)
+        self.schema = ProtectedSchema(self.specs.values())
+        self.provider = make_provider(keys_cfg, base)
+        ring = kr.load(resolve(base, keys_cfg["keyring"]))
+        self.columns: dict[tuple[str, str, str], ColumnRuntime] = {}
+        for key, pc in self.specs.items():
+            opts = self.options[key]
+            codec = get_codec(pc.logical_type)
+            ident = key_name(key, opts)
+            cipher = ColumnCipher(ident, codec.name, pc.mode,
+                                  ring.column_keys(ident, "encrypt", self.provider))
+            bidx = None
+            if pc.blind_index:
+                bidx = BlindIndex(ident, codec.name,
+                                  ring.column_keys(ident, "blind_index", self.provider),
+                                  int(opts.get("index_length", 16)))
+            self.columns[key] = ColumnRuntime(
+                pc, cipher, bidx, codec, codec.oid, TYPLEN.get(codec.name, -1)
+            )
+        self.catalogs: dict[str, DatabaseCatalog] = {}
+        self.plan_cache: OrderedDict[Any, Any] = OrderedDict()
+
+    def masks(self) -> dict[tuple[str, str, str], Any]:
+        return {
+            key: make_masker(self.options[key].get("mask"), self.columns[key].codec.name)
+            for key in self.columns
+        }
+
+    def views_for(self, session: Any) -> dict[tuple[str, str, str], tuple[str, Any]]:
+        """Column view per protected column for the session's role (plaintext without a
+        policy). `deny` never reaches decryption: the policy refuses the statement."""
+        policy = self.gate.policy
+        masks = self.masks()
+        if policy is None:
+            return {k: ("plaintext", None) for k in self.columns}
+        st = session.policy_state
+        rp = policy.role(st.role if st is not None else session.user)
+        out = {}
+        for key in self.columns:
+            schema, table, column = key
+            view = "ciphertext"  # a role the policy does not know sees no plaintext
+            if rp is not None:
+                view = rp.columns.get((schema, table), {}).get(column, "plaintext")
+            out[key] = (view, masks[key])
+        return out
+
+    def catalog_sql(self) -> str:
+        return catalog_query(sorted({(s, t) for s, t, _ in self.specs}))
+
+    def catalog_for(self, database: str) -> DatabaseCatalog:
+        cat = self.catalogs.get(database)
+        if cat is None:
+            cat = self.catalogs[database] = DatabaseCatalog()
+        return cat
+
+    def attach(self, session: Any, rows: list[list[bytes | None]]) -> None:
+        cat = self.catalog_for(session.database)
+        cat.update(build_snapshot(rows))
+        protector = SessionProtector(self, cat, session)
+        session.tracker = Tracker(protector)
+
+    def refresh(self, session: Any) -> bytes:
+        """An injected catalog query whose answer replaces the database's snapshot."""
+        cat = self.catalog_for(session.database)
+
+        def done(rows: list[list[bytes | None]]) -> None:
+            cat.update(build_snapshot(rows))
+
+        return session.tracker.inject_query(self.catalog_sql(), done)
+
+
+def key_name(key: tuple[str, str, str], opts: dict[str, Any]) -> str:
+    """The keyring name of a column's keys (and its AD identity): its own name, or a
+    shared `joingroup.<name>.deterministic` so equal values join across columns."""
+    group = opts.get("join_group")
+    if group:
+        return f"joingroup.{group}.deterministic"
+    return ".".join(key)
+
+
+def resolve(base: str, path: str) -> str:
+    import os
+
+    p = os.path.expanduser(path)
+    return p if os.path.isabs(p) else os.path.join(base, p)
+
+
+def make_provider(cfg: dict[str, Any], base: str) -> Any:
+    kind = cfg.get("provider", "local")
+    if kind == "local":
+        from keys.providers.local import LocalKekProvider
+
+        return LocalKekProvider(resolve(base, cfg["path"]))
+    if kind == "env":
+        from keys.providers.env import EnvKekProvider
+
+        return EnvKekProvider(cfg.get("env_var", "STRONGROOM_KEK"))
+    if kind == "pkcs11":
+        import os
+
+        from keys.providers.pkcs11 import DEFAULT_MODULE, Pkcs11KekProvider
+
+        pin = os.environ.get(cfg.get("pin_env", "STRONGROOM_HSM_PIN"), "")
+        return Pkcs11KekProvider(cfg["token_label"], pin, cfg["key_label"],
+                                 module=cfg.get("module", DEFAULT_MODULE))
+    raise ValueError(f"unknown key provider {kind!r}")
+
+
+def protect_columns_for_keys(protect: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The `protect:` mapping as `keys init` needs it: one entry per key name."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in protect.items():
+        ident = key_name(tuple(name.split(".")), spec)  # type: ignore[arg-type]
+        entry = out.setdefault(ident, {})
+        if spec.get("search") == "blind_index":
+            entry["search"] = "blind_index"
+    return out
