@@ -86,6 +86,16 @@ class Gate:
             self.policy = None
         for cache in self._caches.values():
             cache.swap(policy=self.policy)
+        if raw.get("protect"):
+            import os
+
+            from proxy.encryption import Encryption
+
+            base = os.path.dirname(os.path.abspath(settings.source)) \
+                if not settings.source.startswith("<") else os.getcwd()
+            self.encryption = Encryption(raw["protect"], raw.get("keys") or {}, base, self)
+        else:
+            self.encryption = None
 
     def _cache_for(self, database: str) -> PolicyCache:
         cache = self._caches.get(database)
@@ -148,6 +158,14 @@ class Gate:
         if effects:
             self._apply_effects(st, self.analyses.analyze(sql))
         return None
+
+    def is_ddl(self, sql: str) -> bool:
+        """Whether a statement may change tables (the encryption catalog then reloads)."""
+        try:
+            analysis = self.analyses.analyze(sql)
+        except Exception:
+            return False
+        return any(s.kind == "ddl" for s in analysis.statements)
 
     def _has_effects(self, sql: str) -> bool:
         try:
