@@ -75,33 +75,51 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Throwaway PostgreSQL + the proxy with the example config; Ctrl-C stops both."""
+    """Throwaway PostgreSQL with a sample fintech schema, keys, and the proxy running the
+    example configuration (encryption + policy). Ctrl-C stops both."""
+    import yaml
+
+    from keys import cli_ops
     from proxy import devcluster
+    from proxy.encryption import protect_columns_for_keys
 
     setup_logging("info")
     print("starting a throwaway PostgreSQL ...", flush=True)
     cluster = devcluster.create()
-    cluster.psql("CREATE ROLE app LOGIN PASSWORD 'app-secret'")
-    cluster.psql("CREATE DATABASE appdb OWNER app")
     workdir = Path(tempfile.mkdtemp(prefix="strongroom-demo-"))
-    proxy_port = args.port or devcluster.free_port()
-    text = EXAMPLE_CONFIG.read_text()
-    cfg_path = workdir / "strongroom.yaml"
-    cfg_path.write_text(
-        text.replace("port: 6432", f"port: {proxy_port}").replace(
-            "port: 5432", f"port: {cluster.port}"
-        ).replace("port: 9187", "port: 0")
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg_path)],
-        cwd=str(Path(__file__).resolve().parent.parent),
-    )
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        devcluster.wait_port("127.0.0.1", proxy_port)
+        cluster.psql("CREATE DATABASE app")
+        schema_sql = Path(__file__).resolve().parent.parent / "docker" / "init" / "01-schema.sql"
+        cluster.psql(schema_sql.read_text(), db="app")
+        proxy_port = args.port or devcluster.free_port()
+        cfg = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+        cfg["listen"]["port"] = proxy_port
+        cfg["upstream"]["port"] = cluster.port
+        cfg["metrics"]["port"] = args.metrics_port
+        cfg_path = workdir / "strongroom.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        (workdir / "keys").mkdir(mode=0o700)
+        cli_ops.init(workdir / "keys" / "dev.kek", workdir / "keys" / "keyring.json",
+                     protect_columns_for_keys(cfg["protect"]))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg_path)],
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+        devcluster.wait_port("127.0.0.1", proxy_port, timeout=30)
         print(
-            "\nStrongroom is up. Connect through it with:\n\n"
-            f"  PGPASSWORD=app-secret psql -h 127.0.0.1 -p {proxy_port} -U app appdb\n\n"
-            f"PostgreSQL itself listens on 127.0.0.1:{cluster.port}. Ctrl-C stops both.",
+            "\nStrongroom is up (config: " + str(cfg_path) + "). Connect through it:\n\n"
+            f"  PGPASSWORD=app-secret psql -h 127.0.0.1 -p {proxy_port} -U app app\n"
+            f"  PGPASSWORD=support-secret psql -h 127.0.0.1 -p {proxy_port} -U support_agent app\n"
+            f"  PGPASSWORD=etl-secret psql -h 127.0.0.1 -p {proxy_port} -U etl_backup app\n\n"
+            "Try, as app:\n"
+            "  INSERT INTO customers (name, tax_id) VALUES ('Ann', 'DE123') RETURNING id;\n"
+            "  INSERT INTO cards (customer_id, pan, expiry) VALUES (1, '4111111111111111',"
+            " '2030-01-31');\n"
+            "  SELECT * FROM cards WHERE pan = '4111111111111111';\n"
+            "then the same SELECT as support_agent (masked) and etl_backup (ciphertext),\n"
+            f"and directly: psql -h {cluster.base} -p {cluster.port} -U postgres app "
+            "(only ciphertext at rest).\nCtrl-C stops both.",
             flush=True,
         )
         if args.seconds:
@@ -112,7 +130,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(15)
@@ -204,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="throwaway PostgreSQL + proxy with the example config")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--seconds", type=float, default=0, help="stop after N seconds")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: off)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("keys", help="manage data keys (never prints key bytes)")
