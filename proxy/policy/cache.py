@@ -70,6 +70,13 @@ class PolicyCache:
             return found
         try:
             analysis = self.analyses.analyze(sql)
+            tkey = self.analyses.last_key
+            if tkey != sql:  # same statement with other constants: same decision
+                key = (tkey, role, search_path, database)
+                found = data.get(key)
+                if found is not None:
+                    data.move_to_end(key)
+                    return found
         except AnalysisError:
             decision = Decision(False, f'role "{role}": statement does not parse; denied')
         else:

@@ -1,30 +1,55 @@
-"""Bounded LRU of analyses keyed by the exact query text: a repeat costs one dict lookup.
+"""Bounded LRUs of analyses: a repeated statement costs one dict lookup.
 
-Errors are cached too, so a client hammering a broken statement does not re-parse it.
-Keyed by text rather than fingerprint because the fingerprint ignores constants, and the
-analysis (set_config arguments, SET values) depends on them.
+Two levels. The first is keyed by the exact text (errors are cached too, so a client
+hammering a broken statement does not re-parse it). The second is keyed by the text with
+its constants replaced by `$n` (pglast `normalize`, the same normalisation as
+pg_stat_statements): a workload that sends the same query with different literals (ORMs
+without prepared statements, `pgbench -M simple`) then costs one normalise and a lookup,
+not a parse and a tree walk. Only analyses that cannot depend on a constant go to the
+second level: plain DML with no `set_config` calls. `SET`, `set_config('role', ...)`,
+PREPARE/EXECUTE and friends are cached by exact text only.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from pglast import parser
+
 from proxy.sql.analyzer import AnalysisError, analyze
 from proxy.sql.info import Analysis
+
+_TEMPLATE_KINDS = frozenset({"select", "insert", "update", "delete"})
+
+
+def template_safe(analysis: Analysis) -> bool:
+    """Whether any text with the same normalised form has the same analysis."""
+    return all(
+        s.kind in _TEMPLATE_KINDS and not s.config_calls and s.setting is None
+        for s in analysis.statements
+    )
 
 
 class AnalysisCache:
     """``analyze`` with memory: returns the cached Analysis or re-raises the cached error."""
 
-    __slots__ = ("_data", "hits", "maxsize", "misses")
+    __slots__ = ("_data", "_templates", "hits", "last_key", "maxsize", "misses")
 
     def __init__(self, maxsize: int = 10_000) -> None:
         if maxsize < 1:
             raise ValueError("maxsize must be at least 1")
         self.maxsize = maxsize
         self._data: OrderedDict[str, Analysis | AnalysisError] = OrderedDict()
+        self._templates: OrderedDict[str, Analysis] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.last_key = ""  # the cache key of the last analysis: exact text or template
+
+    def key_for(self, sql: str) -> str:
+        """Key under which a decision about `sql` may be cached: its template when the
+        analysis cannot depend on constants, else the exact text. Analyses it on a miss."""
+        self.analyze(sql)
+        return self.last_key
 
     def analyze(self, sql: str) -> Analysis:
         """Like proxy.sql.analyze, cached by exact text; raises AnalysisError only."""
@@ -33,19 +58,39 @@ class AnalysisCache:
         if found.__class__ is Analysis:  # the hot path: one lookup, one reorder
             self.hits += 1
             data.move_to_end(sql)
+            self.last_key = sql
             return found  # type: ignore[return-value]
         if found is None:
+            try:
+                template = parser.normalize(sql)
+            except Exception:
+                template = None
+            if template is not None and template != sql:
+                cached = self._templates.get("\0" + template)
+                if cached is not None:
+                    self.hits += 1
+                    self.last_key = "\0" + template
+                    return cached
             self.misses += 1
             try:
                 found = analyze(sql)
             except AnalysisError as exc:
                 found = exc
+            if template is not None and template != sql and isinstance(found, Analysis) \
+                    and template_safe(found):
+                # Keyed with a NUL prefix: no real statement text can collide with it.
+                self._templates["\0" + template] = found
+                if len(self._templates) > self.maxsize:
+                    self._templates.popitem(last=False)
+                self.last_key = "\0" + template
+                return found
             data[sql] = found
             if len(data) > self.maxsize:
                 data.popitem(last=False)
         else:
             self.hits += 1
             data.move_to_end(sql)
+        self.last_key = sql
         if isinstance(found, AnalysisError):
             raise AnalysisError(*found.args)
         return found
@@ -55,3 +100,4 @@ class AnalysisCache:
 
     def clear(self) -> None:
         self._data.clear()
+        self._templates.clear()
