@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         kp.add_argument("--config", "-c", required=True)
         kp.add_argument("key_id", type=int)
     p.set_defaults(func=cmd_keys)
+    _add_migration_commands(sub, ksub)
 
     p = sub.add_parser("audit", help="audit log tools: `audit verify FILE... --key-file K`")
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -248,6 +249,204 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return int(args.func(args))
+
+
+# ------------------------------------------------------------ column migration / rotation
+
+
+def _add_migration_commands(sub: argparse._SubParsersAction, ksub: argparse._SubParsersAction,
+                            ) -> None:
+    """`encrypt-column`, `decrypt-column` and `keys rotate` (proxy/migrate.py, keys/rotation.py).
+
+    Kept out of main() so the three commands are wired by one line there."""
+
+    def connection_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", required=True)
+        p.add_argument("--dsn", help="connect here (default: the config's upstream host/port)")
+        p.add_argument("--user", "-U", help="role for the direct connection (default $PGUSER)")
+        p.add_argument("--password", help="prefer $PGPASSWORD: arguments are visible in ps")
+        p.add_argument("--database", "-d", help="database (default: upstream.database)")
+        p.add_argument("--batch", type=int, default=1000, help="rows per transaction")
+        p.add_argument("--lock-timeout", type=float, default=10.0,
+                       help="seconds to wait for table locks (DDL, swap)")
+        p.add_argument("--max-batches", type=int, help=argparse.SUPPRESS)  # tests / slicing
+
+    for name, text in (
+        ("encrypt-column", "convert a live plaintext column to the encrypted layout"),
+        ("decrypt-column", "convert an encrypted column back to its logical type"),
+    ):
+        p = sub.add_parser(name, help=text)
+        connection_args(p)
+        p.add_argument("column", help="schema.table.column, as in protect:")
+        p.add_argument("--vacuum-full", action="store_true",
+                       help="VACUUM FULL the table after the swap (removes old values from "
+                       "the heap; takes an exclusive lock for the rewrite)")
+        p.set_defaults(func=cmd_migrate_column, encrypt=name == "encrypt-column")
+    kp = ksub.add_parser("rotate", help="re-encrypt a column's values under its primary key")
+    connection_args(kp)
+    kp.add_argument("--column", required=True)
+    kp.add_argument("--reindex", action="store_true",
+                    help="recompute every blind index (automatic while the column has more "
+                    "than one live blind-index key)")
+    kp.set_defaults(func=cmd_keys_rotate)
+
+
+def _migration_context(args: argparse.Namespace) -> tuple[settings_mod.Settings, object, str]:
+    """Settings, an Encryption built from the config's keyring, and the config's directory."""
+    from proxy.encryption import Encryption
+
+    cfg = settings_mod.load(args.config)
+    keys_cfg = cfg.raw.get("keys") or {}
+    if not keys_cfg:
+        raise SystemExit(f"{args.config}: no `keys:` section")
+    base = str(Path(args.config).resolve().parent)
+    return cfg, Encryption(cfg.raw.get("protect") or {}, keys_cfg, base, None), base
+
+
+async def _direct_connection(args: argparse.Namespace, cfg: settings_mod.Settings) -> object:
+    """asyncpg connection straight to PostgreSQL (never through the proxy)."""
+    from proxy import migrate
+
+    if args.dsn:
+        return await migrate.connect(args.dsn, user=args.user, password=args.password,
+                                     database=args.database)
+    database = args.database or cfg.upstream.database
+    if not database:
+        raise migrate.MigrationError("no database: pass --database or --dsn")
+    return await migrate.connect(
+        host=cfg.upstream.host, port=cfg.upstream.port, user=args.user,
+        password=args.password or os.environ.get("PGPASSWORD"), database=database,
+        ssl=cfg.upstream_ssl_context() or False, timeout=cfg.upstream.connect_timeout,
+    )
+
+
+def _run_migration_tool(args: argparse.Namespace, body: object) -> int:
+    """Common error handling: no tracebacks with values, distinct exit codes."""
+    import asyncio
+
+    import asyncpg
+
+    from keys.keyring import KeyringError
+    from proxy import migrate
+
+    try:
+        return int(asyncio.run(body))  # type: ignore[arg-type]
+    except settings_mod.ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    except migrate.Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted; committed batches are kept, rerun to continue", file=sys.stderr)
+        return 130
+    except migrate.MigrationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyringError as exc:
+        print(f"keyring: {exc}", file=sys.stderr)
+        return 1
+    except asyncpg.PostgresError as exc:
+        # The primary message only: DETAIL is where PostgreSQL quotes row values.
+        print(f"PostgreSQL error {exc.sqlstate}: {exc.args[0] if exc.args else exc}",
+              file=sys.stderr)
+        return 1
+
+
+def _column_key(encryption: object, column: str) -> tuple[str, str, str]:
+    from proxy import migrate
+
+    parts = tuple(column.split("."))
+    if len(parts) != 3 or parts not in encryption.columns:  # type: ignore[attr-defined]
+        raise migrate.MigrationError(
+            f"{column} is not in the config's protect: section (schema.table.column); "
+            "add it there and run `strongroom keys init` first"
+        )
+    return parts  # type: ignore[return-value]
+
+
+def cmd_migrate_column(args: argparse.Namespace) -> int:
+    """encrypt-column / decrypt-column: batches, resumable, swap in one transaction."""
+    from proxy import migrate
+
+    async def body() -> int:
+        cfg, enc, _ = _migration_context(args)
+        rt = enc.columns[_column_key(enc, args.column)]  # type: ignore[attr-defined]
+        conn = await _direct_connection(args, cfg)
+        try:
+            run = migrate.encrypt_column if args.encrypt else migrate.decrypt_column
+            out = await run(conn, rt, batch=args.batch,  # type: ignore[arg-type]
+                            max_batches=args.max_batches, bar=migrate.tqdm_bar,
+                            lock_timeout=args.lock_timeout, vacuum_full=args.vacuum_full)
+        finally:
+            await conn.close()  # type: ignore[attr-defined]
+        verb = "encrypted" if args.encrypt else "decrypted"
+        if out.already_done:
+            print(f"{out.column} is already {verb}; nothing to do")
+            return 0
+        print(f"{out.column}: {verb}, {out.converted} rows converted by this run in "
+              f"{out.batches} batches, swapped in")
+        if args.encrypt:
+            print("next: reload every proxy with this column in protect: (SIGHUP)")
+        else:
+            print("next: remove the column from protect: and reload every proxy (SIGHUP)")
+        if not args.vacuum_full:
+            print("old values remain in the table's pages until VACUUM FULL (or pg_repack), "
+                  "and in WAL and backups until they expire", file=sys.stderr)
+        return 0
+
+    return _run_migration_tool(args, body())
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    """keys rotate: re-encrypt values not under the primary, recompute stale blind indexes."""
+    from keys import keyring as kr
+    from keys import rotation
+    from proxy import migrate
+    from proxy.encryption import key_name, resolve
+
+    async def body() -> int:
+        cfg, enc, base = _migration_context(args)
+        key = _column_key(enc, args.column)
+        rt = enc.columns[key]  # type: ignore[attr-defined]
+        ident = key_name(key, enc.options[key])  # type: ignore[attr-defined]
+        ring = kr.load(resolve(base, cfg.raw["keys"]["keyring"]))
+        primary = ring.primary(ident, "encrypt")
+        assert primary is not None  # Encryption() refused a column without one
+        live_bidx = [e for e in ring.entries_for(ident, "blind_index")
+                     if e.state is not kr.KeyState.RETIRED]
+        reindex = args.reindex or len(live_bidx) > 1
+        conn = await _direct_connection(args, cfg)
+        try:
+            out = await rotation.rotate_column(
+                conn, rt, primary.id, batch=args.batch, reindex=reindex,  # type: ignore[arg-type]
+                max_batches=args.max_batches, bar=migrate.tqdm_bar,
+            )
+        finally:
+            await conn.close()  # type: ignore[attr-defined]
+        print(f"{out.column}: examined {out.examined}, rewrote {out.rewritten} in "
+              f"{out.batches} batches; primary key {out.primary_id}")
+        if out.remaining:
+            print(f"{out.remaining} values are still under other keys (written by a proxy "
+                  "that has not reloaded?); reload every proxy and rerun", file=sys.stderr)
+            return 1
+        old = [e.id for e in ring.entries_for(ident, "encrypt")
+               if e.state is kr.KeyState.DECRYPT_ONLY]
+        if reindex:
+            old += [e.id for e in live_bidx if e.state is kr.KeyState.DECRYPT_ONLY]
+        if ident.startswith("joingroup."):
+            others = sorted(".".join(k) for k in enc.columns  # type: ignore[attr-defined]
+                            if k != key and key_name(k, enc.options[k]) == ident)  # type: ignore[attr-defined]
+            if others:
+                print(f"key {ident} is shared with {', '.join(others)}: rotate those too "
+                      "before retiring", file=sys.stderr)
+        if old:
+            print(f"no value of {out.column} uses keys {', '.join(map(str, old))} any more: "
+                  "`strongroom keys retire <id>` is safe once other columns sharing them "
+                  "are rotated")
+        return 0
+
+    return _run_migration_tool(args, body())
 
 
 if __name__ == "__main__":
