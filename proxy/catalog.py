@@ -6,6 +6,13 @@ columns to decrypt. It is loaded with a query the session injects on its own ups
 connection (no extra credentials), shared by all sessions of the database in this
 process, and reloaded when a statement names a protected table it does not know yet or
 after DDL. Nothing here assumes this process is the only proxy.
+
+Views (and materialized views) over protected tables are loaded too, with their
+definition (`pg_get_viewdef`) and the relations they depend on (`pg_depend` of their
+rewrite rule): RowDescription names the *view's* oid/attnum for a view column, so the
+proxy must know which base column each view column is. `proxy.encryption` plans each
+definition with the SQL rewriter to map view columns to protected base columns, and
+treats a view it cannot map as untraceable (its protected output is refused).
 """
 
 from __future__ import annotations
@@ -22,15 +29,33 @@ class TableInfo:
     columns: tuple[str, ...]  # in attnum order, dropped columns excluded
     attnums: dict[str, int]
     types: dict[str, str]  # column -> format_type()
+    definition: str | None = None  # views: pg_get_viewdef()
+    depends: frozenset[int] = frozenset()  # views: oids of the relations it reads
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     tables: dict[tuple[str, str], TableInfo] = field(default_factory=dict)
     by_oid: dict[int, TableInfo] = field(default_factory=dict)
+    search_path: tuple[str, ...] = ("public",)  # the path view definitions were printed in
 
     def table(self, schema: str, name: str) -> TableInfo | None:
         return self.tables.get((schema, name))
+
+    def views(self) -> list[TableInfo]:
+        """Views over protected tables, in dependency order (a view before views on it)."""
+        out = [t for t in self.by_oid.values() if t.definition is not None]
+        done: set[int] = set()
+        ordered: list[TableInfo] = []
+        while out:
+            ready = [v for v in out if not (v.depends & {w.oid for w in out} - done - {v.oid})]
+            if not ready:  # a cycle cannot happen in PostgreSQL; keep going anyway
+                ready = out[:1]
+            for v in ready:
+                ordered.append(v)
+                done.add(v.oid)
+            out = [v for v in out if v.oid not in done]
+        return ordered
 
 
 def catalog_query(tables: list[tuple[str, str]]) -> str:
@@ -39,14 +64,32 @@ def catalog_query(tables: list[tuple[str, str]]) -> str:
     if not tables:
         tables = [("pg_catalog", "pg_class")]
     values = ", ".join(f"({_lit(s)}, {_lit(t)})" for s, t in sorted(set(tables)))
+    # rels: the protected tables, then (recursively) every view reading one of them.
     return (
+        "WITH RECURSIVE rels(oid) AS ("
+        "SELECT c.oid FROM pg_catalog.pg_class c "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        f"WHERE (n.nspname, c.relname) IN (VALUES {values}) "
+        "UNION SELECT r.ev_class FROM rels "
+        "JOIN pg_catalog.pg_depend d ON d.refobjid = rels.oid "
+        "AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+        "AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+        "JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid AND r.ev_class <> rels.oid) "
         "SELECT c.oid, n.nspname, c.relname, c.relkind, a.attnum, a.attname, "
-        "pg_catalog.format_type(a.atttypid, a.atttypmod) "
-        "FROM pg_catalog.pg_class c "
+        "pg_catalog.format_type(a.atttypid, a.atttypmod), "
+        "CASE WHEN c.relkind IN ('v', 'm') AND a.attnum = 1 THEN "
+        "pg_catalog.pg_get_viewdef(c.oid) END, "
+        "CASE WHEN c.relkind IN ('v', 'm') AND a.attnum = 1 THEN "
+        "(SELECT pg_catalog.string_agg(DISTINCT d.refobjid::text, ',') "
+        "FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d ON d.objid = r.oid "
+        "AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+        "AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+        "WHERE r.ev_class = c.oid AND d.refobjid <> c.oid) END "
+        "FROM (SELECT DISTINCT oid FROM rels) rels "
+        "JOIN pg_catalog.pg_class c ON c.oid = rels.oid "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid "
         "AND a.attnum > 0 AND NOT a.attisdropped "
-        f"WHERE (n.nspname, c.relname) IN (VALUES {values}) "
         "ORDER BY c.oid, a.attnum"
     )
 
@@ -55,28 +98,34 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def build_snapshot(rows: list[list[bytes | None]]) -> Snapshot:
+def build_snapshot(rows: list[list[bytes | None]],
+                   search_path: tuple[str, ...] = ("public",)) -> Snapshot:
     """Turn the catalog query's text rows into a Snapshot."""
-    grouped: dict[int, list[list[str]]] = {}
+    grouped: dict[int, list[list[str | None]]] = {}
     for row in rows:
-        vals = [(v or b"").decode() for v in row]
-        grouped.setdefault(int(vals[0]), []).append(vals)
+        vals = [None if v is None else v.decode() for v in row]
+        grouped.setdefault(int(vals[0] or 0), []).append(vals)
     tables: dict[tuple[str, str], TableInfo] = {}
     by_oid: dict[int, TableInfo] = {}
     for oid, cols in grouped.items():
-        schema, name, kind = cols[0][1], cols[0][2], cols[0][3]
+        schema, name, kind = str(cols[0][1]), str(cols[0][2]), str(cols[0][3])
+        first = cols[0]
+        definition = first[7] if len(first) > 7 else None
+        depends = first[8] if len(first) > 8 else None
         info = TableInfo(
             oid=oid,
             schema=schema,
             name=name,
             kind=kind,
-            columns=tuple(c[5] for c in cols),
-            attnums={c[5]: int(c[4]) for c in cols},
-            types={c[5]: c[6] for c in cols},
+            columns=tuple(str(c[5]) for c in cols),
+            attnums={str(c[5]): int(c[4] or 0) for c in cols},
+            types={str(c[5]): str(c[6]) for c in cols},
+            definition=definition if kind in ("v", "m") else None,
+            depends=frozenset(int(x) for x in (depends or "").split(",") if x),
         )
         tables[(schema, name)] = info
         by_oid[oid] = info
-    return Snapshot(tables, by_oid)
+    return Snapshot(tables, by_oid, search_path)
 
 
 class DatabaseCatalog:

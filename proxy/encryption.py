@@ -16,12 +16,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.catalog import DatabaseCatalog, build_snapshot, catalog_query
+from proxy.catalog import DatabaseCatalog, Snapshot, build_snapshot, catalog_query
 from proxy.crypto.blind_index import BlindIndex
 from proxy.crypto.envelope import ColumnCipher, DecryptError
 from proxy.crypto.masking import make_masker
 from proxy.protocol.rows import bytea_to_text
-from proxy.sql.protected import ProtectedColumn, ProtectedSchema
+from proxy.settings import ConfigError
+from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
 from proxy.tracking import ClientRefusal, StatementPlan, Tracker, ValueError_
 from proxy.types import CodecError, get_codec
@@ -63,23 +64,28 @@ class RoleColumn:
         self.logical_oid = runtime.logical_oid
         self.typlen = runtime.typlen
 
-    def _canonical(self, value: bytes, fmt: int) -> bytes:
+    def _canonical(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
         codec = self.runtime.codec
         try:
+            if fmt == 1 and oid and oid != self.logical_oid:
+                # The client declared another type in Parse (psycopg sends a small int as
+                # int2): read its binary value as that type, then as the column's type.
+                value = declared_binary_as_text(value, oid, codec.name, self._tz())
+                fmt = 0
             return codec.from_binary(value) if fmt == 1 else codec.from_text(value, self._tz())
         except CodecError as exc:
             raise ValueError_(
                 exc.sqlstate, f"{exc} (column {self.runtime.qualified})"
             ) from None
 
-    def encrypt_param(self, value: bytes, fmt: int) -> bytes:
-        return self.runtime.cipher.encrypt(self._canonical(value, fmt))
+    def encrypt_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
+        return self.runtime.cipher.encrypt(self._canonical(value, fmt, oid))
 
-    def blind_index_param(self, value: bytes, fmt: int) -> bytes:
+    def blind_index_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
         bidx = self.runtime.blind_index
         if bidx is None:
             raise ValueError_("0A000", f"column {self.runtime.qualified} has no blind index")
-        return bidx.compute(self._canonical(value, fmt))
+        return bidx.compute(self._canonical(value, fmt, oid))
 
     def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
         try:
@@ -102,6 +108,156 @@ class RoleColumn:
         return codec.to_binary(canonical) if fmt == 1 else codec.to_text(canonical, self._tz())
 
 
+class Untraceable:
+    """A column of a view whose definition the proxy cannot map to protected base
+    columns (it computes on one, or could not be analysed): its values are refused,
+    never passed on as ciphertext. Implements tracking.ColumnCrypto."""
+
+    __slots__ = ("text",)
+    logical_oid = 0  # keep the field's own type
+    typlen = -1
+    view = "plaintext"
+
+    def __init__(self, view: str) -> None:
+        self.text = (
+            f"view {view} reads encrypted columns in a way the proxy cannot trace (an "
+            "expression, function, set operation or unknown shape in its definition), so "
+            "its result cannot be decrypted; select the encrypted columns plainly in the view"
+        )
+
+    def encrypt_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
+        raise ValueError_("0A000", self.text)
+
+    blind_index_param = encrypt_param
+
+    def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
+        raise ValueError_("0A000", self.text)
+
+
+class SchemaWithViews(ProtectedSchema):
+    """The configured protected columns plus views over them: a view column that is a
+    plain reference to a protected column is that column for the rewriter (so literals
+    compared with it are sealed with the base column's key, and expressions over it are
+    refused like over the base column)."""
+
+    __slots__ = ()
+
+    def __init__(self, base: ProtectedSchema,
+                 views: dict[TableKey, dict[str, ProtectedColumn]]) -> None:
+        import json
+
+        super().__init__([pc for cols in base.values() for pc in cols.values()])
+        for key, cols in views.items():
+            self._tables[key] = dict(cols)
+        names = set(self._names) | {t for _, t in views}
+        self._names = frozenset(names)
+        self._lower_names = tuple(sorted({n.lower() for n in names}))
+        self._needles = tuple(sorted(
+            {f'"relname":{json.dumps(n, ensure_ascii=a)}' for n in names for a in (True, False)}
+        ))
+
+
+ViewMap = dict[tuple[int, int], "ProtectedColumn | str"]  # (oid, attnum) -> column | view
+
+
+def analyse_views(base: ProtectedSchema, snap: Snapshot) -> tuple[ProtectedSchema, ViewMap]:
+    """Map the columns of views over protected tables to their protected base columns.
+
+    Each definition (pg_get_viewdef, printed in the snapshot's search_path) is planned
+    with the rewriter, views on views in dependency order. A view is *traceable* when
+    the plan is not a refusal, its output columns are known and match the view's, and
+    the protected relations it resolved are exactly those pg_depend says it reads (so a
+    name resolved differently than by PostgreSQL is caught). Every column of a view that
+    is not traceable maps to the view's name: reading it is refused.
+    """
+    view_cols: dict[TableKey, dict[str, ProtectedColumn]] = {}
+    attrs: ViewMap = {}
+    schema: ProtectedSchema = base
+
+    def order(s: str, t: str) -> tuple[str, ...] | None:
+        info = snap.table(s, t)
+        return info.columns if info is not None else None
+
+    for v in snap.views():
+        sql = (v.definition or "").strip().rstrip(";")
+        rplan = plan_statement(sql, schema, snap.search_path, column_order=order)
+        cols = rplan.columns_selected[0] if len(rplan.columns_selected) == 1 else None
+        deps = {(snap.by_oid[o].schema, snap.by_oid[o].name) for o in v.depends
+                if o in snap.by_oid}
+        ok = (
+            not rplan.refusal and cols is not None and len(cols) == len(v.columns)
+            and set(rplan.tables_referenced) == {k for k in deps if k in schema}
+        )
+        key = (v.schema, v.name)
+        if not ok:
+            for name in v.columns:
+                attrs[(v.oid, v.attnums[name])] = f"{v.schema}.{v.name}"
+            continue
+        assert cols is not None
+        mapped = {name: pc for name, pc in zip(v.columns, cols, strict=True) if pc is not None}
+        for name, pc in mapped.items():
+            attrs[(v.oid, v.attnums[name])] = pc
+        if mapped:
+            view_cols[key] = mapped
+            schema = SchemaWithViews(base, view_cols)
+    return schema, attrs
+
+
+# Binary parameters of a declared type other than the column's logical type: the ones
+# PostgreSQL itself would accept for the column (implicit or assignment casts), plus
+# text-like types, which are read with the column type's input function.
+_TEXTLIKE = {25, 1043, 1042, 19, 705, 114}  # text, varchar, bpchar, name, unknown, json
+_INT2, _TIMESTAMP = 21, 1114
+_CONVERTIBLE: dict[int, frozenset[str]] = {
+    _INT2: frozenset({"int4", "int8", "numeric"}),
+    23: frozenset({"int8", "numeric"}),
+    20: frozenset({"int4", "numeric"}),
+    1700: frozenset({"int4", "int8"}),
+    1082: frozenset({"timestamptz"}),
+    _TIMESTAMP: frozenset({"timestamptz"}),
+    3802: frozenset({"text", "varchar"}),
+}
+_PG_EPOCH = datetime.datetime(2000, 1, 1)
+
+
+def declared_binary_as_text(value: bytes, oid: int, logical: str,
+                            tz: datetime.tzinfo) -> bytes:
+    """Text form of a binary parameter the client typed as ``oid`` (not the column's
+    logical type), for the logical type's text input; CodecError 42804 if PostgreSQL
+    would not accept that type for the column either."""
+    import struct
+
+    from proxy.types.base import INVALID_BINARY_REPRESENTATION
+
+    if oid in _TEXTLIKE:
+        return value
+    if logical not in _CONVERTIBLE.get(oid, ()):
+        raise CodecError(
+            f"a protected column of type {logical} cannot take a binary parameter of "
+            f"type oid {oid}", "42804")
+    try:
+        if oid == _INT2:
+            return str(struct.unpack("!h", value)[0]).encode()
+        if oid == _TIMESTAMP:
+            (us,) = struct.unpack("!q", value)
+            if us in (0x7FFFFFFFFFFFFFFF, -0x8000000000000000):
+                return b"infinity" if us > 0 else b"-infinity"
+            return (_PG_EPOCH + datetime.timedelta(microseconds=us)).isoformat(" ").encode()
+    except (struct.error, OverflowError):
+        raise CodecError("incorrect binary data format", INVALID_BINARY_REPRESENTATION) from None
+    codec = get_codec(oid)
+    return codec.to_text(codec.from_binary(value), tz)
+
+
+def _is_ddl(gate: Any, sql: str) -> bool:
+    """Whether a statement may change tables (then the catalog is reloaded after it)."""
+    try:
+        analysis = gate.analyses.analyze(sql)
+    except Exception:
+        return False
+    return any(s.kind == "ddl" for s in analysis.statements)
+
+
 def literal_bytea(envelope: bytes) -> bytes:
     return b"'" + bytea_to_text(envelope) + b"'::bytea"
 
@@ -118,7 +274,7 @@ class SessionProtector:
             key: RoleColumn(rt, *views.get(key, ("plaintext", None)), tz=self.timezone)
             for key, rt in enc.columns.items()
         }
-        self._by_attr: dict[tuple[int, int], RoleColumn] = {}
+        self._by_attr: dict[tuple[int, int], RoleColumn | Untraceable] = {}
         self._attr_snapshot: object = None
         self._tz_name: str | None = None
         self._tz: datetime.tzinfo = datetime.UTC
@@ -136,7 +292,7 @@ class SessionProtector:
                 self._tz = datetime.UTC
         return self._tz
 
-    def column_at(self, table_oid: int, attnum: int) -> RoleColumn | None:
+    def column_at(self, table_oid: int, attnum: int) -> RoleColumn | Untraceable | None:
         snap = self.catalog.snapshot
         if snap is not self._attr_snapshot:
             self._by_attr = {}
@@ -145,6 +301,11 @@ class SessionProtector:
                     info = snap.table(schema, table)
                     if info is not None and column in info.attnums:
                         self._by_attr[(info.oid, info.attnums[column])] = rc
+                _schema, views = self.enc.views_of(snap)
+                for attr, target in views.items():
+                    self._by_attr[attr] = (
+                        Untraceable(target) if isinstance(target, str) else self._role_of(target)
+                    )
             self._attr_snapshot = snap
         return self._by_attr.get((table_oid, attnum))
 
@@ -169,11 +330,12 @@ class SessionProtector:
         cache = self.enc.plan_cache
         rplan = cache.get(key)
         if rplan is None:
-            rplan = plan_statement(sql, self.enc.schema, path, column_order=self._column_order)
+            schema = self.enc.views_of(self.catalog.snapshot)[0]
+            rplan = plan_statement(sql, schema, path, column_order=self._column_order)
             cache[key] = rplan
             if len(cache) > 10_000:
                 cache.popitem(last=False)
-        if self.session.gate.is_ddl(sql):
+        if _is_ddl(self.session.gate, sql):
             # Tables may have appeared, vanished or changed: learn their oids/attnums.
             self.wants_refresh = True
         if not rplan.touches_protected:
@@ -197,9 +359,17 @@ class SessionProtector:
         ]
         copy = None
         if rplan.copy is not None:
-            copy = self._copy(rplan.copy)
+            try:
+                copy = self._copy(rplan.copy)
+            except ValueError_ as exc:
+                return StatementPlan(sql=raw, touches_protected=True,
+                                     refusal=ClientRefusal(exc.sqlstate, exc.text))
+        outputs = [
+            None if cols is None else [self._role_of(pc) if pc else None for pc in cols]
+            for cols in rplan.columns_selected
+        ]
         return StatementPlan(sql=text, params=params, touches_protected=True, copy=copy,
-                             derived=derived)
+                             derived=derived, outputs=outputs)
 
     def after_statement(self) -> bytes:
         """Called after each Query/Sync is queued: reload the catalog if it may be stale."""
@@ -212,6 +382,13 @@ class SessionProtector:
         """A COPY stream transformer for `COPY t ... FROM STDIN / TO STDOUT`."""
         from proxy import copy_stream
 
+        if cp.table is None:  # COPY (query) TO STDOUT: the parse tree maps its columns
+            if cp.query_columns is None:
+                raise ValueError_("0A000", "COPY (query) TO STDOUT over encrypted columns: "
+                                  "the query's columns cannot be traced (select them by "
+                                  "name instead of *)")
+            qcols = [self._role_of(pc) if pc is not None else None for pc in cp.query_columns]
+            return ("out", lambda: copy_stream.CopyOut(cp.format, cp.options, qcols))
         schema, table = cp.table
         names = cp.columns or self._column_order(schema, table)
         if names is None:
@@ -220,9 +397,11 @@ class SessionProtector:
         cols = [self._role.get((schema, table, n)) for n in names]
         if cp.direction == "out":
             return ("out", lambda: copy_stream.CopyOut(cp.format, cp.options, cols))
-        index = [(names.index(src), self._role[(schema, table, src)])
-                 for src in getattr(cp, "index_columns", ())]
-        return ("in", lambda: copy_stream.CopyIn(cp.format, cp.options, cols, index))
+        # index_columns: (blind-index column appended by the rewriter, its source column)
+        index = [(names.index(pc.column), self._role_of(pc))
+                 for _bidx, pc in getattr(cp, "index_columns", ())]
+        return ("in", lambda: copy_stream.CopyIn(cp.format, cp.options, cols, index,
+                                                 names=list(names)))
 
     def _role_of(self, col: ProtectedColumn) -> RoleColumn:
         return self._role[(col.schema, col.table, col.column)]
@@ -250,6 +429,12 @@ class SessionProtector:
 # ---------------------------------------------------------------------------- service
 
 
+class EncryptionConfigError(ConfigError):
+    """The `protect:` / `keys:` configuration cannot be put into service (wrong KEK,
+    missing keyring, unknown column keys). A ConfigError, so callers that report bad
+    configuration (serve, reload, check-config) report this the same way."""
+
+
 class Encryption:
     """Column keys and specs of a configuration; one per process, rebuilt on reload."""
 
@@ -257,6 +442,18 @@ class Encryption:
                  gate: Any) -> None:
         from keys import keyring as kr
 
+        try:
+            self._load(protect, keys_cfg, base, gate, kr)
+        except (kr.KeyringError, OSError, ValueError) as exc:
+            # No traceback and no key bytes: the keyring's messages name KEK fingerprints
+            # and column names only.
+            raise EncryptionConfigError(
+                [f"keys: cannot load the column keys: {exc} (check keys.path / the KEK "
+                 "provider against the keyring, and `strongroom keys show`)"]
+            ) from None
+
+    def _load(self, protect: dict[str, Any], keys_cfg: dict[str, Any], base: str,
+              gate: Any, kr: Any) -> None:
         self.gate = gate
         self.specs: dict[tuple[str, str, str], ProtectedColumn] = {}
         self.options: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -289,6 +486,21 @@ class Encryption:
             )
         self.catalogs: dict[str, DatabaseCatalog] = {}
         self.plan_cache: OrderedDict[Any, Any] = OrderedDict()
+        self._views: OrderedDict[int, tuple[Snapshot, ProtectedSchema, ViewMap]] = OrderedDict()
+
+    def views_of(self, snap: Snapshot | None) -> tuple[ProtectedSchema, ViewMap]:
+        """The rewriter's schema (protected tables + traceable views) and the view column
+        map for one catalog snapshot; computed once per snapshot."""
+        if snap is None:
+            return self.schema, {}
+        hit = self._views.get(id(snap))
+        if hit is not None and hit[0] is snap:
+            return hit[1], hit[2]
+        schema, attrs = analyse_views(self.schema, snap) if snap.views() else (self.schema, {})
+        self._views[id(snap)] = (snap, schema, attrs)
+        while len(self._views) > 16:
+            self._views.popitem(last=False)
+        return schema, attrs
 
     def masks(self) -> dict[tuple[str, str, str], Any]:
         return {
@@ -325,16 +537,17 @@ class Encryption:
 
     def attach(self, session: Any, rows: list[list[bytes | None]]) -> None:
         cat = self.catalog_for(session.database)
-        cat.update(build_snapshot(rows))
         protector = SessionProtector(self, cat, session)
+        cat.update(build_snapshot(rows, protector.search_path()))
         session.tracker = Tracker(protector)
 
     def refresh(self, session: Any) -> bytes:
         """An injected catalog query whose answer replaces the database's snapshot."""
         cat = self.catalog_for(session.database)
+        path = session.tracker.protector.search_path()
 
         def done(rows: list[list[bytes | None]]) -> None:
-            cat.update(build_snapshot(rows))
+            cat.update(build_snapshot(rows, path))
 
         return session.tracker.inject_query(self.catalog_sql(), done)
 

@@ -55,8 +55,8 @@ class ColumnCrypto(Protocol):
     typlen: int
     view: str  # plaintext | masked | ciphertext
 
-    def encrypt_param(self, value: bytes, fmt: int) -> bytes: ...
-    def blind_index_param(self, value: bytes, fmt: int) -> bytes: ...
+    def encrypt_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes: ...
+    def blind_index_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes: ...
     def reveal(self, envelope: bytes, fmt: int) -> bytes | None: ...
 
 
@@ -80,12 +80,20 @@ class StatementPlan:
     # Parameters the proxy appends to Bind (blind-index siblings of written values):
     # (0-based number, 0-based source parameter, action, column)
     derived: list[tuple[int, int, str, ColumnCrypto]] = field(default_factory=list)
+    # Per statement in the text, per result column: the protected column the parse tree
+    # proves it is a plain reference to (None: not one; a None list: unknown). Used when
+    # RowDescription carries no table OID for it (a scalar subquery, a view column).
+    outputs: list[list[ColumnCrypto | None] | None] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class Statement:
     plan: StatementPlan
     fields: list[rows.Field] | None = None
+    # Parameter type OIDs as the client declared them in Parse (0: unspecified). The
+    # server is told 0 for protected parameters (it infers bytea); the proxy reads a
+    # binary value with the declared type and reports that type back, as PG would.
+    declared: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -107,6 +115,8 @@ class Entry:
     describe_statement: bool = False
     on_done: Callable[[list[list[bytes | None]]], None] | None = None
     collected: list[list[bytes | None]] | None = None
+    plan: StatementPlan | None = None  # QUERY: the plan of its text
+    result: int = 0  # QUERY: index of the statement whose replies are coming
 
 
 RowPlan = list[tuple[int, "ColumnCrypto", int]]  # (column index, crypto, format)
@@ -155,10 +165,12 @@ class Tracker:
     def client(self, kind: int, msg: bytes) -> bytes | None:
         """One frontend message. Returns the bytes to send instead (None: as is)."""
         if kind == 0x51:  # Q
-            self._push(Entry(QUERY))
+            entry = Entry(QUERY)
+            self._push(entry)
             self.row_plan = None
             sql = m.query_text(msg[5:])
             plan = self.protector.plan_query(sql)
+            entry.plan = plan
             if plan.refusal is not None:
                 return m.message(b"Q", refusal_sql(plan.refusal) + b"\0") + self._refresh()
             self.pending_copy = plan.copy
@@ -169,7 +181,7 @@ class Tracker:
         if kind == 0x50:  # P
             name, query, oids = rows.decode_parse(msg[5:])
             plan = self.protector.plan_query(query.decode(errors="surrogateescape"))
-            stmt = Statement(plan)
+            stmt = Statement(plan, declared=list(oids))
             self.statements[name] = stmt
             if plan.copy is not None:
                 self.pending_copy = plan.copy
@@ -201,7 +213,7 @@ class Tracker:
                 return rows.encode_bind(bind)
             if stmt.plan.params or stmt.plan.derived:
                 try:
-                    return rows.encode_bind(self._encrypt_bind(bind, stmt.plan))
+                    return rows.encode_bind(self._encrypt_bind(bind, stmt))
                 except ValueError_ as exc:
                     return self._failing_bind(bind, ClientRefusal(exc.sqlstate, exc.text))
             return None
@@ -294,9 +306,15 @@ class Tracker:
         self.queue.append(Entry(INJECTED_QUERY, skip=True, on_done=on_done, collected=[]))
         return m.message(b"Q", sql.encode() + b"\0")
 
-    def _encrypt_bind(self, bind: rows.Bind, plan: StatementPlan) -> rows.Bind:
+    def _encrypt_bind(self, bind: rows.Bind, stmt: Statement) -> rows.Bind:
+        plan = stmt.plan
         n = len(bind.params)
         formats = [bind.param_format(i) for i in range(n)]
+        declared = stmt.declared
+
+        def oid(i: int) -> int:
+            return declared[i] if i < len(declared) else 0
+
         params = list(bind.params)
         extra: list[bytes | None] = []
         for number, source, action, crypto in sorted(plan.derived, key=lambda d: d[0]):
@@ -304,9 +322,9 @@ class Tracker:
             if value is None:
                 extra.append(None)
             elif action == "blind_index":
-                extra.append(crypto.blind_index_param(value, formats[source]))
+                extra.append(crypto.blind_index_param(value, formats[source], oid(source)))
             else:
-                extra.append(crypto.encrypt_param(value, formats[source]))
+                extra.append(crypto.encrypt_param(value, formats[source], oid(source)))
             del number
         for i, (action, crypto) in plan.params.items():
             if i >= n or params[i] is None:
@@ -314,9 +332,9 @@ class Tracker:
             value = params[i]
             assert value is not None
             if action == "blind_index":
-                params[i] = crypto.blind_index_param(value, formats[i])
+                params[i] = crypto.blind_index_param(value, formats[i], oid(i))
             else:
-                params[i] = crypto.encrypt_param(value, formats[i])
+                params[i] = crypto.encrypt_param(value, formats[i], oid(i))
             formats[i] = 1  # bytea in binary format: the envelope itself
         bind.params = params + extra
         bind.param_formats = formats + [1] * len(extra)
@@ -352,7 +370,7 @@ class Tracker:
             return None
         if kind == 0x54:  # RowDescription
             fields = rows.decode_row_description(msg[5:])
-            plan, changed = self._plan_fields(fields)
+            plan, changed = self._plan_fields(fields, self._outputs(head))
             if head is not None and head.kind == DESCRIBE:
                 self.queue.popleft()
                 target = head.target
@@ -373,7 +391,8 @@ class Tracker:
                     oids = rows.decode_parameter_description(msg[5:])
                     for i, (_action, crypto) in stmt.plan.params.items():
                         if i < len(oids) and oids[i] == BYTEA_OID:
-                            oids[i] = crypto.logical_oid
+                            declared = stmt.declared[i] if i < len(stmt.declared) else 0
+                            oids[i] = declared or crypto.logical_oid
                     if stmt.plan.derived:  # the client never sees the proxy's own params
                         oids = oids[: min(d[0] for d in stmt.plan.derived)]
                     return b"" if skip else rows.encode_parameter_description(oids)
@@ -395,6 +414,8 @@ class Tracker:
                 self.queue.popleft()
             elif head is not None and head.kind == INJECTED_QUERY:
                 return b""
+            elif head is not None and head.kind == QUERY:
+                head.result += 1
             self.row_plan = None
             self.copy_out = None
             return None
@@ -421,8 +442,14 @@ class Tracker:
                 self.copy_out = None
                 self.consume_to_ready = True
                 return m.error_response(exc.sqlstate, exc.text)
-        if kind == 0x63:  # CopyDone from server
-            self.copy_out = None
+        if kind == 0x63 and self.copy_out is not None:  # CopyDone from server
+            copy_out, self.copy_out = self.copy_out, None
+            try:
+                tail = copy_out.server_done()
+            except ValueError_ as exc:
+                self.consume_to_ready = True
+                return m.error_response(exc.sqlstate, exc.text)
+            return tail + msg if tail else None
         return None
 
     def _discard_to_sync(self) -> None:
@@ -442,33 +469,73 @@ class Tracker:
             return self._portal_plan(portal)
         return self.row_plan
 
+    def _outputs(self, head: Entry | None) -> list[ColumnCrypto | None] | None:
+        """The parse tree's protected result columns for the reply at the queue head."""
+        if head is None:
+            return None
+        plan: StatementPlan | None = None
+        index = 0
+        if head.kind == QUERY:
+            plan, index = head.plan, head.result
+        elif isinstance(head.target, Statement):
+            plan = head.target.plan
+        elif isinstance(head.target, Portal) and head.target.statement is not None:
+            plan = head.target.statement.plan
+        if plan is None or index >= len(plan.outputs):
+            return None
+        return plan.outputs[index]
+
+    def _crypto_for(self, i: int, f: rows.Field,
+                    outputs: list[ColumnCrypto | None] | None,
+                    nfields: int) -> ColumnCrypto | None:
+        """Which protected column result field ``i`` carries, if any.
+
+        RowDescription's table OID / attnum is the primary source: PostgreSQL fills it
+        for every plain column reference, through aliases, joins, subqueries and CTEs.
+        Where it is 0 (a scalar subquery) the parse tree's answer is used, and only for a
+        bytea field, so an expression the planner mis-traced is never "decrypted".
+        """
+        if f.table_oid:
+            crypto = self.protector.column_at(f.table_oid, f.attnum)
+            if crypto is not None:
+                return crypto
+        if outputs is not None and len(outputs) == nfields:
+            crypto = outputs[i]
+            # (fields kept for a later Execute already carry the logical type)
+            if crypto is not None and f.type_oid in (BYTEA_OID, crypto.logical_oid):
+                return crypto
+        return None
+
     def _portal_plan(self, portal: Portal) -> RowPlan | None:
         fields = portal.fields
         if fields is None and portal.statement is not None:
             fields = portal.statement.fields
         if not fields:
             return None
+        stmt = portal.statement
+        outputs = stmt.plan.outputs[0] if stmt is not None and stmt.plan.outputs else None
         plan: RowPlan = []
         for i, f in enumerate(fields):
-            crypto = self.protector.column_at(f.table_oid, f.attnum) if f.table_oid else None
+            crypto = self._crypto_for(i, f, outputs, len(fields))
             if crypto is not None and crypto.view != "ciphertext":
                 fmt = _result_format(portal.result_formats, i)
                 plan.append((i, crypto, fmt))
         return plan or None
 
-    def _plan_fields(self, fields: list[rows.Field]) -> tuple[RowPlan | None, bool]:
+    def _plan_fields(self, fields: list[rows.Field],
+                     outputs: list[ColumnCrypto | None] | None = None,
+                     ) -> tuple[RowPlan | None, bool]:
         plan: RowPlan = []
         changed = False
         for i, f in enumerate(fields):
-            if not f.table_oid:
-                continue
-            crypto = self.protector.column_at(f.table_oid, f.attnum)
+            crypto = self._crypto_for(i, f, outputs, len(fields))
             if crypto is None or crypto.view == "ciphertext":
                 continue
-            f.type_oid = crypto.logical_oid
-            f.typlen = crypto.typlen
-            f.typmod = -1
-            changed = True
+            if crypto.logical_oid:  # 0: an untraceable view column, refused per value
+                f.type_oid = crypto.logical_oid
+                f.typlen = crypto.typlen
+                f.typmod = -1
+                changed = True
             plan.append((i, crypto, f.format))
         return (plan or None), changed
 

@@ -1,0 +1,234 @@
+"""Issue 4, point 1: nothing protected reaches the server in plaintext.
+
+Every write path (simple and extended protocol, psycopg text and binary, asyncpg) puts
+a distinct, recognisable plaintext into protected columns; the tables are then read
+directly (superuser, no proxy) and no plaintext byte sequence may appear in any protected
+column or blind index, nor in pg_stat_statements. Statements the proxy cannot encrypt
+must be refused with a clear ErrorResponse and write nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import decimal
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.integration.encryption_env import direct, leaks, setup_sql, start_encrypted, stored_bytes
+
+PROTECT = {
+    "public.w_cards.pan": {"type": "text", "mode": "randomized", "search": "blind_index",
+                           "mask": "last4"},
+    "public.w_cards.expiry": {"type": "date"},
+    "public.w_accounts.iban": {"type": "text", "mode": "deterministic"},
+    "public.w_accounts.balance": {"type": "numeric"},
+}
+
+SCHEMA = """
+CREATE TABLE w_cards (id int PRIMARY KEY, holder text, pan bytea, pan_bidx bytea,
+                      expiry bytea);
+CREATE TABLE w_accounts (id int PRIMARY KEY, iban bytea UNIQUE, balance bytea);
+CREATE TABLE w_plain (id int, note text);
+"""
+
+# Distinct plaintexts per write path, so a leak names its road.
+PANS = {
+    1: "4111000000000001", 2: "4111000000000002", 3: "4111000000000003",
+    4: "4111000000000004", 5: "4111000000000005", 6: "4111000000000006",
+    7: "4111000000000007", 8: "4111000000000008", 9: "4111000000000009",
+    10: "4111000000000010", 11: "4111000000000011", 12: "4111000000000012",
+}
+IBANS = {i: f"DE89370400440532{i:06d}" for i in range(1, 13)}
+BALANCES = {i: f"98765.{i:04d}1" for i in range(1, 13)}
+EXPIRY = "2031-07-15"
+
+
+@pytest.fixture(scope="module")
+def wproxy(pg):
+    setup_sql(pg, SCHEMA)
+    p = start_encrypted(pg, PROTECT)
+    yield p
+    p.stop()
+    setup_sql(pg, "DROP TABLE w_cards, w_accounts, w_plain")
+
+
+def _secrets() -> list[str]:
+    return [*PANS.values(), *IBANS.values(), *BALANCES.values(), EXPIRY]
+
+
+def _write_everything(p) -> None:
+    with psycopg.connect(p.conninfo(), autocommit=True) as conn:
+        # simple protocol, single row
+        conn.execute(
+            f"INSERT INTO w_cards (id, holder, pan, expiry) VALUES (1, 'a', '{PANS[1]}', "
+            f"'{EXPIRY}')", prepare=False)
+        conn.pgconn.exec_(  # genuinely simple protocol: PQexec
+            f"INSERT INTO w_cards (id, holder, pan) VALUES (2, 'b', '{PANS[2]}'), "
+            f"(3, 'c', '{PANS[3]}')".encode())
+        # UPDATE of a literal
+        conn.pgconn.exec_(f"UPDATE w_cards SET pan = '{PANS[4]}' WHERE id = 3".encode())
+        # INSERT ... SELECT of literals
+        conn.pgconn.exec_(
+            f"INSERT INTO w_accounts (id, iban, balance) SELECT 1, '{IBANS[1]}', "
+            f"'{BALANCES[1]}'".encode())
+        # UPSERT: ON CONFLICT DO UPDATE SET col = EXCLUDED.col
+        conn.pgconn.exec_(
+            f"INSERT INTO w_accounts (id, iban, balance) VALUES (1, '{IBANS[2]}', "
+            f"'{BALANCES[2]}') ON CONFLICT (id) DO UPDATE SET iban = EXCLUDED.iban, "
+            "balance = EXCLUDED.balance".encode())
+        # extended protocol, text parameters
+        conn.execute("INSERT INTO w_cards (id, holder, pan, expiry) VALUES (%s, %s, %s, %s)",
+                     (5, "e", PANS[5], datetime.date(2031, 7, 15)))
+        conn.execute("INSERT INTO w_accounts (id, iban, balance) VALUES (%s, %s, %s) "
+                     "ON CONFLICT (id) DO UPDATE SET iban = EXCLUDED.iban",
+                     (3, IBANS[3], decimal.Decimal(BALANCES[3])))
+        conn.execute("UPDATE w_accounts SET balance = %s WHERE id = %s",
+                     (decimal.Decimal(BALANCES[4]), 3))
+        # extended protocol, binary parameters (and binary results)
+        with conn.cursor(binary=True) as cur:
+            cur.execute("INSERT INTO w_cards (id, holder, pan, expiry) VALUES (%b, %b, %b, %b)",
+                        (6, "f", PANS[6], datetime.date(2031, 7, 15)))
+            cur.execute("INSERT INTO w_accounts (id, iban, balance) VALUES (%b, %b, %b)",
+                        (4, IBANS[4], decimal.Decimal(BALANCES[5])))
+            cur.executemany("INSERT INTO w_cards (id, holder, pan) VALUES (%b, %b, %b)",
+                            [(7, "g", PANS[7]), (8, "h", PANS[8])])
+
+    async def via_asyncpg() -> None:
+        conn = await asyncpg.connect(p.dsn())
+        try:
+            await conn.execute("INSERT INTO w_cards (id, holder, pan, expiry) "
+                               "VALUES ($1, $2, $3, $4)", 9, "i", PANS[9],
+                               datetime.date(2031, 7, 15))
+            stmt = await conn.prepare("INSERT INTO w_accounts (id, iban, balance) "
+                                      "VALUES ($1, $2, $3)")
+            await stmt.fetch(5, IBANS[5], decimal.Decimal(BALANCES[6]))
+            await conn.executemany("INSERT INTO w_accounts (id, iban, balance) "
+                                   "VALUES ($1, $2, $3)",
+                                   [(6, IBANS[6], decimal.Decimal(BALANCES[7])),
+                                    (7, IBANS[7], decimal.Decimal(BALANCES[8]))])
+            await conn.execute("UPDATE w_cards SET pan = $1 WHERE id = $2", PANS[10], 9)
+        finally:
+            await conn.close()
+
+    asyncio.run(via_asyncpg())
+
+
+def test_no_plaintext_stored_or_in_stat_statements(pg, wproxy) -> None:
+    _write_everything(wproxy)
+    stored = stored_bytes(pg, "w_cards", ["pan", "pan_bidx", "expiry"])
+    stored += stored_bytes(pg, "w_accounts", ["iban", "balance"])
+    assert len(stored) >= 20
+    assert leaks(stored, _secrets()) == []
+    # Every row written through the proxy has its blind index maintained.
+    with direct(pg) as conn:
+        rows = conn.execute("SELECT id, pan IS NOT NULL, pan_bidx IS NOT NULL FROM w_cards "
+                            "ORDER BY id").fetchall()
+        assert rows and all(r[1] and r[2] for r in rows), rows
+        queries = [r[0] for r in conn.execute("SELECT query FROM pg_stat_statements")]
+        assert any("w_cards" in q for q in queries)
+    assert leaks([q.encode() for q in queries], _secrets()) == []
+
+    # And the app reads back exactly what it wrote.
+    with psycopg.connect(wproxy.conninfo(), autocommit=True) as conn:
+        got = dict(conn.execute("SELECT id, pan FROM w_cards").fetchall())
+        assert got == {1: PANS[1], 2: PANS[2], 3: PANS[4], 5: PANS[5], 6: PANS[6],
+                       7: PANS[7], 8: PANS[8], 9: PANS[10]}
+        accts = {r[0]: (r[1], r[2]) for r in
+                 conn.execute("SELECT id, iban, balance FROM w_accounts")}
+        assert accts[1] == (IBANS[2], decimal.Decimal(BALANCES[2]))
+        assert accts[3] == (IBANS[3], decimal.Decimal(BALANCES[4]))
+        assert accts[4] == (IBANS[4], decimal.Decimal(BALANCES[5]))
+        assert accts[7] == (IBANS[7], decimal.Decimal(BALANCES[8]))
+        assert conn.execute("SELECT expiry FROM w_cards WHERE id = 6").fetchone()[0] == \
+            datetime.date(2031, 7, 15)
+
+
+REFUSED = [
+    # an expression over a protected value
+    ("INSERT INTO w_cards (id, pan) VALUES (100, upper(%s))", ("4111999900000100",), "pan"),
+    ("INSERT INTO w_cards (id, pan) VALUES (101, upper('4111999900000101'))", None, "pan"),
+    ("INSERT INTO w_cards (id, pan) VALUES (102, '4111999900' || '000102')", None, "pan"),
+    ("UPDATE w_accounts SET balance = balance + 1 WHERE id = 1", None, "balance"),
+    ("INSERT INTO w_accounts (id, iban) VALUES (103, md5('DE8937040044000103'))", None, "iban"),
+    ("INSERT INTO w_accounts (id, iban) SELECT 104, note FROM w_plain", None, "iban"),
+    # procedural code naming a protected table
+    ("DO $$BEGIN INSERT INTO w_cards (id, pan) VALUES (105, '4111999900000105'); END$$",
+     None, "w_cards"),
+    ("DO $$BEGIN EXECUTE 'INSERT INTO w_cards (id, pan) VALUES (106, ''4111999900000106'')';"
+     " END$$", None, "w_cards"),
+]
+
+
+@pytest.mark.parametrize(("sql", "params", "names"), REFUSED)
+def test_refused_statements_write_nothing(pg, wproxy, sql, params, names) -> None:
+    with direct(pg) as d:
+        before = d.execute("SELECT count(*) FROM w_cards").fetchone()[0], \
+            d.execute("SELECT count(*), string_agg(encode(balance, 'hex'), ',' ORDER BY id) "
+                      "FROM w_accounts").fetchone()
+    with psycopg.connect(wproxy.conninfo(), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(sql, params)
+        diag = info.value.diag
+        assert diag.sqlstate in ("0A000", "42501"), (diag.sqlstate, diag.message_primary)
+        if names:
+            assert names in (diag.message_primary or "")
+        for secret in ("4111999900", "DE8937040044000103"):
+            assert secret not in (diag.message_primary or "")
+        # The session is still usable.
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with direct(pg) as d:
+        after = d.execute("SELECT count(*) FROM w_cards").fetchone()[0], \
+            d.execute("SELECT count(*), string_agg(encode(balance, 'hex'), ',' ORDER BY id) "
+                      "FROM w_accounts").fetchone()
+        assert after == before
+        queries = [r[0] for r in d.execute("SELECT query FROM pg_stat_statements")]
+    server_log = pg.logfile.read_bytes()
+    assert leaks([server_log, *(q.encode() for q in queries)],
+                 ["4111999900000100", "4111999900000101", "4111999900000105",
+                  "4111999900000106"]) == []
+
+
+def test_bad_input_is_a_server_error_without_the_value(pg, wproxy) -> None:
+    with psycopg.connect(wproxy.conninfo(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InvalidDatetimeFormat) as info:
+            conn.execute("INSERT INTO w_cards (id, expiry) VALUES (200, 'NOTADATE-SECRET77')")
+        assert "NOTADATE" not in str(info.value)
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            conn.execute("INSERT INTO w_accounts (id, balance) VALUES (%s, %s)",
+                         (201, "NOTANUMBER-SECRET78"))
+        assert conn.execute("SELECT count(*) FROM w_cards WHERE id = 200").fetchone() == (0,)
+    with direct(pg) as d:
+        queries = [r[0] for r in d.execute("SELECT query FROM pg_stat_statements")]
+    haystacks = [pg.logfile.read_bytes(), *(q.encode() for q in queries)]
+    assert leaks(haystacks, ["NOTADATE-SECRET77", "NOTANUMBER-SECRET78"]) == []
+
+
+def test_copy_from_stdin_is_encrypted(pg, wproxy) -> None:
+    pytest.importorskip("proxy.copy_stream")
+    secrets = {300: "4111000000000300", 301: "4111000000000301", 302: "4111000000000302"}
+    with psycopg.connect(wproxy.conninfo(), autocommit=True) as conn:
+        cur = conn.cursor()
+        with cur.copy("COPY w_cards (id, holder, pan, expiry) FROM STDIN") as cp:
+            cp.write(f"300\tx\t{secrets[300]}\t2031-07-15\n".encode())
+        with cur.copy("COPY w_cards (id, pan, holder) FROM STDIN WITH (FORMAT csv)") as cp:
+            cp.write(f'301,"{secrets[301]}",y\n'.encode())
+        with cur.copy("COPY w_cards (id, pan, expiry) FROM STDIN WITH (FORMAT binary)") as cp:
+            cp.set_types(["int4", "text", "date"])
+            cp.write_row((302, secrets[302], datetime.date(2031, 7, 15)))
+        got = dict(conn.execute("SELECT id, pan FROM w_cards WHERE id >= 300").fetchall())
+        assert got == secrets
+        assert _ids_by_pan(conn, secrets[301]) == {301}
+        # A COPY the proxy cannot map (no column list, blind-indexed table) is refused.
+        with pytest.raises(psycopg.Error) as info:
+            with cur.copy("COPY w_cards FROM STDIN") as cp:
+                cp.write(b"303\tz\t4111000000000303\t\\N\t\\N\n")
+        assert info.value.diag.sqlstate == "0A000"
+    stored = stored_bytes(pg, "w_cards", ["pan", "pan_bidx", "expiry"])
+    assert leaks(stored, [*secrets.values(), "4111000000000303", EXPIRY]) == []
+
+
+def _ids_by_pan(conn, pan: str) -> set[int]:
+    return {r[0] for r in conn.execute("SELECT id FROM w_cards WHERE pan = %s", (pan,))}
