@@ -59,7 +59,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         cfg = dataclasses.replace(cfg, listen=dataclasses.replace(cfg.listen, **overrides))
     setup_logging(args.log_level or cfg.log_level, cfg.log_format)
-    return serve(cfg, args.config)
+    try:
+        # Build the gate once before listening: keys that cannot be unwrapped or a policy
+        # that cannot be built stop the start with a message, not a traceback.
+        from proxy.gate import Gate
+
+        Gate(cfg)
+        return serve(cfg, args.config)
+    except settings_mod.ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        return 1
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -146,9 +146,6 @@ def test_keys_show_prints_no_key_material(kproxy) -> None:
             assert s not in out and s not in res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="proxy/cli.py cmd_serve must catch settings."
-                   "ConfigError raised while building the Server (EncryptionConfigError) and "
-                   "print its problems without a traceback; see the encryption report")
 def test_wrong_kek_refuses_to_start(pg, kproxy) -> None:
     p = start_encrypted(pg, {"public.k_cards.pan": PROTECT["public.k_cards.pan"]},
                         start=False)
