@@ -814,4 +814,6 @@ def test_splices_remove_every_protected_literal(
     out = apply_splices(sql, p.splices, lambda s: "'\\x00ff'::bytea")
     parse_sql_json(out)
     assert marker_v not in out and marker_w not in out
-    assert "keep" in out or "keep" not in sql
+    # Unprotected literals survive (the markers themselves may contain "keep").
+    outside = sql.replace(marker_v, "").replace(marker_w, "")
+    assert "keep" in out or "keep" not in outside
