@@ -18,7 +18,8 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from proxy.gate import Gate
 from proxy.protocol import messages as m
@@ -42,6 +43,7 @@ class Server:
         self._ids = itertools.count(1)
         self._servers: list[asyncio.AbstractServer] = []
         self._janitor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.counters: dict[str, int] = {
             "accepted": 0,
@@ -167,7 +169,14 @@ class Server:
             self.send_cancel(pid, secret)
 
     def send_cancel(self, pid: int, secret: int) -> None:
-        asyncio.get_running_loop().create_task(self._send_cancel(pid, secret))
+        self.spawn(self._send_cancel(pid, secret))
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background task and keep a reference to it until it ends: the event loop
+        holds only weak references, so an unreferenced task can vanish mid-flight."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _send_cancel(self, pid: int, secret: int) -> None:
         up = self.settings.upstream

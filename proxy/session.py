@@ -69,7 +69,12 @@ class Upstream(asyncio.Protocol):
             if not fut.done():
                 fut.set_result(data)
             return
-        self.session.server_data(data)
+        try:
+            self.session.server_data(data)
+        except Exception:
+            # Garbage from the server or a proxy bug: end this session only, visibly.
+            log.exception("session %s: internal error handling server data", self.session.id)
+            self.session.expire("58000", "internal error in the proxy; the session was closed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -109,6 +114,8 @@ class Session(asyncio.Protocol):
         self.outstanding = 0  # Query/Sync/FunctionCall sent without a ReadyForQuery yet
         self.last_active = time.monotonic()
         self.server_fatal = False
+        self.terminating = False  # Terminate relayed; waiting for the server to hang up
+        self.rejected = False  # over max_clients: refused once the startup packet arrives
         self._startup_buf = bytearray()
         self._cframer = Framer(self.settings.limits.max_message_size)
         self._sframer = Framer(1 << 30)
@@ -128,20 +135,35 @@ class Session(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
-        if not self.server.admit(self):
-            self._fatal("53300", "sorry, too many clients already")
-            return
+        # Over the limit, PostgreSQL still negotiates SSL and serves CancelRequests, and
+        # says "too many clients" only in answer to the startup packet (libpq discards an
+        # error sent in reply to SSLRequest). Do the same; the startup timeout bounds it.
+        self.rejected = not self.server.admit(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.settings.limits.startup_timeout, self._startup_expired)
 
     def data_received(self, data: bytes) -> None:
-        if self.state is State.READY:
-            self._client_ready(data)
-        elif self.state is State.STARTUP:
-            self._client_startup(data)
-        elif self.state is State.AUTH:
-            self._client_auth(data)
-        # CONNECTING: reading is paused; CLOSED: drop.
+        try:
+            if self.state is State.READY:
+                self._client_ready(data)
+                if self._cframer.error is not None and self.state is State.READY:
+                    # Whole messages before the bad one were handled; now refuse.
+                    self._violation(self._cframer.error)
+            elif self.state is State.STARTUP:
+                self._client_startup(data)
+            elif self.state is State.AUTH:
+                self._client_auth(data)
+                if self._cframer.error is not None and self.state is State.AUTH:
+                    self._violation(self._cframer.error)
+            # CONNECTING: reading is paused; CLOSED: drop.
+        except ProtocolViolation as exc:
+            # Raised by a decoder deeper down (gate, tracker): the client's mistake.
+            self._violation(str(exc))
+        except Exception:
+            # A proxy bug must cost this session only, with a clear error to its client,
+            # and never leave the upstream connection behind.
+            log.exception("session %s: internal error handling client data", self.id)
+            self._fatal("58000", "internal error in the proxy; the session was closed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
@@ -210,7 +232,7 @@ class Session(asyncio.Protocol):
                 return
             self.pause_client_reading("tls")
             self.transport.write(b"S")  # type: ignore[union-attr]
-            asyncio.get_running_loop().create_task(self._start_tls(ctx))
+            self.server.spawn(self._start_tls(ctx))
         elif code == m.GSSENC_REQUEST_CODE:
             self.transport.write(b"N")  # type: ignore[union-attr]
         elif code == m.CANCEL_REQUEST_CODE:
@@ -229,9 +251,13 @@ class Session(asyncio.Protocol):
                 return
             self._begin_session(packet)
         else:
-            self._violation(
+            # PostgreSQL's own answer (SQLSTATE 0A000, same text); a 3.x minor version
+            # is the server's to negotiate (NegotiateProtocolVersion), so it goes through.
+            log.info("session %s %s: unsupported protocol %s", self.id, self.peer, code)
+            self._fatal(
+                "0A000",
                 f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
-                "server supports 3.0 to 3.0"
+                "server supports 3.0 to 3.0",
             )
 
     async def _start_tls(self, ctx: ssl.SSLContext) -> None:
@@ -256,6 +282,9 @@ class Session(asyncio.Protocol):
         self.resume_client_reading("tls")
 
     def _begin_session(self, packet: m.StartupPacket) -> None:
+        if self.rejected:
+            self._fatal("53300", "sorry, too many clients already")
+            return
         repl = (packet.get("replication") or "").lower()
         if repl and repl not in ("false", "off", "no", "0") and not self.settings.allow_replication:
             self._violation("replication connections are not supported by this proxy")
@@ -270,7 +299,7 @@ class Session(asyncio.Protocol):
         self.database = packet.get("database") or self.user
         self.state = State.CONNECTING
         self.pause_client_reading("connect")
-        asyncio.get_running_loop().create_task(self._connect_upstream(packet))
+        self.server.spawn(self._connect_upstream(packet))
 
     async def _connect_upstream(self, packet: m.StartupPacket) -> None:
         up = self.settings.upstream
@@ -484,8 +513,11 @@ class Session(asyncio.Protocol):
                 elif kind == _PS:
                     name, value = m.parameter_status(buf[start + 5 : stop])
                     self.server_params[name] = value
-                elif kind == _E and buf[start + 5 : start + 13] == b"SFATAL\0V":
-                    self.server_fatal = True
+                elif kind == _E:
+                    if buf[start + 5 : start + 13] == b"SFATAL\0V":
+                        self.server_fatal = True
+                    if self.watch_ready:  # the failed transaction takes its SETs with it
+                        self.gate.server_error(self)
             if frames[0][1] == 0 and frames[-1][2] == len(buf):
                 self.transport.write(buf)  # type: ignore[union-attr]
             else:
@@ -530,6 +562,9 @@ class Session(asyncio.Protocol):
     def server_lost(self) -> None:
         if self.state is State.CLOSED:
             return
+        if self.terminating:
+            self._close()
+            return
         if not self.server_fatal and self.transport is not None:
             self.transport.write(
                 m.fatal(
@@ -544,9 +579,18 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ endings
 
     def _terminate(self, buf: bytes, frames: list, i: int) -> None:
-        """Terminate: forward what came before it and the Terminate itself, ignore the rest."""
+        """Terminate: forward what came before it and the Terminate itself, ignore the rest.
+
+        Requests pipelined before the Terminate still get their replies, as from
+        PostgreSQL itself: stop reading from the client, relay what the server sends,
+        and close the client when the server, having read the Terminate, hangs up.
+        """
         up = self.upstream.transport  # type: ignore[union-attr]
         up.write(buf[frames[0][1] : frames[i][2]])
+        if self.outstanding > 0 and self.state is State.READY:
+            self.terminating = True
+            self.pause_client_reading("terminate")
+            return
         self.state = State.CLOSED
         up.close()
         self._close()

@@ -174,7 +174,19 @@ def parse_text(text: str, source: str = "<string>") -> Settings:
     problems = []
     for err in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.path))):
         where = ".".join(str(p) for p in err.path) or "(top level)"
-        problems.append(f"{source}:{_line_of(doc, list(err.path))}: {where}: {err.message}")
+        line = _line_of(doc, list(err.path))
+        if err.validator == "additionalProperties" and isinstance(err.instance, _LineDict):
+            # Point at each unknown key's own line, not at the mapping that holds it.
+            allowed = sorted(err.schema.get("properties", {}))
+            for key in err.instance:
+                if key not in allowed:
+                    name = ".".join([*map(str, err.path), str(key)])
+                    problems.append(
+                        f"{source}:{err.instance.lines.get(key, line)}: {name}: unknown key"
+                        f" (allowed here: {', '.join(allowed)})"
+                    )
+            continue
+        problems.append(f"{source}:{line}: {where}: {err.message}")
     problems += _check_files(doc, source)
     if not problems:
         problems += _check_policy(doc, source)

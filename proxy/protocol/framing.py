@@ -25,12 +25,15 @@ class Framer:
     arrives in many small reads costs linear, not quadratic, time.
     """
 
-    __slots__ = ("_need", "_tail", "max_len")
+    __slots__ = ("_need", "_tail", "error", "max_len")
 
     def __init__(self, max_len: int) -> None:
         self.max_len = max_len
         self._tail = bytearray()
         self._need = 0  # bytes the tail must reach before it is worth scanning again
+        # A bad length after some good messages: the good ones are returned first (a
+        # Terminate among them must win), then this is set and the next feed raises.
+        self.error: str | None = None
 
     @property
     def pending(self) -> int:
@@ -41,8 +44,11 @@ class Framer:
         """Return (buffer, frames) for the whole messages now available.
 
         `buffer[frames[0][1]:frames[-1][2]]` is exactly the bytes of those messages.
-        Raises ProtocolViolation on a length that cannot be valid.
+        Raises ProtocolViolation on a length that cannot be valid, unless whole messages
+        precede it in this chunk: then those are returned and `error` is set.
         """
+        if self.error is not None:
+            raise ProtocolViolation(self.error)
         if self._tail:
             self._tail += data
             if len(self._tail) < self._need:
@@ -58,7 +64,11 @@ class Framer:
         while end - pos >= 5:
             kind, n = _unpack_head(buf, pos)
             if n < 4 or n > max_len:
-                raise ProtocolViolation(f"invalid message length {n}")
+                if not frames:
+                    raise ProtocolViolation(f"invalid message length {n}")
+                self.error = f"invalid message length {n}"
+                self._need = 1 << 62  # hold everything from here on, never rescan
+                break
             stop = pos + 1 + n
             if stop > end:
                 self._need = stop - pos
