@@ -84,6 +84,10 @@ class StatementPlan:
     # proves it is a plain reference to (None: not one; a None list: unknown). Used when
     # RowDescription carries no table OID for it (a scalar subquery, a view column).
     outputs: list[list[ColumnCrypto | None] | None] = field(default_factory=list)
+    # For the audit log: the client's statement text (never logged: fingerprinted) and
+    # the protected tables it references, `schema.table`.
+    source: str = ""
+    tables: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -101,6 +105,8 @@ class Portal:
     statement: Statement | None
     result_formats: list[int]
     fields: list[rows.Field] | None = None
+    # (the fields list it was computed from, the plan): a portal's rows all share it
+    cached_plan: tuple[object, RowPlan | None] | None = None
 
 
 # Queue entry kinds.
@@ -120,6 +126,7 @@ class Entry:
 
 
 RowPlan = list[tuple[int, "ColumnCrypto", int]]  # (column index, crypto, format)
+_COLLECT = object()  # data_plan marker: rows belong to an injected query
 
 
 def refusal_sql(refusal: ClientRefusal) -> bytes:
@@ -147,11 +154,15 @@ class Tracker:
         self.portals: dict[bytes, Portal] = {}
         self.discarding = False  # server is skipping to Sync after an error
         self.row_plan: RowPlan | None = None  # for the current simple Query result set
+        self.data_plan: RowPlan | object | None = None  # what the next DataRow needs
         self.consume_to_ready = False  # after a proxy-made error: drop until ReadyForQuery
         self.copy_out: Any = None
         self.copy_in: Any = None
         self.pending_copy: Any = None  # the plan of a COPY whose response has not come yet
         self.copy_in_failed = False  # CopyFail sent for the client: drop its data until done
+        # Audit hook: called as on_statement(plan, CommandComplete message, row plan) for
+        # each completed statement whose plan touches a protected column.
+        self.on_statement: Callable[..., None] | None = None
 
     # ------------------------------------------------------------------ client side
 
@@ -161,6 +172,10 @@ class Tracker:
         if entry.kind == SYNC:
             self.discarding = False
         self.queue.append(entry)
+        if len(self.queue) == 1:
+            # A new head: its DataRows may come before any other reply (Execute of a
+            # portal bound earlier), so the row plan must be known now.
+            self.data_plan = self._current_plan(entry)
 
     def client(self, kind: int, msg: bytes) -> bytes | None:
         """One frontend message. Returns the bytes to send instead (None: as is)."""
@@ -304,6 +319,8 @@ class Tracker:
     def inject_query(self, sql: str, on_done: Callable[[list[list[bytes | None]]], None]) -> bytes:
         """A Query the proxy sends for itself; its whole reply is swallowed."""
         self.queue.append(Entry(INJECTED_QUERY, skip=True, on_done=on_done, collected=[]))
+        if len(self.queue) == 1:
+            self.data_plan = _COLLECT
         return m.message(b"Q", sql.encode() + b"\0")
 
     def _encrypt_bind(self, bind: rows.Bind, stmt: Statement) -> rows.Bind:
@@ -343,7 +360,29 @@ class Tracker:
     # ------------------------------------------------------------------ server side
 
     def server(self, kind: int, msg: bytes) -> bytes | None:
-        """One backend message. Returns None (forward), b"" (swallow) or replacement."""
+        """One backend message. Returns None (forward), b"" (swallow) or replacement.
+
+        `data_plan` is kept current after every other message, so that the DataRows
+        between them (the bulk of the traffic) cost one attribute check when they carry
+        nothing protected: `None` means forward them untouched.
+        """
+        if kind == 0x44 and not self.consume_to_ready:
+            plan = self.data_plan
+            if plan is None:
+                return None
+            if plan is _COLLECT:
+                self.queue[0].collected.append(rows.decode_data_row(msg[5:]))  # type: ignore[union-attr]
+                return b""
+            return self._reveal_row(msg, plan)  # type: ignore[arg-type]
+        out = self._server(kind, msg)
+        head = self.queue[0] if self.queue else None
+        if head is not None and head.kind == INJECTED_QUERY:
+            self.data_plan = _COLLECT
+        else:
+            self.data_plan = self._current_plan(head)
+        return out
+
+    def _server(self, kind: int, msg: bytes) -> bytes | None:
         if self.consume_to_ready and kind != 0x5A:
             # Only asynchronous messages still reach the client after a proxy-made error.
             return None if kind in (0x4E, 0x41, 0x53) else b""
@@ -410,6 +449,8 @@ class Tracker:
                 return b"" if head.skip else None
             return None
         if kind in (0x43, 0x73, 0x49):  # CommandComplete, PortalSuspended, EmptyQuery
+            if kind == 0x43 and self.on_statement is not None and head is not None:
+                self._completed(head, msg)
             if head is not None and head.kind == EXECUTE:
                 self.queue.popleft()
             elif head is not None and head.kind == INJECTED_QUERY:
@@ -451,6 +492,17 @@ class Tracker:
                 return m.error_response(exc.sqlstate, exc.text)
             return tail + msg if tail else None
         return None
+
+    def _completed(self, head: Entry, msg: bytes) -> None:
+        """A statement finished: hand a protected one to the audit hook."""
+        plan: StatementPlan | None = None
+        if head.kind == QUERY:
+            plan = head.plan
+        elif head.kind == EXECUTE and isinstance(head.target, Portal):
+            stmt = head.target.statement
+            plan = stmt.plan if stmt is not None else None
+        if plan is not None and plan.touches_protected and self.on_statement is not None:
+            self.on_statement(plan, msg, self.row_plan)
 
     def _discard_to_sync(self) -> None:
         q = self.queue
@@ -512,6 +564,14 @@ class Tracker:
             fields = portal.statement.fields
         if not fields:
             return None
+        cached = portal.cached_plan
+        if cached is not None and cached[0] is fields:
+            return cached[1]
+        plan = self._compute_portal_plan(portal, fields)
+        portal.cached_plan = (fields, plan)
+        return plan
+
+    def _compute_portal_plan(self, portal: Portal, fields: list[rows.Field]) -> RowPlan | None:
         stmt = portal.statement
         outputs = stmt.plan.outputs[0] if stmt is not None and stmt.plan.outputs else None
         plan: RowPlan = []
