@@ -24,7 +24,7 @@ from proxy.sql.names import parse_search_path
 from proxy.tracking import ClientRefusal, refusal_sql
 
 if TYPE_CHECKING:
-    from proxy.policy import Policy, PolicyCache
+    from proxy.policy import Decision, Policy, PolicyCache
     from proxy.session import Session
     from proxy.settings import Settings
 
@@ -32,27 +32,83 @@ log = logging.getLogger("strongroom.gate")
 
 _EFFECT_KINDS = frozenset(
     {"set", "set_role", "prepare", "deallocate", "discard", "begin", "commit", "rollback",
-     "rollback_to", "explain"}
+     "savepoint", "release", "rollback_to", "prepare_transaction", "explain"}
 )
+_ROLE_PARAMS = frozenset({"role", "session_authorization"})
+_UNKNOWN_OID = 25  # text
+_SCHEMA_DDL = frozenset({"CreateSchemaStmt", "RenameStmt", "AlterObjectSchemaStmt"})
 
 PRELUDE_SQL = (
     "SELECT nspname FROM pg_catalog.pg_namespace; "
-    "SELECT pg_catalog.current_setting('search_path')"
+    "SELECT pg_catalog.current_setting('search_path'), pg_catalog.current_setting('role'), "
+    "session_user"
 )
+
+# What a SET can change and a transaction end can undo: search_path, the current role
+# (SET ROLE) and the session role (SET SESSION AUTHORIZATION).
+_State = tuple[tuple[str, ...], str, str]
 
 
 @dataclass(slots=True)
 class SessionPolicy:
-    """What the policy needs to know about one session, tracked statement by statement."""
+    """What the policy needs to know about one session, tracked statement by statement.
+
+    Three copies of the trackable state, as PostgreSQL keeps them: ``path``/``role``/
+    ``session_role`` are in effect now (SET LOCAL included); ``level`` is what survives
+    the end of the current transaction if it commits (plain SETs); ``committed`` is what a
+    rollback returns to. Savepoints keep their own snapshots. Statements are applied when
+    they are sent (so the next statement of a pipeline is decided with them in force);
+    ReadyForQuery settles the transaction: an error in an implicit transaction undoes it.
+    """
 
     login_role: str
     role: str
     path: tuple[str, ...] = ("$user", "public")
     reset_path: tuple[str, ...] = ("$user", "public")
-    committed_path: tuple[str, ...] = ("$user", "public")
-    txn_end: str | None = None  # "commit" | "rollback" seen in the current transaction
+    session_role: str = ""
+    level: _State = ((), "", "")
+    committed: _State = ((), "", "")
+    savepoints: list[tuple[str, _State, _State]] = field(default_factory=list)
+    aborted: bool = False  # the server said the transaction block failed (status E)
+    error: bool = False  # an ErrorResponse since the last ReadyForQuery
+    refuse_all: str | None = None
     prepared: dict[str, StatementInfo] = field(default_factory=dict)
+    prepared_path: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    refused: set[bytes] = field(default_factory=set)  # statement names substituted
+    staged: dict[bytes, Analysis] = field(default_factory=dict)  # effects applied at Bind
+    named: dict[bytes, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
+    """Allowed named statements: (text, role, search_path) they were decided with."""
     last_status: bytes = b"I"
+
+    def __post_init__(self) -> None:
+        if not self.session_role:
+            self.session_role = self.login_role
+        self.level = self.committed = self.now()
+
+    def now(self) -> _State:
+        return (self.path, self.role, self.session_role)
+
+    def put(self, state: _State) -> None:
+        self.path, self.role, self.session_role = state
+
+
+_TXN_ENDS = frozenset({"commit", "rollback", "rollback_to", "prepare_transaction"})
+
+
+def _changes_role(info: StatementInfo) -> bool:
+    while info.kind == "explain" and info.inner is not None:
+        info = info.inner
+    if info.kind == "set_role" or (info.kind == "discard" and info.name == "all"):
+        return True
+    return any(c.param in _ROLE_PARAMS for c in info.config_calls)
+
+
+def _needs_steps(analysis: Analysis) -> bool:
+    """Does a statement before the last change (or possibly undo) the role?"""
+    stmts = analysis.statements
+    return len(stmts) > 1 and any(
+        _changes_role(s) or s.kind in _TXN_ENDS for s in stmts[:-1]
+    )
 
 
 class Gate:
@@ -64,7 +120,10 @@ class Gate:
         self.metrics: Any = None
         self.audit: Any = None
         self.policy: Policy | None = None
-        self._caches: dict[str, PolicyCache] = {}
+        # Decisions depend on the environment, and RESET's target is per session: one
+        # cache per (database, reset search_path), so sessions never share a wrong one.
+        self._caches: dict[tuple[str, tuple[str, ...]], PolicyCache] = {}
+        self._schemas: dict[str, frozenset[str] | None] = {}
         self._effects: dict[str, bool] = {}
         self.encryption: Any = None  # proxy.encryption wiring, when `protect:` is configured
         if settings is not None:
@@ -78,7 +137,7 @@ class Gate:
         from proxy.policy import Policy
 
         raw = settings.raw
-        if "roles" in raw or "default" in raw:
+        if "roles" in raw or "default" in raw or "default_column_view" in raw:
             self.policy = Policy.from_dict(
                 {k: raw[k] for k in ("roles", "default", "default_column_view") if k in raw}
             )
@@ -97,15 +156,31 @@ class Gate:
         else:
             self.encryption = None
 
-    def _cache_for(self, database: str) -> PolicyCache:
-        cache = self._caches.get(database)
+    def _cache_for(self, database: str, reset_path: tuple[str, ...]) -> PolicyCache:
+        cache = self._caches.get((database, reset_path))
         if cache is None:
-            from proxy.policy import PolicyCache
+            from proxy.policy import Environment, PolicyCache
 
             assert self.policy is not None
-            cache = PolicyCache(self.policy, analyses=self.analyses)
-            self._caches[database] = cache
+            if len(self._caches) > 1000:  # unbounded distinct startup paths: start over
+                self._caches.clear()
+            env = Environment(
+                existing_schemas=self._schemas.get(database), reset_search_path=reset_path
+            )
+            cache = PolicyCache(self.policy, env=env, analyses=self.analyses)
+            self._caches[(database, reset_path)] = cache
         return cache
+
+    def _set_schemas(self, database: str, schemas: frozenset[str] | None) -> None:
+        """New knowledge of the database's schemas: every cache of it starts over."""
+        from proxy.policy import Environment
+
+        if self._schemas.get(database, ()) == schemas:
+            return
+        self._schemas[database] = schemas
+        for (db, reset), cache in self._caches.items():
+            if db == database:
+                cache.swap(env=Environment(existing_schemas=schemas, reset_search_path=reset))
 
     # ------------------------------------------------------------------ session start
 
@@ -119,45 +194,144 @@ class Gate:
         return sql
 
     def prelude_done(self, session: Session, results: list[list[list[bytes | None]]]) -> None:
-        from proxy.policy import Environment
-
         schemas = frozenset((r[0] or b"").decode() for r in results[0])
-        path = parse_search_path((results[1][0][0] or b"").decode())
+        row = [(v or b"").decode() for v in results[1][0]]
+        path = parse_search_path(row[0])
         if self.policy is not None:
-            cache = self._cache_for(session.database)
-            env = cache.env
-            if env.existing_schemas != schemas or env.reset_search_path != path:
-                cache.swap(env=Environment(existing_schemas=schemas, reset_search_path=path))
-            session.policy_state = SessionPolicy(
-                login_role=session.user, role=session.user, path=path, reset_path=path,
-                committed_path=path,
+            self._set_schemas(session.database, schemas)
+            role_opt, session_user = (row[1], row[2]) if len(row) >= 3 else ("none", "")
+            session_user = session_user or session.user
+            st = SessionPolicy(
+                login_role=session.user,
+                role=session_user if role_opt == "none" else role_opt,
+                path=path,
+                reset_path=path,
+                session_role=session_user,
             )
+            if st.role != session.user or st.session_role != session.user:
+                # A `role` / `session_authorization` startup option is a SET ROLE.
+                rp = self.policy.role(session.user)
+                if rp is None or "set_role" not in rp.allow:
+                    st.refuse_all = (
+                        f'role "{session.user}": a role startup option is set_role, not allowed'
+                    )
+            session.policy_state = st
             session.watch_ready = True
         if self.encryption is not None:
             self.encryption.attach(session, results[2] if len(results) > 2 else [])
 
     # ------------------------------------------------------------------ statements
 
-    def decide(self, session: Session, sql: str) -> ClientRefusal | None:
-        """Policy verdict for one statement text in this session (None: allowed)."""
+    def decide(
+        self, session: Session, sql: str, apply: bool = True
+    ) -> ClientRefusal | None:
+        """Policy verdict for one statement text in this session (None: allowed).
+
+        With ``apply`` the statement's effects on the session (SET, SET ROLE, PREPARE,
+        transaction ends...) are applied when it is allowed; the extended protocol applies
+        them at Bind instead (a Parse may never be executed, or executed many times).
+        """
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
-        if self.policy is None or st is None:
+        if self.policy is None:
             return None
-        cache = self._cache_for(session.database)
-        decision = cache.decide(sql, st.role, st.path, session.database, st.prepared)
-        if self.metrics is not None:
-            self.metrics.policy_decision(st.role, decision)
-        if not decision.allowed:
-            if self.audit is not None:
-                self.audit.denied(session, sql, decision.reason)
-            log.info("session %s role=%s: denied: %s", session.id, st.role, decision.reason)
-            return ClientRefusal("42501", f"permission denied by strongroom: {decision.reason}")
+        if st is None:
+            # The policy was loaded after this session started without one: its
+            # search_path and role were never read, so nothing can be decided.
+            return self._refuse(session, "?", "this session started before the policy was "
+                                "loaded; reconnect")
+        if st.refuse_all is not None:
+            return self._refuse(session, st.role, st.refuse_all)
+        cache = self._cache_for(session.database, st.reset_path)
         effects = self._effects.get(sql)
         if effects is None:
             effects = self._has_effects(sql)
         if effects:
-            self._apply_effects(st, self.analyses.analyze(sql))
+            decision = self._decide_effects(cache, session, st, sql)
+        else:
+            decision = cache.decide(sql, st.role, st.path, session.database, st.prepared)
+        if self.metrics is not None:
+            self.metrics.policy_decision(st.role, decision)
+        if not decision.allowed:
+            return self._refuse(session, st.role, decision.reason, sql)
+        if effects and apply:
+            self._apply_effects(session, st, self.analyses.analyze(sql))
         return None
+
+    def _refuse(self, session: Session, role: str, reason: str, sql: str = "") -> ClientRefusal:
+        if self.audit is not None:
+            self.audit.denied(session, sql, reason)
+        log.info("session %s role=%s: denied: %s", session.id, role, reason)
+        return ClientRefusal("42501", f"permission denied by strongroom: {reason}")
+
+    def _decide_effects(self, cache: PolicyCache, session: Session, st: SessionPolicy,
+                        sql: str) -> Decision:
+        """Statements with session effects need what the per-text cache cannot see: the
+        PREPAREs earlier in the same string, the search_path a prepared statement was
+        planned with (PostgreSQL keeps it), role changes the proxy could not follow."""
+        from proxy.policy import Decision
+
+        analysis = self.analyses.analyze(sql)  # parsed already: _has_effects said so
+        for info in analysis.statements:
+            for call in info.config_calls:
+                if call.param in _ROLE_PARAMS and (call.values is None or call.is_local is None):
+                    return Decision(False, f'role "{st.role}": set_config(\'{call.param}\') '
+                                    "with a value the proxy cannot track")
+        role = st.role
+        if all(info.kind == "set_role" for info in analysis.statements):
+            # Switching roles is the authenticated (session) role's right, as in
+            # PostgreSQL: after SET ROLE to a role without set_role, RESET ROLE still works.
+            role = st.session_role
+        if not analysis.has_execute:
+            decision = cache.decide(sql, role, st.path, session.database, st.prepared)
+            if decision.allowed and _needs_steps(analysis):
+                return self._decide_steps(cache, session, st, analysis, st.prepared)
+            return decision
+        prepared = dict(st.prepared)
+        paths = {st.path}
+        executed: set[str] = set()
+        for info in analysis.statements:
+            while info.kind == "explain" and info.inner is not None:
+                info = info.inner
+            if info.kind == "prepare" and info.name and info.inner is not None:
+                if info.name not in executed:  # else both definitions would be in play
+                    prepared[info.name] = info.inner
+            elif info.kind == "execute" and info.name:
+                executed.add(info.name)
+                if info.name in st.prepared_path:
+                    paths.add(st.prepared_path[info.name])
+        decision: Decision | None = None
+        for path in sorted(paths):
+            decision = cache.decide(sql, st.role, path, session.database, prepared)
+            if not decision.allowed:
+                break
+        assert decision is not None
+        if decision.allowed and _needs_steps(analysis):
+            return self._decide_steps(cache, session, st, analysis, prepared)
+        return decision
+
+    def _decide_steps(self, cache: PolicyCache, session: Session, st: SessionPolicy,
+                      analysis: Analysis, prepared: dict[str, StatementInfo]) -> Decision:
+        """A string that changes role (or ends a transaction that may undo a role change)
+        before its last statement: the engine decides a string as one role, PostgreSQL
+        runs each statement as the role then in effect. Follow it statement by statement
+        on a scratch copy of the session state; every statement must pass as the role
+        and search_path it will really run with (on top of the whole-string decision)."""
+        from proxy.policy import Decision, decide
+
+        assert self.policy is not None
+        sim = SessionPolicy(login_role=st.login_role, role=st.role, path=st.path,
+                            reset_path=st.reset_path, session_role=st.session_role)
+        sim.level, sim.committed, sim.aborted = st.level, st.committed, st.aborted
+        sim.savepoints = list(st.savepoints)
+        sim.prepared, sim.prepared_path = dict(prepared), dict(st.prepared_path)
+        for index, info in enumerate(analysis.statements):
+            role = sim.session_role if info.kind == "set_role" else sim.role
+            found = decide(self.policy, role, info, sim.path, session.database,
+                           env=cache.env, prepared=sim.prepared)
+            if not found.allowed:
+                return Decision(False, f"statement {index + 1}: {found.reason}", index)
+            self._apply_one(session, sim, info, scratch=True)
+        return Decision(True, "allowed")
 
     def is_ddl(self, sql: str) -> bool:
         """Whether a statement may change tables (the encryption catalog then reloads)."""
@@ -173,57 +347,151 @@ class Gate:
         except Exception:
             return False
         result = any(
-            s.kind in _EFFECT_KINDS or s.config_calls for s in analysis.statements
+            s.kind in _EFFECT_KINDS or s.config_calls or s.kind == "execute"
+            or (s.kind == "ddl" and s.detail in _SCHEMA_DDL)
+            for s in analysis.statements
         )
         if len(self._effects) > 10_000:
             self._effects.clear()
         self._effects[sql] = result
         return result
 
-    def _apply_effects(self, st: SessionPolicy, analysis: Analysis) -> None:
-        from proxy.policy import search_path_after
-
+    def _apply_effects(self, session: Session, st: SessionPolicy, analysis: Analysis) -> None:
+        before = (st.role, st.path)
         for info in analysis.statements:
-            kind = info.kind
-            if kind == "prepare" and info.name and info.inner is not None:
-                st.prepared[info.name] = info.inner
-            elif kind == "deallocate":
-                if info.name:
-                    st.prepared.pop(info.name, None)
-                else:
-                    st.prepared.clear()
-            elif kind == "set_role":
-                setting = info.setting
-                if setting is None or setting.action != "value" or not setting.values:
-                    st.role = st.login_role
-                else:
-                    st.role = setting.values[0]
-            elif kind == "discard" and info.name == "all":
-                st.role = st.login_role
+            self._apply_one(session, st, info)
+        if (st.role, st.path) != before:
+            self._watch_named(session, st)
+
+    @staticmethod
+    def _watch_named(session: Session, st: SessionPolicy) -> None:
+        """Role or search_path changed: Binds of earlier named statements need a look."""
+        session.denied.update(st.named)
+
+    def _apply_one(self, session: Session, st: SessionPolicy, info: StatementInfo,
+                   scratch: bool = False) -> None:
+        kind = info.kind
+        if kind == "explain":
+            if info.explain_analyze and info.inner is not None:
+                self._apply_one(session, st, info.inner, scratch)
+            return
+        if kind == "prepare" and info.name and info.inner is not None:
+            st.prepared[info.name] = info.inner
+            st.prepared_path[info.name] = st.path
+        elif kind == "deallocate":
+            if info.name:
+                st.prepared.pop(info.name, None)
+                st.prepared_path.pop(info.name, None)
+            else:
                 st.prepared.clear()
-            elif kind in ("commit", "rollback"):
-                st.txn_end = kind
-            new = search_path_after(info, st.path, st.reset_path)
-            if new != st.path:
-                st.path = new
-                if info.setting is None or not info.setting.is_local:
-                    if st.last_status == b"I" and kind != "begin":
-                        st.committed_path = new
+                st.prepared_path.clear()
+        elif kind == "discard" and info.name == "all":
+            # SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; ... (no block)
+            st.prepared.clear()
+            st.prepared_path.clear()
+            self._set(st, "session_authorization", None, False)
+            self._set(st, "search_path", None, False)
+        elif kind == "begin":
+            st.savepoints.clear()
+        elif kind in ("commit", "prepare_transaction"):
+            if st.aborted:  # COMMIT of a failed block is a ROLLBACK
+                st.put(st.committed)
+                st.level = st.committed
+            else:
+                st.put(st.level)
+                st.committed = st.level
+            st.savepoints.clear()
+        elif kind == "rollback":
+            st.put(st.committed)
+            st.level = st.committed
+            st.savepoints.clear()
+        elif kind == "savepoint" and info.name:
+            st.savepoints.append((info.name, st.now(), st.level))
+        elif kind in ("rollback_to", "release") and info.name:
+            for i in range(len(st.savepoints) - 1, -1, -1):
+                if st.savepoints[i][0] == info.name:
+                    _, now, level = st.savepoints[i]
+                    if kind == "rollback_to":
+                        st.put(now)
+                        st.level = level
+                        del st.savepoints[i + 1 :]
+                    else:
+                        del st.savepoints[i:]
+                    break
+        elif kind == "ddl" and info.detail in _SCHEMA_DDL and not scratch:
+            # A schema appeared or moved: stop trusting the list read at session start
+            # (None: every schema of the path may hold a name; fail closed).
+            self._set_schemas(session.database, None)
+        setting = info.setting
+        if setting is not None and kind in ("set", "set_role"):
+            param = setting.param
+            if param == "all" and setting.action == "default":
+                self._set(st, "search_path", None, setting.is_local)
+            elif param in ("search_path", "role", "session_authorization"):
+                if setting.action == "value":
+                    value: Any = setting.values if param == "search_path" else (
+                        setting.values[0] if setting.values else None)
+                    self._set(st, param, value, setting.is_local)
+                elif setting.action == "default":
+                    self._set(st, param, None, setting.is_local)
+        for call in info.config_calls:
+            if call.param in ("search_path", "role", "session_authorization"):
+                if call.values is None or call.is_local is None:
+                    continue  # denied before it got here
+                value = call.values if call.param == "search_path" else call.values[0]
+                if call.param != "search_path" and value in ("", "default"):
+                    value = None
+                self._set(st, call.param, value, call.is_local)
+
+    def _set(self, st: SessionPolicy, param: str, value: Any, local: bool) -> None:
+        """SET [LOCAL] param = value (None: RESET / DEFAULT / NONE)."""
+        path, role, srole = st.now()
+        if param == "search_path":
+            path = st.reset_path if value is None else tuple(value)
+        elif param == "role":
+            role = srole if value is None or value == "none" else value
+        else:  # session_authorization also makes the current role the new session role
+            srole = st.login_role if value is None else value
+            role = srole
+        st.put((path, role, srole))
+        if not local:
+            lpath, lrole, lsrole = st.level
+            if param == "search_path":
+                st.level = (path, lrole, lsrole)
+            elif param == "role":
+                st.level = (lpath, role, lsrole)
+            else:
+                st.level = (lpath, role, srole)
+
+    def server_error(self, session: Session) -> None:
+        """An ErrorResponse went by: the transaction it belongs to will not commit."""
+        st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        if st is not None:
+            st.error = True
 
     def ready(self, session: Session, status: bytes) -> None:
-        """ReadyForQuery: a transaction that ended takes its SETs with it or keeps them."""
+        """ReadyForQuery: settle what the finished request did to the transaction."""
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
         if st is None:
             return
-        if status == b"I" and st.last_status != b"I":
-            if st.txn_end == "commit" and st.last_status == b"T":
-                st.committed_path = st.path
-            # SET LOCAL ends with any transaction; a rolled-back SET is undone.
-            st.path = st.committed_path
-            st.txn_end = None
-        elif status == b"I":
-            st.committed_path = st.path
+        before = (st.role, st.path)
+        if status == b"I":
+            if st.error:
+                # The implicit transaction (or what followed the last COMMIT in it)
+                # rolled back, and with it every SET of the request.
+                st.level = st.committed
+            st.committed = st.level
+            st.put(st.level)  # SET LOCAL ends with any transaction
+            st.savepoints.clear()
+            st.aborted = False
+        elif status == b"E":
+            st.aborted = True
+        else:
+            st.aborted = False
+        st.error = False
         st.last_status = status
+        if (st.role, st.path) != before:
+            self._watch_named(session, st)
 
     def query(self, session: Session, body: bytes) -> bytes | None:
         sql = m.query_text(body)
@@ -247,19 +515,87 @@ class Gate:
         if self.policy is None:
             self._analyze_quietly(sql)
             return None
-        refusal = self.decide(session, sql)
+        st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        refusal = self.decide(session, sql, apply=False)
+        if st is not None:
+            st.refused.discard(name)
+            st.staged.pop(name, None)
+            st.named.pop(name, None)
         if refusal is None:
-            session.denied.discard(name)
+            if st is not None and name:
+                if len(st.named) >= 1000 and name not in st.named:
+                    st.named.pop(next(iter(st.named)))
+                st.named[name] = (sql, st.role, st.path)
+            if st is not None and self._effects.get(sql):
+                # Effects happen when the statement runs: the gate must see its Binds.
+                st.staged[name] = self.analyses.analyze(sql)
+                if name:
+                    self._record_parsed(st, name, st.staged[name])
+                session.denied.add(name)
+            else:
+                if st is not None and name:
+                    self._record_parsed(st, name, self.analyses.analyze(sql))
+                session.denied.discard(name)
             return None
+        if st is not None:
+            st.refused.add(name)
         session.denied.add(name)
-        return rows.encode_parse(name, refusal_sql(refusal), [])
+        return rows.encode_parse(name, refusal_sql(refusal), self._refusal_oids(sql, _oids))
+
+    def _refusal_oids(self, sql: str, oids: list[int]) -> list[int]:
+        """Parameter types for the substituted statement: as many as the client's
+        statement has, so a driver that Describes it (asyncpg) binds its arguments and
+        gets the 42501 at Execute instead of failing on a parameter count. Types the
+        client left to the server become ``text`` (the server cannot infer a type for a
+        parameter the refusal does not use); Bind then sends NULLs only."""
+        try:
+            count = self.analyses.analyze(sql).param_count
+        except Exception:
+            count = 0
+        count = max(count, len(oids))
+        return [oid or _UNKNOWN_OID for oid in oids] + [_UNKNOWN_OID] * (count - len(oids))
+
+    @staticmethod
+    def _record_parsed(st: SessionPolicy, name: bytes, analysis: Analysis) -> None:
+        """A named protocol statement shares PREPARE's namespace: SQL EXECUTE can run it."""
+        if len(analysis.statements) == 1:
+            key = name.decode(errors="surrogateescape")
+            if len(st.prepared) >= 1000 and key not in st.prepared:
+                # Drivers Close old names we do not see: forget the oldest. EXECUTE of a
+                # forgotten name is then denied (unknown), which fails closed.
+                oldest = next(iter(st.prepared))
+                del st.prepared[oldest]
+                st.prepared_path.pop(oldest, None)
+            st.prepared[key] = analysis.statements[0]
+            st.prepared_path[key] = st.path
 
     def bind(self, session: Session, body: bytes) -> bytes | None:
-        """A Bind to a substituted statement must carry no parameters, or the server would
-        answer 08P01 instead of the refusal."""
+        """Binds of statements the gate watches (``session.denied``). An allowed one with
+        session effects (SET, SET ROLE, PREPARE...) applies them now, each time it runs.
+        A substituted one keeps its parameter count (the refusal declares as many) but
+        every value becomes NULL: no input function runs, so no type or encoding error
+        (or 08P01) can come before the refusal, and no value reaches the server."""
         bind = rows.decode_bind(body)
         if bind.statement not in session.denied:
             return None
-        bind.params = []
-        bind.param_formats = []
+        st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        if st is not None and bind.statement not in st.refused:
+            named = st.named.get(bind.statement)
+            if named is not None and (named[1], named[2]) != (st.role, st.path):
+                # Parsed as another role or search_path (SET ROLE since, or a driver's
+                # automatic prepare): decide again for the role it will now run as.
+                refusal = self.decide(session, named[0], apply=False)
+                if refusal is not None:
+                    # The server already holds the real statement; bind to a name that
+                    # cannot exist instead, which fails (26000) with the refusal's words.
+                    bind.statement = refusal.text.encode()
+                    return rows.encode_bind(bind)
+                st.named[bind.statement] = (named[0], st.role, st.path)
+            staged = st.staged.get(bind.statement)
+            if staged is not None:
+                self._apply_effects(session, st, staged)
+            else:
+                session.denied.discard(bind.statement)  # back on the fast path
+            return None
+        bind.params = [None] * len(bind.params)
         return rows.encode_bind(bind)
