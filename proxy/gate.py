@@ -244,6 +244,22 @@ class Gate:
         cache = self._cache_for(session.database, st.reset_path)
         effects = self._effects.get(sql)
         if effects is None:
+            # Plain DML seen before with other constants: its template analysis has no
+            # session effects, and its decision is cached under the template.
+            try:
+                analysis = self.analyses.analyze(sql)
+            except Exception:
+                analysis = None
+            key = self.analyses.last_key
+            if analysis is not None and key[:1] == "\0":
+                decision = cache.decide_keyed(
+                    key, analysis, st.role, st.path, session.database, st.prepared
+                )
+                if self.metrics is not None:
+                    self.metrics.policy_decision(st.role, decision)
+                if not decision.allowed:
+                    return self._refuse(session, st.role, decision.reason, sql)
+                return None
             effects = self._has_effects(sql)
         if effects:
             decision = self._decide_effects(cache, session, st, sql)

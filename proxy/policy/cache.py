@@ -13,7 +13,7 @@ from proxy.policy.engine import DEFAULT_ENVIRONMENT, Decision, Environment, deci
 from proxy.policy.model import Policy
 from proxy.sql.analyzer import AnalysisError
 from proxy.sql.cache import AnalysisCache
-from proxy.sql.info import StatementInfo
+from proxy.sql.info import Analysis, StatementInfo
 
 _Key = tuple[str, str, tuple[str, ...], str]
 
@@ -94,6 +94,34 @@ class PolicyCache:
         data[key] = decision
         if len(data) > self.maxsize:
             data.popitem(last=False)
+        return decision
+
+    def decide_keyed(
+        self,
+        key: str,
+        analysis: Analysis,
+        role: str,
+        search_path: tuple[str, ...],
+        database: str,
+        prepared: Mapping[str, StatementInfo] | None = None,
+    ) -> Decision:
+        """Decision for an analysis the caller already has, cached under ``key`` (the
+        analysis cache's template key), so a statement seen with other constants costs
+        no second normalisation."""
+        k = (key, role, search_path, database)
+        data = self._data
+        found = data.get(k)
+        if found is not None:
+            data.move_to_end(k)
+            return found
+        decision = decide(
+            self._policy, role, analysis, search_path, database, env=self._env,
+            prepared=prepared,
+        )
+        if not analysis.has_execute:
+            data[k] = decision
+            if len(data) > self.maxsize:
+                data.popitem(last=False)
         return decision
 
     def __len__(self) -> int:
