@@ -359,7 +359,8 @@ class AuditLog:
                 raise
             if self._fh is not None:
                 self._size += len(line)
-                if self._size >= self.max_bytes:
+                # Never after `stop`: the newest file must end with it (--require-stop).
+                if self._size >= self.max_bytes and fields["event"] != "stop":
                     self._rotate()
 
     def _seal(self, fields: dict[str, Any]) -> bytes:

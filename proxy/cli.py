@@ -62,9 +62,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         # Build the gate once before listening: keys that cannot be unwrapped or a policy
         # that cannot be built stop the start with a message, not a traceback.
+        from proxy import observability
         from proxy.gate import Gate
 
         Gate(cfg)
+        if observability.audit_settings(cfg) is not None:
+            observability.load_audit_key(cfg)
         return serve(cfg, args.config)
     except settings_mod.ConfigError as exc:
         for line in exc.problems:
@@ -186,6 +189,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_command == "init":
         columns = protect_columns_for_keys(cfg.raw.get("protect") or {})
         _print_keys(cli_ops.init(kek, keyring, columns, provider=provider))  # type: ignore[arg-type]
+        _init_audit_key(cfg)
         return 0
     if args.keys_command == "show":
         _print_keys(cli_ops.show(keyring))
@@ -205,12 +209,30 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_audit_key(cfg: settings_mod.Settings) -> None:
+    """With `audit:` configured, create its HMAC key file (hex, 0600) unless it exists."""
+    from proxy import observability
+
+    path = observability.audit_key_path(cfg)
+    if path is not None and observability.create_key_file(path):
+        print(f"created audit key {path} (mode 0600; `strongroom audit verify` needs it)")
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from proxy.audit import audit_verify_main
 
     rest = list(args.rest)
+    if rest[:1] == ["keygen"] and len(rest) == 2:
+        from proxy.observability import create_key_file
+
+        if not create_key_file(rest[1]):
+            print(f"{rest[1]} exists; not overwritten", file=sys.stderr)
+            return 1
+        print(f"created audit key {rest[1]} (mode 0600)")
+        return 0
     if rest[:1] != ["verify"]:
-        print("usage: strongroom audit verify FILE... --key-file K", file=sys.stderr)
+        print("usage: strongroom audit verify FILE... --key-file K | audit keygen FILE",
+              file=sys.stderr)
         return 2
     return int(audit_verify_main(rest[1:]))
 

@@ -54,7 +54,8 @@ class ColumnRuntime:
 class RoleColumn:
     """One protected column as one role sees it; implements tracking.ColumnCrypto."""
 
-    __slots__ = ("_mask", "_tz", "logical_oid", "runtime", "typlen", "view")
+    __slots__ = ("_mask", "_tz", "logical_oid", "n_bidx", "n_decrypt", "n_encrypt", "n_failed",
+                 "runtime", "typlen", "view")
 
     def __init__(self, runtime: ColumnRuntime, view: str, mask: Any, tz: Any) -> None:
         self.runtime = runtime
@@ -63,6 +64,9 @@ class RoleColumn:
         self._tz = tz
         self.logical_oid = runtime.logical_oid
         self.typlen = runtime.typlen
+        # Operation counts since the session last drained them into metrics (one add per
+        # cell here, one metrics call per column and request there).
+        self.n_encrypt = self.n_decrypt = self.n_bidx = self.n_failed = 0
 
     def _canonical(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
         codec = self.runtime.codec
@@ -79,18 +83,23 @@ class RoleColumn:
             ) from None
 
     def encrypt_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
+        self.n_encrypt += 1
         return self.runtime.cipher.encrypt(self._canonical(value, fmt, oid))
 
     def blind_index_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
         bidx = self.runtime.blind_index
         if bidx is None:
             raise ValueError_("0A000", f"column {self.runtime.qualified} has no blind index")
+        self.n_bidx += 1
         return bidx.compute(self._canonical(value, fmt, oid))
 
     def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
+        self.n_decrypt += 1
         try:
             canonical = self.runtime.cipher.decrypt(envelope)
         except DecryptError:
+            self.n_decrypt -= 1
+            self.n_failed += 1
             raise ValueError_(
                 DECRYPT_FAILED,
                 f"stored value of protected column {self.runtime.qualified} failed "
@@ -292,6 +301,21 @@ class SessionProtector:
                 self._tz = datetime.UTC
         return self._tz
 
+    def drain_crypto_counts(self) -> list[tuple[str, str, int, int]]:
+        """(column, op, ok, failed) counted since the last call; resets the counters."""
+        out: list[tuple[str, str, int, int]] = []
+        for rc in self._role.values():
+            if rc.n_encrypt or rc.n_decrypt or rc.n_bidx or rc.n_failed:
+                col = rc.runtime.qualified
+                if rc.n_decrypt or rc.n_failed:
+                    out.append((col, "decrypt", rc.n_decrypt, rc.n_failed))
+                if rc.n_encrypt:
+                    out.append((col, "encrypt", rc.n_encrypt, 0))
+                if rc.n_bidx:
+                    out.append((col, "blind_index", rc.n_bidx, 0))
+                rc.n_encrypt = rc.n_decrypt = rc.n_bidx = rc.n_failed = 0
+        return out
+
     def column_at(self, table_oid: int, attnum: int) -> RoleColumn | Untraceable | None:
         snap = self.catalog.snapshot
         if snap is not self._attr_snapshot:
@@ -340,7 +364,11 @@ class SessionProtector:
             self.wants_refresh = True
         if not rplan.touches_protected:
             return StatementPlan(sql=raw)
+        tables = tuple(sorted(f"{s}.{t}" for s, t in getattr(rplan, "tables_referenced", ())))
         if rplan.refusal:
+            auditor = self.session.tracker.on_statement if self.session.tracker else None
+            if auditor is not None:
+                auditor.refused(sql, tables, rplan.refusal)
             return StatementPlan(sql=raw, touches_protected=True,
                                  refusal=ClientRefusal("0A000", rplan.refusal))
         snap = self.catalog.snapshot
@@ -368,8 +396,11 @@ class SessionProtector:
             None if cols is None else [self._role_of(pc) if pc else None for pc in cols]
             for cols in rplan.columns_selected
         ]
+        literals = tuple({id(rc): rc for rc in (self._role_of(sp.column) for sp in rplan.splices
+                                                if sp.action != "rename")}.values())
         return StatementPlan(sql=text, params=params, touches_protected=True, copy=copy,
-                             derived=derived, outputs=outputs)
+                             derived=derived, outputs=outputs, source=sql, tables=tables,
+                             literals=literals)
 
     def after_statement(self) -> bytes:
         """Called after each Query/Sync is queued: reload the catalog if it may be stale."""

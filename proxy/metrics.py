@@ -548,11 +548,21 @@ class Metrics:
         """Count one statement by kind (policy kind or pglast node name; else "other")."""
         self._query_by_name.get(kind, self._query_other)[0] += 1
 
+    def query_counter(self, kind: str) -> list[float]:
+        """The counter cell of one kind (bounded like `query`), for callers that cache it
+        per statement text and add to it directly: `cell[0] += 1`."""
+        return self._query_by_name.get(kind, self._query_other)
+
     def query_done(self, kind: str | None, seconds: float) -> None:
         """A Query (or Sync) got its ReadyForQuery: count its kind (if given) and time it."""
         if kind is not None:
             self._query_by_name.get(kind, self._query_other)[0] += 1
         self._query_seconds.observe(seconds)
+
+    def byte_cells(self) -> tuple[list[float], list[float]]:
+        """The (client_to_server, server_to_client) byte counter cells, for a caller that
+        adds to them directly per read (`cell[0] += n`): the cheapest possible event."""
+        return self._bytes_c2s, self._bytes_s2c
 
     def bytes_in(self, n: int) -> None:
         """Bytes read from the client (and forwarded towards the server)."""

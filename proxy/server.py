@@ -21,7 +21,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from proxy import observability
 from proxy.gate import Gate
+from proxy.metrics import stop_http, worker_port
 from proxy.protocol import messages as m
 from proxy.session import Session, State
 from proxy.settings import ConfigError, Settings, load
@@ -32,10 +34,20 @@ log = logging.getLogger("strongroom.server")
 class Server:
     """Owns the listening socket(s) and every session of this process."""
 
-    def __init__(self, settings: Settings, *, worker_count: int = 1) -> None:
+    def __init__(self, settings: Settings, *, worker_count: int = 1, worker_index: int = 0,
+                 ) -> None:
         self.settings = settings
         self.worker_count = worker_count
+        self.worker_index = worker_index
         self.gate = Gate(settings)
+        # Metrics always exist (the session's counters are plain adds); the HTTP endpoint
+        # and the audit log only when configured. See proxy/observability.py.
+        self.metrics, self.audit, self.audit_facts = observability.build(
+            settings, self.gate, worker_index
+        )
+        self.query_kinds = observability.QueryKinds(self.metrics, self.gate)
+        self._metrics_http: Any = None
+        self.metrics_port = 0
         self.sessions: set[Session] = set()
         self.keys: dict[tuple[int, int], Session] = {}
         self.client_ssl = settings.client_ssl_context()
@@ -66,6 +78,12 @@ class Server:
         srv = await loop.create_server(lambda: Session(self), sock=sock, backlog=4096)
         self._servers.append(srv)
         self._janitor = loop.create_task(self._janitor_loop())
+        mcfg = self.settings.metrics
+        if mcfg.port:
+            self._metrics_http, self.metrics_port = self.metrics.start_http(
+                mcfg.host, worker_port(mcfg.port, self.worker_index)
+            )
+            log.info("metrics on http://%s:%s/metrics", mcfg.host, self.metrics_port)
 
     @property
     def port(self) -> int:
@@ -83,10 +101,20 @@ class Server:
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
+            session.close_reason = "shutdown"
             session.expire("57P01", "terminating connection due to administrator command")
         if self._janitor:
             self._janitor.cancel()
         await asyncio.sleep(0)
+        # Let the closed sessions' connection_lost run, so their disconnects are audited.
+        deadline = time.monotonic() + 2.0
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.audit is not None:
+            self.audit.close()
+        if self._metrics_http is not None:
+            stop_http(self._metrics_http)
+            self._metrics_http = None
 
     def reload(self, path: str) -> bool:
         """Swap in a new Settings; a broken file leaves the running one in force."""
@@ -95,6 +123,7 @@ class Server:
         except ConfigError as exc:
             log.error("reload rejected, keeping the running configuration:\n%s", exc)
             self.count("reload_failed")
+            self.metrics.config_reloaded(False)
             return False
         old = self.settings
         if (new.listen, new.workers) != (old.listen, old.workers):
@@ -105,6 +134,7 @@ class Server:
             log.error("reload rejected, keeping the running configuration: %s", exc)
             self.gate.configure(old)
             self.count("reload_failed")
+            self.metrics.config_reloaded(False)
             return False
         self.settings = new
         self.client_ssl = new.client_ssl_context()
@@ -112,6 +142,10 @@ class Server:
         for hook in self.on_reload:
             hook(new)
         self.count("reload_ok")
+        observability.configure_metrics(self.metrics, new, self.gate)
+        self.metrics.config_reloaded(True)
+        if observability.audit_settings(new) != observability.audit_settings(old):
+            log.warning("audit settings changed: take effect after a restart")
         log.info("configuration reloaded from %s", path)
         return True
 
@@ -123,15 +157,25 @@ class Server:
     def admit(self, session: Session) -> bool:
         if self._stopping or len(self.sessions) >= self.settings.limits.max_clients:
             self.count("rejected")
+            self.metrics.client_rejected()
             return False
         self.sessions.add(session)
         self.count("accepted")
+        self.metrics.client_accepted()
         return True
 
     def release(self, session: Session, was: State) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
             self.count("closed")
+            self.metrics.client_closed(session.close_reason)
+        if session.tracker is not None:
+            observability.flush_crypto(session.tracker, self.metrics.crypto_done)
+        if session.ready_once and self.audit is not None:
+            self.audit.disconnect(
+                session.id, observability.session_role(session), session.peer,
+                observability.application_name(session), session.close_reason,
+            )
         if session.backend_key is not None and self.keys.get(session.backend_key) is session:
             del self.keys[session.backend_key]
 
@@ -139,22 +183,41 @@ class Server:
         self.keys[key] = session
 
     def on_session_ready(self, session: Session) -> None:
-        pass
+        session.ready_once = True
+        if self.audit is not None:
+            self.audit.connect(session.id, session.user, session.peer,
+                               observability.application_name(session))
+            if session.tracker is not None:
+                session.tracker.on_statement = observability.StatementAuditor(
+                    self.audit, self.audit_facts, session
+                )
 
     def count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
     def on_protocol_error(self, sqlstate: str) -> None:
         self.count("protocol_errors")
+        self.metrics.protocol_error(sqlstate)
 
-    def on_auth_failure(self, sqlstate: str) -> None:
+    def on_auth_failure(self, sqlstate: str, session: Session | None = None) -> None:
+        """The server refused the client at startup (FATAL during authentication)."""
         self.count("auth_failures")
+        self.metrics.auth_failed(sqlstate)
+        if session is not None:
+            session.close_reason = "auth_failure"
+            if self.audit is not None:
+                self.audit.auth_failure(session.id, session.user, session.peer,
+                                        observability.application_name(session), sqlstate)
 
     def on_upstream_connect_failed(self, exc: BaseException) -> None:
         self.count("upstream_connect_failures")
+        self.metrics.upstream_connect_failed()
 
     def on_upstream_connected(self, seconds: float) -> None:
-        pass
+        self.metrics.upstream_connected(seconds)
+
+    def on_upstream_closed(self) -> None:
+        self.metrics.upstream_closed()
 
     # ------------------------------------------------------------------ cancel
 
@@ -266,9 +329,10 @@ def serve(settings: Settings, config_path: str | None) -> int:
 
 
 async def _serve_one(
-    settings: Settings, config_path: str | None, sock: socket.socket | None, workers: int
+    settings: Settings, config_path: str | None, sock: socket.socket | None, workers: int,
+    worker_index: int = 0,
 ) -> int:
-    server = Server(settings, worker_count=workers)
+    server = Server(settings, worker_count=workers, worker_index=worker_index)
     await server.start(sock)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -297,7 +361,7 @@ def _serve_workers(settings: Settings, config_path: str | None) -> int:
     them by hash; one inherited socket would let whichever worker wakes first take most.
     """
     children: list[int] = []
-    for _ in range(settings.workers):
+    for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # child
             code = 1
@@ -306,7 +370,7 @@ def _serve_workers(settings: Settings, config_path: str | None) -> int:
                 loop = new_event_loop()
                 asyncio.set_event_loop(loop)
                 code = loop.run_until_complete(
-                    _serve_one(settings, config_path, sock, settings.workers)
+                    _serve_one(settings, config_path, sock, settings.workers, index)
                 )
             finally:
                 os._exit(code)

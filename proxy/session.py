@@ -20,6 +20,7 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from proxy.observability import flush_crypto
 from proxy.protocol import messages as m
 from proxy.protocol.framing import Framer
 from proxy.protocol.messages import ProtocolViolation
@@ -38,6 +39,14 @@ _Q, _P, _S, _X, _F, _H, _B = (ord(c) for c in "QPSXFHB")
 _T, _D, _C = (ord(c) for c in "TDC")
 _Z, _R, _K, _E, _PS = (ord(c) for c in "ZRKES")
 _FRONTEND = frozenset(m.FRONTEND_TYPES)
+_now = time.perf_counter
+
+
+# Why a session ended, by the SQLSTATE of the FATAL the proxy sent (metrics label).
+_FATAL_REASONS = {
+    "57P05": "idle_timeout", "25P03": "idle_in_transaction_timeout", "57P01": "shutdown",
+    "08006": "upstream_connect_failed", "08P01": "protocol_error", "53300": "other",
+}
 
 
 class State(enum.Enum):
@@ -52,13 +61,14 @@ class State(enum.Enum):
 class Upstream(asyncio.Protocol):
     """The server side of a session: hands every chunk to the session."""
 
-    __slots__ = ("_ssl_answer", "closed", "session", "transport")
+    __slots__ = ("_ssl_answer", "closed", "counted", "session", "transport")
 
     def __init__(self, session: Session) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
         self._ssl_answer: asyncio.Future[bytes] | None = None
         self.closed = False
+        self.counted = False  # counted as an open upstream connection in metrics
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -78,6 +88,9 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.counted:
+            self.counted = False
+            self.session.server.on_upstream_closed()
         if self._ssl_answer is not None and not self._ssl_answer.done():
             self._ssl_answer.set_exception(ConnectionError("upstream closed during TLS setup"))
         self.session.server_lost()
@@ -128,6 +141,15 @@ class Session(asyncio.Protocol):
         self.watch_ready = False  # gate.ready() wants every ReadyForQuery status
         self.policy_state: object | None = None
         self._prelude: tuple[bytes, list[list[list[bytes | None]]]] | None = None
+        # Observability (proxy/observability.py): bound methods, so an event on the hot
+        # path is one call and an add.
+        metrics = server.metrics
+        self._m_in, self._m_out = metrics.byte_cells()  # `cell[0] += n`: no call at all
+        self._m_done = metrics.query_seconds.child().observe
+        self._count_kind = server.query_kinds.count
+        self._t0 = 0.0  # when the current request (first Query/Sync after idle) was sent
+        self.close_reason = "client_eof"  # metrics label when the session ends
+        self.ready_once = False  # reached READY (a connect was audited)
 
     # ------------------------------------------------------------------ client side
 
@@ -143,6 +165,7 @@ class Session(asyncio.Protocol):
         self._timer = loop.call_later(self.settings.limits.startup_timeout, self._startup_expired)
 
     def data_received(self, data: bytes) -> None:
+        self._m_in[0] += len(data)
         try:
             if self.state is State.READY:
                 self._client_ready(data)
@@ -337,6 +360,7 @@ class Session(asyncio.Protocol):
                 )
             return
         self.server.on_upstream_connected(time.perf_counter() - started)
+        proto.counted = True
         self.upstream = proto
         if self.state is State.CLOSED:
             transport.close()
@@ -380,7 +404,7 @@ class Session(asyncio.Protocol):
                     self.server_fatal = True
                     log.info("session %s user=%s: upstream refused: %s", self.id,
                              self.user, fields.get("C"))
-                    self.server.on_auth_failure(fields.get("C", ""))
+                    self.server.on_auth_failure(fields.get("C", ""), self)
             elif kind == _Z:
                 self.txn_status = chunk[5:6]
                 if self._timer:
@@ -421,11 +445,17 @@ class Session(asyncio.Protocol):
         for i, (kind, start, stop) in enumerate(frames):
             replacement = None
             if kind == _Q:
+                if not self.outstanding:
+                    self._t0 = _now()
                 self.outstanding += 1
                 replacement = gate.query(self, buf[start + 5 : stop])
+                self._count_kind()
             elif kind == _P:
                 replacement = gate.parse(self, buf[start + 5 : stop])
+                self._count_kind()
             elif kind == _S or kind == _F:
+                if not self.outstanding:
+                    self._t0 = _now()
                 self.outstanding += 1
             elif kind == _B and self.denied:
                 replacement = gate.bind(self, buf[start + 5 : stop])
@@ -457,6 +487,8 @@ class Session(asyncio.Protocol):
         for i, (kind, start, stop) in enumerate(frames):
             msg = buf[start:stop]
             if kind == _Q or kind == _S or kind == _F:
+                if not self.outstanding:
+                    self._t0 = _now()
                 self.outstanding += 1
             elif kind == _X:
                 if out:
@@ -471,6 +503,8 @@ class Session(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self._violation(str(exc))
                 return
+            if kind == _Q or kind == _P:
+                self._count_kind()
             out.append(msg if replacement is None else replacement)
         self.upstream.transport.write(b"".join(out))  # type: ignore[union-attr]
 
@@ -484,8 +518,15 @@ class Session(asyncio.Protocol):
             if kind == _Z and replacement is None:  # not the reply to an injected query
                 self.txn_status = msg[5:6]
                 self.outstanding -= 1
+                if not self.outstanding:
+                    self._m_done(_now() - self._t0)
+                    self._flush_crypto()
                 if self.watch_ready:
                     self.gate.ready(self, self.txn_status)
+            elif kind == _E:
+                self._count_error(msg, 0, len(msg))
+                if self.watch_ready:  # the failed transaction takes its SETs with it
+                    self.gate.server_error(self)
             elif kind == _PS:
                 name, value = m.parameter_status(msg[5:])
                 self.server_params[name] = value
@@ -497,6 +538,7 @@ class Session(asyncio.Protocol):
             self.transport.write(b"".join(out))  # type: ignore[union-attr]
 
     def server_data(self, data: bytes) -> None:
+        self._m_out[0] += len(data)
         if self.state is State.READY:
             buf, frames = self._sframer.feed(data)
             if not frames:
@@ -508,12 +550,15 @@ class Session(asyncio.Protocol):
                 if kind == _Z:
                     self.txn_status = buf[start + 5 : start + 6]
                     self.outstanding -= 1
+                    if not self.outstanding:
+                        self._m_done(_now() - self._t0)
                     if self.watch_ready:
                         self.gate.ready(self, self.txn_status)
                 elif kind == _PS:
                     name, value = m.parameter_status(buf[start + 5 : stop])
                     self.server_params[name] = value
                 elif kind == _E:
+                    self._count_error(buf, start, stop)
                     if buf[start + 5 : start + 13] == b"SFATAL\0V":
                         self.server_fatal = True
                     if self.watch_ready:  # the failed transaction takes its SETs with it
@@ -565,6 +610,8 @@ class Session(asyncio.Protocol):
         if self.terminating:
             self._close()
             return
+        if self.close_reason == "client_eof":
+            self.close_reason = "server_fatal" if self.server_fatal else "server_closed"
         if not self.server_fatal and self.transport is not None:
             self.transport.write(
                 m.fatal(
@@ -575,6 +622,21 @@ class Session(asyncio.Protocol):
             )
         log.info("session %s user=%s: upstream closed", self.id, self.user)
         self._close()
+
+    # ------------------------------------------------------------------ observability
+
+    def _count_error(self, buf: bytes, start: int, stop: int) -> None:
+        """Count a server ErrorResponse by its SQLSTATE (the 'C' field; off the hot path)."""
+        i = buf.find(b"\0C", start + 5, stop)
+        if i < 0:
+            code = buf[start + 6 : start + 11] if buf[start + 5 : start + 6] == b"C" else b""
+        else:
+            code = buf[i + 2 : i + 7]
+        self.server.metrics.error_sent(bytes(code))
+
+    def _flush_crypto(self) -> None:
+        if self.tracker is not None:
+            flush_crypto(self.tracker, self.server.metrics.crypto_done)
 
     # ------------------------------------------------------------------ endings
 
@@ -587,6 +649,7 @@ class Session(asyncio.Protocol):
         """
         up = self.upstream.transport  # type: ignore[union-attr]
         up.write(buf[frames[0][1] : frames[i][2]])
+        self.close_reason = "client_terminate"
         if self.outstanding > 0 and self.state is State.READY:
             self.terminating = True
             self.pause_client_reading("terminate")
@@ -598,11 +661,15 @@ class Session(asyncio.Protocol):
     def _violation(self, text: str) -> None:
         log.info("session %s %s: protocol violation: %s", self.id, self.peer, text)
         self.server.on_protocol_error("08P01")
+        self.close_reason = "protocol_error"
         self._fatal("08P01", text)
 
     def _fatal(self, code: str, text: str, hint: str | None = None) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(m.fatal(code, text, hint=hint))
+            self.server.metrics.error_sent(code)
+        if self.close_reason == "client_eof":
+            self.close_reason = _FATAL_REASONS.get(code, "other")
         self._close()
 
     def _close(self) -> None:
@@ -614,6 +681,7 @@ class Session(asyncio.Protocol):
         self._timer = None
         if self.state is not State.READY and self.state is not State.CLOSED:
             log.info("session %s %s: startup timeout", self.id, self.peer)
+            self.close_reason = "startup_timeout"
             self.server.on_protocol_error("08P01")
             self._fatal("08P01", "timeout expired during connection startup")
 

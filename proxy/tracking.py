@@ -88,6 +88,7 @@ class StatementPlan:
     # the protected tables it references, `schema.table`.
     source: str = ""
     tables: tuple[str, ...] = ()
+    literals: tuple[ColumnCrypto, ...] = ()  # columns whose literals the proxy sealed
 
 
 @dataclass(slots=True)

@@ -95,6 +95,12 @@ class AnalysisCache:
             raise AnalysisError(*found.args)
         return found
 
+    def peek(self, key: str) -> Analysis | AnalysisError | None:
+        """The cached entry under a key `last_key` returned, without counting a lookup."""
+        if key.startswith("\0"):
+            return self._templates.get(key)
+        return self._data.get(key)
+
     def __len__(self) -> int:
         return len(self._data)
 
