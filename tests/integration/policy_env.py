@@ -58,10 +58,11 @@ GRANT ALL ON public.customers, public.accounts, public.cards, public.audit_event
     public.transactions, public.transactions_2024, public.transactions_2025,
     public.customer_summary, public."Cards", reporting.daily_totals, reporting.customers
     TO PUBLIC;
-GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO PUBLIC;
 GRANT EXECUTE ON FUNCTION reporting.risk_score(int), public.exfiltrate(text) TO PUBLIC;
 GRANT EXECUTE ON PROCEDURE public.recompute() TO PUBLIC;
 RESET ROLE;
+-- As superuser: other modules' tables (and sequences) may already live in public.
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO PUBLIC;
 GRANT CREATE ON SCHEMA public TO PUBLIC;
 GRANT pg_read_server_files TO ops_admin;
 GRANT EXECUTE ON FUNCTION pg_read_file(text), lo_import(text) TO ops_admin;
