@@ -185,7 +185,6 @@ def test_opaque_view_is_refused_not_ciphertext(rproxy) -> None:
 
 
 def test_copy_to_stdout_decrypts(rproxy) -> None:
-    pytest.importorskip("proxy.copy_stream")
     with psycopg.connect(rproxy.conninfo()) as c:
         for sql in ("COPY r_cards (id, pan, expiry) TO STDOUT",
                     "COPY (SELECT id, pan, expiry FROM r_cards) TO STDOUT WITH (FORMAT csv)"):

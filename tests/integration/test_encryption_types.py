@@ -217,7 +217,7 @@ def test_result_shapes_unchanged(pg, tproxy) -> None:
 
 
 def test_sqlalchemy_psycopg_and_asyncpg(pg, tproxy) -> None:
-    sa = pytest.importorskip("sqlalchemy")
+    import sqlalchemy as sa
     from sqlalchemy.dialects import postgresql as pgt
     from sqlalchemy.ext.asyncio import create_async_engine
 

@@ -207,7 +207,6 @@ def test_bad_input_is_a_server_error_without_the_value(pg, wproxy) -> None:
 
 
 def test_copy_from_stdin_is_encrypted(pg, wproxy) -> None:
-    pytest.importorskip("proxy.copy_stream")
     secrets = {300: "4111000000000300", 301: "4111000000000301", 302: "4111000000000302"}
     with psycopg.connect(wproxy.conninfo(), autocommit=True) as conn:
         cur = conn.cursor()
