@@ -1,0 +1,97 @@
+"""The demo is the compose topology from local binaries: test it as a newcomer uses it.
+
+`strongroom demo` must start its own PostgreSQL with the sample fintech schema, create
+keys, run the proxy with the example policy and print working psql lines; then the three
+example roles must see plaintext, masks and envelopes, PostgreSQL only ciphertext, and
+the metrics endpoint must answer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from proxy import devcluster
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+PAN = "4111111111111111"
+
+
+def _psql(port: int, user: str, password: str, sql: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["psql", "-XAtq", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "app",
+         "-v", "ON_ERROR_STOP=1", "-c", sql],
+        capture_output=True, text=True, env={**os.environ, "PGPASSWORD": password},
+        timeout=30,
+    )
+
+
+def test_demo_runs_the_example_topology() -> None:
+    port = devcluster.free_port()
+    metrics = devcluster.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "demo", "--port", str(port),
+         "--metrics-port", str(metrics), "--seconds", "120"],
+        cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    out = ""
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        while "Ctrl-C stops both" not in out:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, f"demo exited early:\n{out}"
+            out += line
+            assert time.monotonic() < deadline, f"demo did not come up:\n{out}"
+        assert f"psql -h 127.0.0.1 -p {port} -U app app" in out
+        direct = re.search(r"psql -h (\S+) -p (\d+) -U postgres app", out)
+        assert direct, out
+
+        app = _psql(port, "app", "app-secret",
+                    "INSERT INTO customers (name, tax_id) VALUES ('Ann', 'DE123456789') "
+                    "RETURNING id")
+        assert app.returncode == 0, app.stderr
+        cid = app.stdout.strip()
+        ins = _psql(port, "app", "app-secret",
+                    f"INSERT INTO cards (customer_id, pan, expiry) VALUES ({cid}, '{PAN}', "
+                    "'2030-01-31')")
+        assert ins.returncode == 0, ins.stderr
+        read = _psql(port, "app", "app-secret",
+                     f"SELECT pan, expiry FROM cards WHERE pan = '{PAN}'")
+        assert read.stdout.strip() == f"{PAN}|2030-01-31", read.stderr
+
+        masked = _psql(port, "support_agent", "support-secret", "SELECT pan FROM cards")
+        assert masked.stdout.strip() == "************1111", masked.stderr
+        denied = _psql(port, "support_agent", "support-secret", "SELECT tax_id FROM customers")
+        assert denied.returncode != 0 and denied.stdout == ""
+        assert "permission denied by strongroom" in denied.stderr
+        envelope = _psql(port, "etl_backup", "etl-secret", "SELECT pan FROM cards")
+        assert envelope.stdout.strip().startswith("\\x01"), envelope.stdout
+
+        at_rest = subprocess.run(
+            ["psql", "-XAtq", "-h", direct.group(1), "-p", direct.group(2), "-U", "postgres",
+             "-d", "app", "-c", "SELECT pan::text, tax_id::text FROM cards, customers"],
+            capture_output=True, text=True, timeout=30,
+            **({"user": "postgres"} if os.geteuid() == 0 else {}),
+        )
+        assert at_rest.returncode == 0, at_rest.stderr
+        assert PAN not in at_rest.stdout and PAN.encode().hex() not in at_rest.stdout
+        assert "DE123456789" not in at_rest.stdout
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert "strongroom_client_connections_total" in text
+        assert PAN not in text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert "demo stopped" in out + (proc.stdout.read() if proc.stdout else "")
