@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -334,6 +335,12 @@ async def _serve_one(
 ) -> int:
     server = Server(settings, worker_count=workers, worker_index=worker_index)
     await server.start(sock)
+    # Everything loaded so far (modules, pglast, keys, policy) lives for the whole run:
+    # move it out of the collector's sight, and collect young objects less often, so the
+    # relay does not pay for rescanning them (~2% of CPU under pgbench).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
