@@ -13,13 +13,14 @@ would for a real permission error, and the client and server never disagree on s
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.protocol import messages as m
 from proxy.protocol import rows
 from proxy.sql.cache import AnalysisCache
-from proxy.sql.info import Analysis, StatementInfo
+from proxy.sql.info import ALL, Analysis, StatementInfo
 from proxy.sql.names import parse_search_path
 from proxy.tracking import ClientRefusal, refusal_sql
 
@@ -43,6 +44,55 @@ PRELUDE_SQL = (
     "SELECT pg_catalog.current_setting('search_path'), pg_catalog.current_setting('role'), "
     "session_user"
 )
+
+# With `expand_views`: what every view's query reads, one row per (view, referenced
+# relation, referenced column or NULL) from the dependencies of its `_RETURN` rule, and
+# whether the rule has a whole-row reference anywhere (a Var with attno 0, which records
+# no column dependency of its own). Only run when the policy asks for it.
+VIEWS_SQL = (
+    "WITH rules AS (SELECT r.oid, r.ev_class, vn.nspname, v.relname, "
+    "pg_catalog.strpos(r.ev_action::pg_catalog.text, ':varattno 0 ') > 0 AS wholerow "
+    "FROM pg_catalog.pg_rewrite r "
+    "JOIN pg_catalog.pg_class v ON v.oid = r.ev_class AND v.relkind IN ('v', 'm') "
+    "JOIN pg_catalog.pg_namespace vn ON vn.oid = v.relnamespace "
+    "WHERE r.rulename = '_RETURN' "
+    "AND vn.nspname NOT IN ('pg_catalog', 'information_schema')) "
+    "SELECT DISTINCT rules.nspname, rules.relname, bn.nspname, b.relname, a.attname, "
+    "rules.wholerow FROM rules "
+    "JOIN pg_catalog.pg_depend d ON d.objid = rules.oid "
+    "AND d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+    "AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+    "AND d.refobjid <> rules.ev_class "
+    "JOIN pg_catalog.pg_class b ON b.oid = d.refobjid "
+    "JOIN pg_catalog.pg_namespace bn ON bn.oid = b.relnamespace "
+    "LEFT JOIN pg_catalog.pg_attribute a ON d.refobjsubid > 0 "
+    "AND a.attrelid = d.refobjid AND a.attnum = d.refobjsubid"
+)
+
+_ViewMap = tuple[
+    dict[tuple[str, str], frozenset[tuple[str, str]]],
+    dict[tuple[str, str], dict[tuple[str, str], frozenset[str]]],
+]
+
+
+def view_map(rows: list[list[bytes | None]]) -> _ViewMap:
+    """VIEWS_SQL rows -> (view -> relations it reads, view -> relation -> columns)."""
+    bases: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    columns: dict[tuple[str, str], dict[tuple[str, str], set[str]]] = {}
+    for row in rows:
+        vs, vn, bs, bn, col, whole = ((v or b"").decode() for v in row[:6])
+        view, base = (vs, vn), (bs, bn)
+        bases.setdefault(view, set()).add(base)
+        cols = columns.setdefault(view, {}).setdefault(base, set())
+        if col:
+            cols.add(col)
+        if whole == "t":
+            cols.add(ALL)
+    return (
+        {k: frozenset(v) for k, v in bases.items()},
+        {k: {b: frozenset(c) for b, c in v.items() if c} for k, v in columns.items()},
+    )
+
 
 # What a SET can change and a transaction end can undo: search_path, the current role
 # (SET ROLE) and the session role (SET SESSION AUTHORIZATION).
@@ -124,6 +174,11 @@ class Gate:
         # cache per (database, reset search_path), so sessions never share a wrong one.
         self._caches: dict[tuple[str, tuple[str, ...]], PolicyCache] = {}
         self._schemas: dict[str, frozenset[str] | None] = {}
+        self._views: dict[str, _ViewMap] = {}  # per database, with expand_views
+        # What each session's prelude asked for (the config may be reloaded meanwhile).
+        self._preludes: weakref.WeakKeyDictionary[Session, tuple[bool, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._effects: dict[str, bool] = {}
         self.encryption: Any = None  # proxy.encryption wiring, when `protect:` is configured
         if settings is not None:
@@ -135,16 +190,20 @@ class Gate:
         """Install the policy of a (re)loaded configuration. Cached decisions are dropped,
         so a reload applies to the next statement of every existing session."""
         from proxy.policy import Policy
+        from proxy.policy.model import POLICY_KEYS
 
         raw = settings.raw
+        expanded = self.policy is not None and self.policy.expand_views
         if "roles" in raw or "default" in raw or "default_column_view" in raw:
-            self.policy = Policy.from_dict(
-                {k: raw[k] for k in ("roles", "default", "default_column_view") if k in raw}
-            )
+            self.policy = Policy.from_dict({k: raw[k] for k in POLICY_KEYS if k in raw})
         else:
             self.policy = None
-        for cache in self._caches.values():
-            cache.swap(policy=self.policy)
+        if self.policy is not None and self.policy.expand_views and not expanded:
+            # Turned on now: what was loaded before may be stale; sessions that start
+            # from now on load it again (older ones are refused until one does).
+            self._views.clear()
+        for (db, reset), cache in self._caches.items():
+            cache.swap(policy=self.policy, env=self._env(db, reset))
         if raw.get("protect"):
             import os
 
@@ -159,28 +218,47 @@ class Gate:
     def _cache_for(self, database: str, reset_path: tuple[str, ...]) -> PolicyCache:
         cache = self._caches.get((database, reset_path))
         if cache is None:
-            from proxy.policy import Environment, PolicyCache
+            from proxy.policy import PolicyCache
 
             assert self.policy is not None
             if len(self._caches) > 1000:  # unbounded distinct startup paths: start over
                 self._caches.clear()
-            env = Environment(
-                existing_schemas=self._schemas.get(database), reset_search_path=reset_path
+            cache = PolicyCache(
+                self.policy, env=self._env(database, reset_path), analyses=self.analyses
             )
-            cache = PolicyCache(self.policy, env=env, analyses=self.analyses)
             self._caches[(database, reset_path)] = cache
         return cache
 
-    def _set_schemas(self, database: str, schemas: frozenset[str] | None) -> None:
-        """New knowledge of the database's schemas: every cache of it starts over."""
+    def _env(self, database: str, reset_path: tuple[str, ...]) -> Any:
+        """The Environment of (database, reset search_path) from what the gate knows."""
         from proxy.policy import Environment
 
+        views = self._views.get(database)
+        return Environment(
+            existing_schemas=self._schemas.get(database),
+            reset_search_path=reset_path,
+            view_bases=views[0] if views is not None else None,
+            view_columns=views[1] if views is not None else {},
+        )
+
+    def _reset_envs(self, database: str) -> None:
+        for (db, reset), cache in self._caches.items():
+            if db == database:
+                cache.swap(env=self._env(db, reset))
+
+    def _set_schemas(self, database: str, schemas: frozenset[str] | None) -> None:
+        """New knowledge of the database's schemas: every cache of it starts over."""
         if self._schemas.get(database, ()) == schemas:
             return
         self._schemas[database] = schemas
-        for (db, reset), cache in self._caches.items():
-            if db == database:
-                cache.swap(env=Environment(existing_schemas=schemas, reset_search_path=reset))
+        self._reset_envs(database)
+
+    def _set_views(self, database: str, views: _ViewMap) -> None:
+        """New knowledge of the database's views: every cache of it starts over."""
+        if self._views.get(database) == views:
+            return
+        self._views[database] = views
+        self._reset_envs(database)
 
     # ------------------------------------------------------------------ session start
 
@@ -188,12 +266,23 @@ class Gate:
         """SQL the session must run before the client may go on, or None."""
         if self.policy is None and self.encryption is None:
             return None
+        # Results: [0] schemas, [1] settings, then the encryption catalog (always [2] when
+        # asked for: Encryption.attach takes it), then the view dependencies.
         sql = PRELUDE_SQL
-        if self.encryption is not None:
+        catalog = self.encryption is not None
+        views = self.policy is not None and self.policy.expand_views
+        if catalog:
             sql += "; " + self.encryption.catalog_sql()
+        if views:
+            sql += "; " + VIEWS_SQL
+        self._preludes[session] = (catalog, views)
         return sql
 
     def prelude_done(self, session: Session, results: list[list[list[bytes | None]]]) -> None:
+        catalog, views = self._preludes.pop(session, (False, False))
+        index = 3 if catalog else 2
+        if views and len(results) > index:
+            self._set_views(session.database, view_map(results[index]))
         schemas = frozenset((r[0] or b"").decode() for r in results[0])
         row = [(v or b"").decode() for v in results[1][0]]
         path = parse_search_path(row[0])
@@ -218,7 +307,7 @@ class Gate:
             session.policy_state = st
             session.watch_ready = True
         if self.encryption is not None:
-            self.encryption.attach(session, results[2] if len(results) > 2 else [])
+            self.encryption.attach(session, results[2] if catalog and len(results) > 2 else [])
 
     # ------------------------------------------------------------------ statements
 

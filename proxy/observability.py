@@ -71,7 +71,7 @@ _REASONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"function ", "function_not_allowed"),
         (r"\bon \S+ is not allowed|does not resolve|cross-database|unknown access",
          "table_not_allowed"),
-        (r"cannot track|CASCADE", "unsupported"),
+        (r"cannot track|CASCADE|view dependencies were not loaded", "unsupported"),
         (r"\bDO\b|procedural", "procedural"),
     )
 )
@@ -361,6 +361,7 @@ def configure_metrics(metrics: Metrics, settings: Settings, gate: Gate) -> None:
     metrics.set_key_ids(key_ids(settings))
     analyses = gate.analyses
     metrics.track_plan_cache(lambda: (analyses.hits, analyses.misses))
+    analyses.on_parse = metrics.analyzer_parsed
 
 
 def key_ids(settings: Settings) -> dict[str, list[int]]:

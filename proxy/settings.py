@@ -200,11 +200,10 @@ def _check_policy(doc: dict[str, Any], source: str) -> list[str]:
     if not any(k in doc for k in ("roles", "default", "default_column_view")):
         return []
     from proxy.policy import Policy, PolicyError
+    from proxy.policy.model import POLICY_KEYS
 
     try:
-        Policy.from_dict(
-            _plain({k: doc[k] for k in ("roles", "default", "default_column_view") if k in doc})
-        )
+        Policy.from_dict(_plain({k: doc[k] for k in POLICY_KEYS if k in doc}))
     except PolicyError as exc:
         return [
             f"{source}:{_line_of(doc, list(issue.path))}: "

@@ -13,12 +13,24 @@ loaded by the proxy from pg_namespace) are skipped; ``pg_temp`` is skipped (a te
 table shadowing a name is the session's own data and needed ``ddl`` to create).
 Unqualified functions resolve the same way, with ``pg_catalog`` holding the name when it
 is a known built-in.
+
+Views (opt-in, ``expand_views: true``): a view is always checked as the view; with
+expansion, an access to a view is also that same access to every relation the view's
+query reads, recursively through views over views (SELECT v needs select on its bases,
+UPDATE v update, LOCK v the lock, as PostgreSQL locks them too; a write through a view
+over several relations needs the write on each, fail closed, since the dependencies do
+not say which one is the target). A select, update, delete or copy_out of a view also
+reads every base column its definition references, anywhere in it (and every column of
+a base when the definition has a whole-row reference): a ``deny`` column there denies the
+statement, whichever view columns the statement names (fail closed: the dependencies say
+which base columns a view uses, not which output column uses which). Views in
+``pg_catalog`` / ``information_schema`` are not expanded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.policy.functions import is_admin_function
 from proxy.policy.model import Policy, RolePolicy
@@ -73,6 +85,8 @@ _NEEDS_ALLOW = {
 _TXN_END = frozenset(
     {"commit", "rollback", "rollback_to", "prepare_transaction", "release", "begin"}
 )
+_VIEW_READS = frozenset({"select", "update", "delete", "copy_out"})
+"""Accesses to a view that run its query over stored rows (its WHERE filters them)."""
 _PLAIN_KINDS = (
     frozenset(
         {
@@ -110,6 +124,17 @@ class Environment:
     """Schemas that exist (pg_namespace); None: any schema may exist (strictest)."""
     reset_search_path: tuple[str, ...] = ("$user", "public")
     """What RESET / SET ... TO DEFAULT / RESET ALL / DISCARD ALL restore."""
+    view_bases: Mapping[tuple[str, str], frozenset[tuple[str, str]]] | None = field(
+        default=None, hash=False
+    )
+    """Views (and materialized views) of the database -> the relations their query reads
+    (pg_depend of the ``_RETURN`` rule), loaded only when the policy has ``expand_views``.
+    None: not loaded, so with ``expand_views`` no non-catalog relation can be checked."""
+    view_columns: Mapping[tuple[str, str], Mapping[tuple[str, str], frozenset[str]]] = field(
+        default_factory=dict, hash=False
+    )
+    """View -> base relation -> the base columns its query references anywhere (select
+    list, WHERE, JOIN...); ALL when it has a whole-row reference."""
 
 
 DEFAULT_ENVIRONMENT = Environment()
@@ -256,6 +281,8 @@ class _Checker:
         for rel, access in sorted(info.accesses, key=lambda a: (str(a[0]), a[1])):
             for schema, name in self.resolve(rel, path):
                 self.access(schema, name, access)
+            if self.policy.expand_views and schema not in CATALOG_SCHEMAS:
+                self.expand(schema, name, access, ())
         for rel, cols in info.columns_read.items():
             for schema, name in self.resolve(rel, path):
                 self.columns(schema, name, cols)
@@ -310,20 +337,52 @@ class _Checker:
             raise self.deny(f"relation {rel} does not resolve in search_path")
         return out
 
-    def access(self, schema: str, name: str, access: str) -> None:
+    def expand(self, schema: str, name: str, access: str, chain: tuple[str, ...]) -> None:
+        """``access`` to (schema, name), if it is a view, is that access to its bases."""
+        bases = self.env.view_bases
+        if bases is None:
+            raise self.deny(
+                f"{access} on {_obj(schema, name)}: view dependencies were not loaded for "
+                "this session (expand_views was turned on after it started); reconnect"
+            )
+        direct = bases.get((schema, name))
+        if not direct:
+            return
+        via = (*chain, _obj(schema, name))
+        if len(via) > 64:  # PostgreSQL rejects cyclic views; this only bounds a bad map
+            raise self.deny(f"views nested too deeply under {via[0]}")
+        reads = access in _VIEW_READS
+        columns = self.env.view_columns.get((schema, name), {})
+        for bschema, bname in sorted(direct):
+            if (bschema, bname) == (schema, name) or _obj(bschema, bname) in via:
+                continue
+            note = f" (read by view {' -> '.join(via)})"
+            self.access(bschema, bname, access, note)
+            if reads:
+                cols = columns.get((bschema, bname))
+                if cols:
+                    self.columns(bschema, bname, cols, note, record=False)
+            if bschema not in CATALOG_SCHEMAS:
+                self.expand(bschema, bname, access, via)
+
+    def access(self, schema: str, name: str, access: str, note: str = "") -> None:
         needed = ACCESS_ALTERNATIVES.get(access)
         if needed is None:
-            raise self.deny(f"unknown access {access} on {_obj(schema, name)}")
+            raise self.deny(f"unknown access {access} on {_obj(schema, name)}{note}")
         if self.rp.kinds_for(schema, name) & needed:
             return
         if schema in CATALOG_SCHEMAS and "select" in needed:
             if name not in SECRET_CATALOG_RELATIONS:
                 return
-            raise self.deny(f"{access} on {_obj(schema, name)} is not allowed (holds secrets)")
+            raise self.deny(
+                f"{access} on {_obj(schema, name)} is not allowed (holds secrets){note}"
+            )
         what = access if len(needed) == 1 else f"{access} (needs one of {sorted(needed)})"
-        raise self.deny(f"{what} on {_obj(schema, name)} is not allowed")
+        raise self.deny(f"{what} on {_obj(schema, name)} is not allowed{note}")
 
-    def columns(self, schema: str, name: str, cols: frozenset[str]) -> None:
+    def columns(
+        self, schema: str, name: str, cols: frozenset[str], note: str = "", record: bool = True
+    ) -> None:
         protected = self.rp.columns.get((schema, name))
         if not protected:
             return
@@ -335,8 +394,10 @@ class _Checker:
                 how = "a whole-row read includes" if whole and col not in cols else "reads"
                 raise self.deny(
                     f"statement {how} denied column {_obj(schema, name)}.{quote_ident(col)}"
+                    f"{note}"
                 )
-            self.views.append(ColumnView(schema, name, col, view))
+            if record:
+                self.views.append(ColumnView(schema, name, col, view))
 
     # -- functions ---------------------------------------------------------------------
 

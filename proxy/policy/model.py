@@ -21,7 +21,9 @@ COLUMN_VIEWS: Final = ("plaintext", "masked", "ciphertext", "deny")
 ALLOW_KINDS: Final = frozenset(
     {"ddl", "do", "call", "set_role", "listen", "notify", "admin", "prepare_transaction"}
 )
-_TOP_KEYS: Final = frozenset({"roles", "default", "default_column_view"})
+POLICY_KEYS: Final = ("roles", "default", "default_column_view", "expand_views")
+"""Top-level config keys that belong to the policy (settings and the gate pass these)."""
+_TOP_KEYS: Final = frozenset(POLICY_KEYS)
 _ROLE_KEYS: Final = frozenset({"inherits", "tables", "columns", "allow", "functions"})
 
 TableKey = tuple[str, str]
@@ -78,6 +80,9 @@ class Policy:
     explicit_relations: frozenset[TableKey] = field(default=frozenset())
     """Relations named exactly in any role: the operator asserts they exist there."""
     explicit_functions: frozenset[TableKey] = field(default=frozenset())
+    expand_views: bool = False
+    """A read of a view also needs the role's access to every relation the view reads
+    (recursively); the proxy then loads view dependencies at session start."""
 
     def role(self, name: str) -> RolePolicy | None:
         found = self.roles.get(name)
@@ -112,6 +117,10 @@ class _Builder:
             raw_roles = {}
         defaults = self.columns(data.get("default_column_view") or {}, ("default_column_view",))
         parsed = {str(n): self.role(str(n), r) for n, r in raw_roles.items()}
+        expand_views = data.get("expand_views", False)
+        if not isinstance(expand_views, bool):
+            self.fail(("expand_views",), f"must be true or false, not {expand_views!r}")
+            expand_views = False
         default = data.get("default", "deny")
         if default is None or default == "deny":
             default_role = None
@@ -134,7 +143,7 @@ class _Builder:
             k[:2] for r in parsed.values() for k in r["columns"]
         )
         functions = frozenset(f for r in parsed.values() for f in r["functions"])
-        return Policy(MappingProxyType(roles), default_role, explicit, functions)
+        return Policy(MappingProxyType(roles), default_role, explicit, functions, expand_views)
 
     # -- one role, as written ----------------------------------------------------------
 

@@ -12,7 +12,9 @@ PREPARE/EXECUTE and friends are cached by exact text only.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from pglast import parser
 
@@ -33,7 +35,7 @@ def template_safe(analysis: Analysis) -> bool:
 class AnalysisCache:
     """``analyze`` with memory: returns the cached Analysis or re-raises the cached error."""
 
-    __slots__ = ("_data", "_templates", "hits", "last_key", "maxsize", "misses")
+    __slots__ = ("_data", "_templates", "hits", "last_key", "maxsize", "misses", "on_parse")
 
     def __init__(self, maxsize: int = 10_000) -> None:
         if maxsize < 1:
@@ -44,6 +46,9 @@ class AnalysisCache:
         self.hits = 0
         self.misses = 0
         self.last_key = ""  # the cache key of the last analysis: exact text or template
+        self.on_parse: Callable[[float], None] | None = None
+        """Called with the seconds of each real analysis (a miss of both levels), failed
+        ones included; hits are not timed."""
 
     def key_for(self, sql: str) -> str:
         """Key under which a decision about `sql` may be cached: its template when the
@@ -72,10 +77,14 @@ class AnalysisCache:
                     self.last_key = "\0" + template
                     return cached
             self.misses += 1
+            on_parse = self.on_parse
+            started = time.perf_counter() if on_parse is not None else 0.0
             try:
                 found = analyze(sql)
             except AnalysisError as exc:
                 found = exc
+            if on_parse is not None:
+                on_parse(time.perf_counter() - started)
             if template is not None and template != sql and isinstance(found, Analysis) \
                     and template_safe(found):
                 # Keyed with a NUL prefix: no real statement text can collide with it.

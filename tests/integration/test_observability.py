@@ -87,6 +87,29 @@ def test_promtool_checks_the_real_exposition(observed: ProxyProcess) -> None:
     assert 'strongroom_analyzer_cache_total{result="hit"}' in text
 
 
+def _parse_count(text: str) -> float:
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "strongroom_analyzer_parse_seconds_count":
+                return s.value
+    raise AssertionError("strongroom_analyzer_parse_seconds_count is not exposed")
+
+
+def test_analyzer_parse_time_is_observed(observed: ProxyProcess) -> None:
+    before = _parse_count(scrape(observed))
+    assert before > 0  # the fixture's traffic was analysed
+    with connect(observed, "support_agent") as c:
+        fresh = [f"SELECT {i} AS parse_probe_{_random(8)}" for i in range(3)]
+        for sql in fresh:
+            c.execute(sql)
+        after_misses = _parse_count(scrape(observed))
+        for sql in fresh:  # the same texts again: cache hits, not timed
+            c.execute(sql)
+        after_hits = _parse_count(scrape(observed))
+    assert after_misses >= before + len(fresh)
+    assert after_hits == after_misses
+
+
 def _random(n: int) -> str:
     return "".join(random.choices(string.ascii_lowercase + string.digits, k=n))
 

@@ -25,6 +25,12 @@ DENIALS = {
     'role "x": relation zz does not resolve in search_path': "table_not_allowed",
     'role "x": set_config(\'role\') is set_role, not allowed': "role_change",
     'role "x": a role startup option is set_role, not allowed': "role_change",
+    'role "x": select on public.c is not allowed (read by view public.v -> public.w)':
+        "table_not_allowed",
+    'role "x": statement reads denied column public.c.tax_id (read by view public.v)':
+        "column_denied",
+    'role "x": select on public.c: view dependencies were not loaded for this session '
+    '(expand_views was turned on after it started); reconnect': "unsupported",
 }
 
 
@@ -109,3 +115,25 @@ def test_audit_config_is_validated_and_built(tmp_path: Path) -> None:
         parse_text("audit: {max_bytes: 4096}\n")  # neither path nor stdout
     with pytest.raises(ConfigError):
         parse_text("audit: {path: x, colour: red}\n")
+
+
+def test_parse_time_is_observed_on_misses_only() -> None:
+    m = Metrics()
+    gate = Gate()
+    settings = parse_text("{}", "<test>")
+    obs.configure_metrics(m, settings, gate)
+    assert gate.analyses.on_parse is not None
+
+    def count() -> float:
+        line = next(ln for ln in m.render().decode().splitlines()
+                    if ln.startswith("strongroom_analyzer_parse_seconds_count"))
+        return float(line.split()[-1])
+
+    assert count() == 0
+    for sql in ("SELECT 1", "SELECT 1", "SELEC", "SELEC", "SELECT a FROM t WHERE b = 1",
+                "SELECT a FROM t WHERE b = 2"):  # repeats and same-template are hits
+        try:
+            gate.analyses.analyze(sql)
+        except Exception:
+            pass
+    assert count() == 3

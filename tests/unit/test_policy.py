@@ -675,3 +675,234 @@ def test_inheritance_and_column_precedence() -> None:
     assert decide(policy, "own", analyze("SELECT c FROM public.t"), PATH, DB).allowed
     assert not decide(policy, "own", analyze("SELECT d FROM public.t"), PATH, DB).allowed
     assert decide(policy, "p1", analyze("SELECT c FROM public.t"), PATH, DB).allowed
+
+
+# --- expand_views: a view is also its base relations --------------------------------
+
+VIEW_POLICY_DICT = {
+    "roles": {
+        # allowed on the views only, not on what they read
+        "view_only": {
+            "tables": {
+                "public.summary": ["select", "update"],
+                "public.summary_ids": ["select"],
+                "public.tax_view": ["select"],
+                "public.orders": ["select"],
+            }
+        },
+        "reader": {
+            "tables": {
+                "public.summary": ["select", "update", "insert"],
+                "public.summary_ids": ["select"],
+                "public.tax_view": ["select"],
+                "public.whole_view": ["select"],
+                "public.count_view": ["select"],
+                "public.catalog_view": ["select"],
+                "public.customers": ["select", "update"],
+                "public.orders": ["select"],
+            },
+            "columns": {"public.customers.tax_id": "deny"},
+        },
+        "locker": {"tables": {"public.summary": ["update"], "public.customers": ["select"]}},
+    },
+}
+VIEW_POLICY = Policy.from_dict({**VIEW_POLICY_DICT, "expand_views": True})
+VIEW_POLICY_OFF = Policy.from_dict(VIEW_POLICY_DICT)
+VIEW_ENV = Environment(
+    existing_schemas=frozenset({"public", "pg_catalog", "information_schema"}),
+    view_bases={
+        ("public", "summary"): frozenset({("public", "customers")}),
+        # a view over a view, which also reads a table in a subquery
+        ("public", "summary_ids"): frozenset({("public", "summary"), ("public", "orders")}),
+        ("public", "tax_view"): frozenset({("public", "customers")}),
+        ("public", "whole_view"): frozenset({("public", "customers")}),
+        ("public", "count_view"): frozenset({("public", "customers")}),
+        ("public", "catalog_view"): frozenset({("pg_catalog", "pg_class")}),
+        ("public", "secret_view"): frozenset({("pg_catalog", "pg_authid")}),
+    },
+    view_columns={
+        ("public", "summary"): {("public", "customers"): frozenset({"id", "name"})},
+        ("public", "summary_ids"): {
+            ("public", "summary"): frozenset({"id"}),
+            ("public", "orders"): frozenset({"customer_id"}),
+        },
+        # the denied column only in the view's WHERE: still read (oracle)
+        ("public", "tax_view"): {("public", "customers"): frozenset({"id", "tax_id"})},
+        ("public", "whole_view"): {("public", "customers"): frozenset({"*"})},
+    },
+)
+VR, VO = "reader", "view_only"
+
+VIEW_CASES: list[tuple[str, str, bool, bool]] = [
+    # (sql, role, allowed with expand_views, allowed without)
+    ("SELECT id, name FROM summary", VO, N, Y),
+    ("SELECT id, name FROM public.summary", VR, Y, Y),
+    ("SELECT count(*) FROM summary", VO, N, Y),
+    ("SELECT * FROM customers", VO, N, N),
+    ("SELECT id FROM summary_ids", VO, N, Y),  # nested: summary -> customers
+    ("SELECT id FROM summary_ids", VR, Y, Y),  # needs summary, orders, customers
+    ("SELECT id FROM tax_view", VO, N, Y),
+    ("SELECT id FROM tax_view", VR, N, Y),  # the view reads customers.tax_id (deny)
+    ("SELECT j FROM whole_view", VR, N, Y),  # whole-row reference includes tax_id
+    ("SELECT * FROM count_view", VR, Y, Y),  # no column dependency
+    ("SELECT relname FROM catalog_view", VR, Y, Y),
+    ("SELECT 1 FROM customers c JOIN summary s USING (id)", VO, N, N),
+    ("SELECT id FROM customers WHERE id IN (SELECT id FROM summary)", VR, Y, Y),
+    ("WITH x AS (SELECT id FROM summary) SELECT 1", VO, N, Y),  # unreferenced CTE
+    ("EXPLAIN SELECT * FROM summary", VO, N, Y),
+    ("COPY (SELECT * FROM summary) TO STDOUT", VR, N, N),  # no copy_out on the view
+    ("UPDATE summary SET name = 'x'", VO, N, Y),  # update on customers too
+    ("UPDATE summary SET name = 'x' WHERE id = 1", VR, Y, Y),
+    ("INSERT INTO summary (id) VALUES (1)", VR, N, Y),  # no insert on customers
+    ("LOCK summary IN ACCESS EXCLUSIVE MODE", "locker", N, Y),  # customers: select only
+    ("SELECT id FROM summary", "locker", N, N),
+]
+
+
+@pytest.mark.parametrize(
+    ("sql", "role", "expanded", "plain"),
+    VIEW_CASES,
+    ids=[f"{r}:{s[:60]}" for s, r, _, _ in VIEW_CASES],
+)
+def test_expand_views(sql: str, role: str, expanded: bool, plain: bool) -> None:
+    on = PolicyCache(VIEW_POLICY, env=VIEW_ENV).decide(sql, role, PATH, DB)
+    assert on.allowed is expanded, on.reason
+    off = PolicyCache(VIEW_POLICY_OFF, env=VIEW_ENV).decide(sql, role, PATH, DB)
+    assert off.allowed is plain, off.reason
+
+
+def test_expand_views_reason_names_view_and_base() -> None:
+    d = decide(VIEW_POLICY, VO, analyze("SELECT id FROM summary_ids"), PATH, DB, env=VIEW_ENV)
+    assert not d.allowed
+    assert "select on public.customers" in d.reason
+    assert "public.summary_ids -> public.summary" in d.reason
+    d = decide(VIEW_POLICY, VR, analyze("SELECT id FROM tax_view"), PATH, DB, env=VIEW_ENV)
+    assert "public.customers.tax_id" in d.reason and "public.tax_view" in d.reason
+    # base columns read through a view return no column view of their own
+    d = decide(VIEW_POLICY, VR, analyze("SELECT name FROM summary"), PATH, DB, env=VIEW_ENV)
+    assert d.allowed and d.column_views == ()
+
+
+def test_expand_views_secret_catalog_base() -> None:
+    policy = Policy.from_dict(
+        {"roles": {"r": {"tables": {"public.secret_view": ["select"]}}}, "expand_views": True}
+    )
+    sql = analyze("SELECT * FROM secret_view")
+    d = decide(policy, "r", sql, PATH, DB, env=VIEW_ENV)
+    assert not d.allowed and "pg_authid" in d.reason
+
+
+def test_expand_views_cycle_in_map_terminates() -> None:
+    env = Environment(
+        view_bases={
+            ("public", "a"): frozenset({("public", "b")}),
+            ("public", "b"): frozenset({("public", "a"), ("public", "t")}),
+        }
+    )
+    policy = Policy.from_dict(
+        {
+            "roles": {"r": {"tables": {"public.a": ["select"], "public.b": ["select"]}}},
+            "expand_views": True,
+        }
+    )
+    d = decide(policy, "r", analyze("SELECT * FROM public.a"), PATH, DB, env=env)
+    assert not d.allowed and "public.t" in d.reason
+
+
+def test_expand_views_without_dependencies_fails_closed() -> None:
+    # The proxy loads view dependencies at session start only when expand_views is on.
+    d = decide(VIEW_POLICY, VR, analyze("SELECT id FROM customers"), PATH, DB, env=ENV)
+    assert not d.allowed and "reconnect" in d.reason
+    assert decide(VIEW_POLICY, VR, analyze("SELECT 1"), PATH, DB, env=ENV).allowed
+    d = decide(VIEW_POLICY, VR, analyze("SELECT relname FROM pg_class"), PATH, DB, env=ENV)
+    assert d.allowed, d.reason
+
+
+def test_expand_views_is_a_boolean() -> None:
+    assert not VIEW_POLICY_OFF.expand_views and VIEW_POLICY.expand_views
+    with pytest.raises(PolicyError) as info:
+        Policy.from_dict({"roles": {}, "expand_views": "yes"})
+    assert "expand_views" in str(info.value)
+
+
+class _Session:
+    """What Gate.session_started / prelude_done read of a session."""
+
+    def __init__(self) -> None:
+        self.database, self.user = "app", "reader"
+        self.policy_state: object | None = None
+        self.watch_ready = False
+
+
+class _Encryption:
+    def __init__(self) -> None:
+        self.attached: list[object] = []
+
+    def catalog_sql(self) -> str:
+        return "SELECT 'catalog'"
+
+    def attach(self, session: object, rows: object) -> None:
+        self.attached.append(rows)
+
+
+_VIEW_ROWS = [
+    [b"public", b"summary", b"public", b"customers", b"id", b"f"],
+    [b"public", b"summary", b"public", b"customers", b"name", b"f"],
+    [b"public", b"whole_view", b"public", b"customers", None, b"t"],
+    [b"public", b"count_view", b"public", b"customers", None, b"f"],
+]
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_gate_loads_view_dependencies_only_when_asked(encrypted: bool) -> None:
+    from proxy.gate import VIEWS_SQL, Gate
+    from proxy.settings import parse_text
+
+    text = "roles: {reader: {tables: {public.summary: [select]}}}\n"
+    for expand in (False, True):
+        gate = Gate(parse_text(text + f"expand_views: {str(expand).lower()}\n", "<t>"))
+        assert gate.policy is not None and gate.policy.expand_views is expand
+        enc = gate.encryption = _Encryption() if encrypted else None
+        session = _Session()
+        sql = gate.session_started(session)  # type: ignore[arg-type]
+        assert sql is not None and (VIEWS_SQL in sql) is expand
+        results: list[list[list[bytes | None]]] = [
+            [[b"public"], [b"pg_catalog"]], [[b'"$user", public', b"none", b"reader"]]
+        ]
+        catalog_rows: list[list[bytes | None]] = [[b"catalog row"]]
+        if encrypted:
+            results.append(catalog_rows)
+        if expand:
+            results.append(list(_VIEW_ROWS))
+        gate.prelude_done(session, results)  # type: ignore[arg-type]
+        if enc is not None:
+            assert enc.attached == [catalog_rows]  # the catalog keeps its place
+        env = gate._cache_for("app", ("$user", "public")).env
+        if not expand:
+            assert env.view_bases is None
+            continue
+        assert env.view_bases == {
+            ("public", "summary"): frozenset({("public", "customers")}),
+            ("public", "whole_view"): frozenset({("public", "customers")}),
+            ("public", "count_view"): frozenset({("public", "customers")}),
+        }
+        assert env.view_columns == {
+            ("public", "summary"): {("public", "customers"): frozenset({"id", "name"})},
+            ("public", "whole_view"): {("public", "customers"): frozenset({"*"})},
+            ("public", "count_view"): {},
+        }
+        d = gate._cache_for("app", ("$user", "public")).decide(
+            "SELECT * FROM summary", "reader", ("$user", "public"), "app"
+        )
+        assert not d.allowed and "public.customers" in d.reason
+
+
+def test_expand_views_config_is_checked_with_line() -> None:
+    from proxy.gate import Gate
+    from proxy.settings import ConfigError, parse_text
+
+    with pytest.raises(ConfigError) as info:
+        parse_text("roles: {}\nexpand_views: 3\n", "p.yaml")
+    assert "p.yaml:2" in str(info.value) and "expand_views" in str(info.value)
+    # On its own it is no policy (a policy needs roles or a default).
+    assert Gate(parse_text("expand_views: true\n", "<t>")).policy is None
