@@ -12,7 +12,9 @@ the client; it is never logged, counted or put into an exception message.
 from __future__ import annotations
 
 import datetime
+from binascii import a2b_hex
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from proxy.catalog import DatabaseCatalog, Snapshot, build_snapshot, catalog_que
 from proxy.crypto.blind_index import BlindIndex
 from proxy.crypto.envelope import ColumnCipher, DecryptError
 from proxy.crypto.masking import make_masker
-from proxy.protocol.rows import bytea_to_text
+from proxy.protocol.rows import bytea_from_text, bytea_to_text
 from proxy.settings import ConfigError
 from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
@@ -105,6 +107,10 @@ class RoleColumn:
                 f"stored value of protected column {self.runtime.qualified} failed "
                 "authentication (wrong key, tampered, or copied from another column)",
             ) from None
+        return self._convert(canonical, fmt)
+
+    def _convert(self, canonical: bytes, fmt: int) -> bytes | None:
+        """A decrypted canonical value as the client's format and this role's view."""
         codec = self.runtime.codec
         if self.view == "masked":
             text = codec.to_text(canonical, self._tz()).decode()
@@ -115,6 +121,35 @@ class RoleColumn:
                 return codec.to_binary(codec.from_text(masked.encode(), self._tz()))
             return masked.encode()
         return codec.to_binary(canonical) if fmt == 1 else codec.to_text(canonical, self._tz())
+
+    def cell_revealer(self, fmt: int) -> Callable[[bytes], bytes | None]:
+        """`reveal` for one result column, specialised once per result set: takes the
+        cell as the server sent it (the bytea envelope in `fmt`), returns what the client
+        gets. It neither counts (the caller counts revealed cells per row batch and adds
+        them to `n_decrypt`) nor maps errors: on any exception the caller redoes the row
+        with `reveal`, which counts and reports exactly as it always does. Whenever this
+        returns, it returns what `reveal` would."""
+        decrypt = self.runtime.cipher.decrypt
+        codec = self.runtime.codec
+        if fmt == 1:
+            opened: Callable[[bytes], bytes] = decrypt
+        else:
+            def opened(cell: bytes) -> bytes:
+                if cell[:2] == b"\\x":
+                    return decrypt(a2b_hex(cell[2:]))  # stricter than fromhex: else below
+                return decrypt(bytea_from_text(cell))
+        if self.view == "masked":
+            convert = self._convert
+            return lambda cell: convert(opened(cell), fmt)
+        if fmt == 1:
+            if getattr(codec, "binary_is_canonical", False):
+                return opened
+            to_binary = codec.to_binary
+            return lambda cell: to_binary(opened(cell))
+        if getattr(codec, "text_is_canonical", False):
+            return opened
+        to_text, tz = codec.to_text, self._tz
+        return lambda cell: to_text(opened(cell), tz())
 
 
 class Untraceable:
@@ -303,6 +338,9 @@ class SessionProtector:
 
     def drain_crypto_counts(self) -> list[tuple[str, str, int, int]]:
         """(column, op, ok, failed) counted since the last call; resets the counters."""
+        tracker = getattr(self.session, "tracker", None)
+        if tracker is not None:  # cells revealed in a result set still being read
+            tracker.flush_counts()
         out: list[tuple[str, str, int, int]] = []
         for rc in self._role.values():
             if rc.n_encrypt or rc.n_decrypt or rc.n_bidx or rc.n_failed:

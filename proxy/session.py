@@ -512,9 +512,28 @@ class Session(asyncio.Protocol):
         tracker = self.tracker
         assert tracker is not None
         out: list[bytes] = []
+        data_row = tracker.data_row
+        run = frames[0][1]  # buf[run:start]: messages forwarded as they are, not yet copied
         for kind, start, stop in frames:
+            if kind == _D:
+                if tracker.data_plan is None and not tracker.consume_to_ready:
+                    continue  # nothing to reveal: forwarded untouched, within the run
+                replacement = data_row(buf, start, stop)
+                if replacement is not None:
+                    if run < start:
+                        out.append(buf[run:start])
+                    if replacement:
+                        out.append(replacement)
+                    run = stop
+                continue
             msg = buf[start:stop]
             replacement = tracker.server(kind, msg)
+            if replacement is not None:
+                if run < start:
+                    out.append(buf[run:start])
+                if replacement:
+                    out.append(replacement)
+                run = stop
             if kind == _Z and replacement is None:  # not the reply to an injected query
                 self.txn_status = msg[5:6]
                 self.outstanding -= 1
@@ -530,10 +549,9 @@ class Session(asyncio.Protocol):
             elif kind == _PS:
                 name, value = m.parameter_status(msg[5:])
                 self.server_params[name] = value
-            if replacement is None:
-                out.append(msg)
-            elif replacement:
-                out.append(replacement)
+        end = frames[-1][2]
+        if run < end:
+            out.append(buf[run:end])
         if out:
             self.transport.write(b"".join(out))  # type: ignore[union-attr]
 

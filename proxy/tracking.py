@@ -126,7 +126,126 @@ class Entry:
     result: int = 0  # QUERY: index of the statement whose replies are coming
 
 
-RowPlan = list[tuple[int, "ColumnCrypto", int]]  # (column index, crypto, format)
+class RowPlan(list[tuple[int, "ColumnCrypto", int]]):
+    """(column index, crypto, format) per revealed result column, in column order. The
+    list is what the audit hook sees; `revealer` is the DataRow path compiled from it."""
+
+    __slots__ = ("_revealer",)
+
+    @property
+    def revealer(self) -> RowRevealer:
+        try:
+            return self._revealer
+        except AttributeError:
+            self._revealer = RowRevealer(self)
+            return self._revealer
+
+
+_I_unpack_from = struct.Struct("!i").unpack_from
+_I_pack = struct.Struct("!i").pack
+_H_unpack_from = _H.unpack_from
+_D_HEAD = struct.Struct("!ci").pack
+_NULL_CELL = _I_pack(-1)
+
+
+class RowRevealer:
+    """The DataRows of one result set, revealed without decoding every cell.
+
+    `apply(msg)` walks the length-prefixed cells once (up to the last protected one),
+    replaces the protected cells with what each column's `cell_revealer` returns and fixes
+    the message length; everything else is copied in slices. That is the same message
+    `_reveal_row` builds by decoding and re-encoding the whole row, for any DataRow
+    PostgreSQL sends. Anything unusual (a failure to decrypt or convert, a crypto object
+    without `cell_revealer`, a malformed row) raises, and the caller redoes that row with
+    `_reveal_row`, which counts and reports as it always has.
+
+    Revealed cells are counted per row (`rows` minus each column's NULL or missing cells)
+    and added to the columns' `n_decrypt` by `flush`, called whenever the tracker leaves
+    the result set and before the session drains the counters.
+    """
+
+    __slots__ = ("counted", "nulls", "plan", "rows", "steps", "width")
+
+    def __init__(self, plan: RowPlan) -> None:
+        self.plan = plan
+        self.rows = 0
+        self.nulls = [0] * len(plan)
+        self.counted: list[Any] = []
+        self.width = plan[-1][0] + 1 if plan else 0  # cells a row must have for `apply`
+        # (cells to skip before this one, its revealer, its counter slot), in column order
+        steps: list[tuple[int, Callable[[bytes], bytes | None], int]] | None = []
+        prev = -1
+        for j, (i, crypto, fmt) in enumerate(plan):
+            make = getattr(crypto, "cell_revealer", None)
+            if make is None or i <= prev:
+                steps = None  # counted by crypto.reveal itself: every row goes slow
+                break
+            steps.append((i - prev - 1, make(fmt), j))  # type: ignore[union-attr]
+            self.counted.append(crypto)
+            prev = i
+        self.steps = steps
+
+    def apply(self, msg: bytes, base: int = 0, stop: int = -1) -> bytes | None:
+        """The DataRow to send for the one in `msg[base:stop]` (default: all of `msg`);
+        None: send it unchanged. Raises on anything unusual."""
+        steps = self.steps
+        if steps is None or _H_unpack_from(msg, base + 5)[0] < self.width:
+            raise LookupError("not for the fast path")  # (short rows: never from PG)
+        if stop < 0:
+            stop = len(msg)
+        unpack = _I_unpack_from
+        pos = base + 7  # at the length word of the next cell
+        last = head = base + 5  # msg[last:pos] is not copied yet
+        delta = 0
+        parts: list[bytes] = [b""]
+        missing: list[int] | None = None  # NULL cells: not revealed, not counted
+        for skip, reveal, j in steps:
+            while skip:
+                (n,) = unpack(msg, pos)
+                pos += 4 + n if n > 0 else 4
+                skip -= 1
+            (n,) = unpack(msg, pos)
+            if n < 0:
+                if missing is None:
+                    missing = []
+                missing.append(j)
+                pos += 4
+                continue
+            start = pos + 4
+            end = start + n
+            value = reveal(msg[start:end])
+            if value is None:
+                parts += (msg[last:pos], _NULL_CELL)
+                delta -= n
+            else:
+                parts += (msg[last:pos], _I_pack(len(value)), value)
+                delta += len(value) - n
+            pos = last = end
+        if pos > stop:
+            raise IndexError("DataRow cell overruns the message")
+        self.rows += 1
+        if missing is not None:
+            nulls = self.nulls
+            for j in missing:
+                nulls[j] += 1
+        if last == head:
+            return None  # nothing revealed (all NULL): the row as it came
+        parts.append(msg[last:stop])
+        parts[0] = _D_HEAD(b"D", stop - base - 1 + delta)
+        return b"".join(parts)
+
+    def flush(self) -> None:
+        """Add the cells revealed since the last flush to each column's `n_decrypt`."""
+        rows = self.rows
+        if not rows:
+            return
+        nulls = self.nulls
+        for j, crypto in enumerate(self.counted):
+            crypto.n_decrypt += rows - nulls[j]
+            nulls[j] = 0
+        self.rows = 0
+
+
 _COLLECT = object()  # data_plan marker: rows belong to an injected query
 
 
@@ -155,7 +274,7 @@ class Tracker:
         self.portals: dict[bytes, Portal] = {}
         self.discarding = False  # server is skipping to Sync after an error
         self.row_plan: RowPlan | None = None  # for the current simple Query result set
-        self.data_plan: RowPlan | object | None = None  # what the next DataRow needs
+        self.data_plan: RowRevealer | object | None = None  # what the next DataRow needs
         self.consume_to_ready = False  # after a proxy-made error: drop until ReadyForQuery
         self.copy_out: Any = None
         self.copy_in: Any = None
@@ -176,7 +295,7 @@ class Tracker:
         if len(self.queue) == 1:
             # A new head: its DataRows may come before any other reply (Execute of a
             # portal bound earlier), so the row plan must be known now.
-            self.data_plan = self._current_plan(entry)
+            self._set_data_plan(self._current_plan(entry))
 
     def client(self, kind: int, msg: bytes) -> bytes | None:
         """One frontend message. Returns the bytes to send instead (None: as is)."""
@@ -321,7 +440,7 @@ class Tracker:
         """A Query the proxy sends for itself; its whole reply is swallowed."""
         self.queue.append(Entry(INJECTED_QUERY, skip=True, on_done=on_done, collected=[]))
         if len(self.queue) == 1:
-            self.data_plan = _COLLECT
+            self._set_data_plan(_COLLECT)
         return m.message(b"Q", sql.encode() + b"\0")
 
     def _encrypt_bind(self, bind: rows.Bind, stmt: Statement) -> rows.Bind:
@@ -365,7 +484,8 @@ class Tracker:
 
         `data_plan` is kept current after every other message, so that the DataRows
         between them (the bulk of the traffic) cost one attribute check when they carry
-        nothing protected: `None` means forward them untouched.
+        nothing protected: `None` means forward them untouched (a session may skip the
+        call for them: see `data_row`).
         """
         if kind == 0x44 and not self.consume_to_ready:
             plan = self.data_plan
@@ -374,14 +494,42 @@ class Tracker:
             if plan is _COLLECT:
                 self.queue[0].collected.append(rows.decode_data_row(msg[5:]))  # type: ignore[union-attr]
                 return b""
-            return self._reveal_row(msg, plan)  # type: ignore[arg-type]
+            try:
+                return plan.apply(msg)  # type: ignore[attr-defined]
+            except Exception:
+                # Whatever it was, the row is done again the one reference way.
+                return self._reveal_row(msg, plan.plan)  # type: ignore[attr-defined]
         out = self._server(kind, msg)
         head = self.queue[0] if self.queue else None
         if head is not None and head.kind == INJECTED_QUERY:
-            self.data_plan = _COLLECT
+            self._set_data_plan(_COLLECT)
         else:
-            self.data_plan = self._current_plan(head)
+            self._set_data_plan(self._current_plan(head))
         return out
+
+    def data_row(self, buf: bytes, start: int, stop: int) -> bytes | None:
+        """`server(0x44, buf[start:stop])` for the DataRow at those offsets, without
+        slicing it out first. A session may skip the call (and forward the row) while
+        `data_plan is None and not consume_to_ready`: then it returns None."""
+        plan = self.data_plan
+        if type(plan) is RowRevealer and not self.consume_to_ready:
+            try:
+                return plan.apply(buf, start, stop)
+            except Exception:
+                return self._reveal_row(buf[start:stop], plan.plan)
+        return self.server(0x44, buf[start:stop])
+
+    def _set_data_plan(self, plan: RowPlan | object | None) -> None:
+        old = self.data_plan
+        if isinstance(old, RowRevealer):
+            old.flush()
+        self.data_plan = plan.revealer if isinstance(plan, RowPlan) else plan
+
+    def flush_counts(self) -> None:
+        """Move revealed-cell counts of the current result set into the columns'
+        counters (before they are drained into metrics)."""
+        if isinstance(self.data_plan, RowRevealer):
+            self.data_plan.flush()
 
     def _server(self, kind: int, msg: bytes) -> bytes | None:
         if self.consume_to_ready and kind != 0x5A:
@@ -393,7 +541,7 @@ class Tracker:
             if head is not None and head.kind == INJECTED_QUERY:
                 head.collected.append(rows.decode_data_row(msg[5:]))  # type: ignore[union-attr]
                 return b""
-            return self._reveal_row(msg, plan) if plan else None
+            return self._reveal_row(msg, plan) if plan else None  # (the reference path)
         if kind == 0x5A:  # ReadyForQuery
             self.consume_to_ready = False
             self.row_plan = None
@@ -575,7 +723,7 @@ class Tracker:
     def _compute_portal_plan(self, portal: Portal, fields: list[rows.Field]) -> RowPlan | None:
         stmt = portal.statement
         outputs = stmt.plan.outputs[0] if stmt is not None and stmt.plan.outputs else None
-        plan: RowPlan = []
+        plan = RowPlan()
         for i, f in enumerate(fields):
             crypto = self._crypto_for(i, f, outputs, len(fields))
             if crypto is not None and crypto.view != "ciphertext":
@@ -586,7 +734,7 @@ class Tracker:
     def _plan_fields(self, fields: list[rows.Field],
                      outputs: list[ColumnCrypto | None] | None = None,
                      ) -> tuple[RowPlan | None, bool]:
-        plan: RowPlan = []
+        plan = RowPlan()
         changed = False
         for i, f in enumerate(fields):
             crypto = self._crypto_for(i, f, outputs, len(fields))

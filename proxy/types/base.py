@@ -46,6 +46,10 @@ class Codec(Protocol):
 
     name: str
     oid: int
+    # Optional class attributes (absent: False): `to_text` / `to_binary` return the
+    # canonical form unchanged, so the read path can skip the call.
+    #   text_is_canonical: ClassVar[bool]
+    #   binary_is_canonical: ClassVar[bool]
 
     def from_text(self, data: bytes, tz: datetime.tzinfo = UTC) -> bytes:
         """Canonical form of a text-format value (tz: session TimeZone, for timestamptz)."""

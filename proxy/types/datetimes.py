@@ -23,6 +23,7 @@ import datetime
 import re
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 from proxy.types.base import (
     DATETIME_FIELD_OVERFLOW,
@@ -181,6 +182,7 @@ def _format_offset(seconds: int) -> str:
 class DateCodec:
     name: str = "date"
     oid: int = 1082
+    binary_is_canonical: ClassVar[bool] = True
 
     def from_text(self, data: bytes, tz: datetime.tzinfo = UTC) -> bytes:
         p = _parse(data, "date")
@@ -223,6 +225,7 @@ class DateCodec:
 class TimestamptzCodec:
     name: str = "timestamptz"
     oid: int = 1184
+    binary_is_canonical: ClassVar[bool] = True
 
     def from_text(self, data: bytes, tz: datetime.tzinfo = UTC) -> bytes:
         p = _parse(data, "timestamp with time zone")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from proxy.types.base import (
     INVALID_BINARY_REPRESENTATION,
@@ -36,6 +37,7 @@ def parse_int(text: str, what: str) -> int:
 class IntCodec:
     name: str
     oid: int
+    binary_is_canonical: ClassVar[bool] = True
     size: int
 
     def _check(self, value: int) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from proxy.types import numeric
 from proxy.types.base import (
@@ -140,6 +140,7 @@ def canonicalize(text: str, eq: bool = False) -> bytes:
 class JsonbCodec:
     name: str = "jsonb"
     oid: int = 3802
+    text_is_canonical: ClassVar[bool] = True
 
     def from_text(self, data: bytes, tz: datetime.tzinfo = UTC) -> bytes:
         return canonicalize(utf8(data, "json"))

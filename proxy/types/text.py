@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import ClassVar
 
 from proxy.types.base import UTC, utf8
 
@@ -17,6 +18,8 @@ from proxy.types.base import UTC, utf8
 class TextCodec:
     name: str
     oid: int
+    text_is_canonical: ClassVar[bool] = True
+    binary_is_canonical: ClassVar[bool] = True
 
     def from_text(self, data: bytes, tz: datetime.tzinfo = UTC) -> bytes:
         utf8(data, self.name)

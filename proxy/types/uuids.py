@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from proxy.types.base import INVALID_BINARY_REPRESENTATION, UTC, CodecError
 
@@ -18,6 +19,7 @@ _UUID_RE = re.compile(r"[0-9a-fA-F]{4}(?:-?[0-9a-fA-F]{4}){7}", re.ASCII)
 @dataclass(frozen=True, slots=True)
 class UuidCodec:
     name: str = "uuid"
+    binary_is_canonical: ClassVar[bool] = True
     oid: int = 2950
 
     def from_text(self, data: bytes, tz: datetime.tzinfo = UTC) -> bytes:
