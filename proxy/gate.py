@@ -17,6 +17,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from proxy.policy.engine import Decision
 from proxy.protocol import messages as m
 from proxy.protocol import rows
 from proxy.sql.cache import AnalysisCache
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from proxy.settings import Settings
 
 log = logging.getLogger("strongroom.gate")
+
+_ALLOWED = Decision(True, "allowed")  # what a memoised allowed Parse is counted as
 
 _EFFECT_KINDS = frozenset(
     {"set", "set_role", "prepare", "deallocate", "discard", "begin", "commit", "rollback",
@@ -129,6 +132,10 @@ class SessionPolicy:
     named: dict[bytes, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
     """Allowed named statements: (text, role, search_path) they were decided with."""
     last_status: bytes = b"I"
+    # The last unnamed Parse body allowed without effects, with what it was decided
+    # under (role, search_path, decision cache): a driver that re-sends the same Parse
+    # every transaction (libpq's extended mode) then costs one comparison.
+    unnamed_ok: tuple[bytes, str, tuple[str, ...], object, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.session_role:
@@ -615,10 +622,30 @@ class Gate:
             pass
 
     def parse(self, session: Session, body: bytes) -> bytes | None:
+        st_fast: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        if st_fast is not None and body[:1] == b"\0" and self.policy is not None:
+            memo = st_fast.unnamed_ok
+            if (
+                memo is not None
+                and memo[0] == body
+                and memo[1] is st_fast.role
+                and memo[2] is st_fast.path
+                and memo[3] is self._cache_for(session.database, st_fast.reset_path)._data
+                and st_fast.refuse_all is None
+            ):
+                if self.metrics is not None:
+                    self.metrics.policy_decision(st_fast.role, memo[4])
+                st_fast.refused.discard(b"")
+                st_fast.staged.pop(b"", None)
+                session.denied.discard(b"")
+                return None
+        if self.policy is None and body is not None and session.last_parse == body:
+            return None  # analysed when it was first seen; nothing decides on it
         name, query, _oids = rows.decode_parse(body)
         sql = query.decode(errors="surrogateescape")
         if self.policy is None:
             self._analyze_quietly(sql)
+            session.last_parse = body
             return None
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
         refusal = self.decide(session, sql, apply=False)
@@ -641,6 +668,9 @@ class Gate:
                 if st is not None and name:
                     self._record_parsed(st, name, self.analyses.analyze(sql))
                 session.denied.discard(name)
+                if st is not None and not name:
+                    cache = self._cache_for(session.database, st.reset_path)
+                    st.unnamed_ok = (body, st.role, st.path, cache._data, _ALLOWED)
             return None
         if st is not None:
             st.refused.add(name)

@@ -138,6 +138,7 @@ class Session(asyncio.Protocol):
         # Set by the gate when policy or encryption applies to this session.
         self.tracker: Tracker | None = None  # tracking mode (encryption): see tracking.py
         self.denied: set[bytes] = set()  # statement names substituted by a refusal
+        self.last_parse: bytes | None = None  # Parse body the gate last analysed (no policy)
         self.watch_ready = False  # gate.ready() wants every ReadyForQuery status
         self.policy_state: object | None = None
         self._prelude: tuple[bytes, list[list[list[bytes | None]]]] | None = None
