@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from proxy.audit import AuditLog, read_key_file, statement_fingerprint, worker_path
-from proxy.metrics import Metrics, query_kind
+from proxy.metrics import OTHER, Metrics, query_kind
 from proxy.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -412,3 +412,9 @@ def flush_crypto(tracker: Any, done: Callable[..., None]) -> None:
     if drain is not None:
         for column, op, ok, errors in drain():
             done(column, op, ok, errors)
+    # Crypto time per statement (all its cells), observed once per flush.
+    for op, attr in (("encrypt", "encrypt_seconds"), ("decrypt", "decrypt_seconds")):
+        seconds = getattr(tracker, attr, 0.0)
+        if seconds:
+            done(OTHER, op, 0, 0, seconds)
+            setattr(tracker, attr, 0.0)

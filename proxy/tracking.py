@@ -15,6 +15,7 @@ The module is pure: messages in, bytes out. The session does the I/O.
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -275,6 +276,10 @@ class Tracker:
         self.discarding = False  # server is skipping to Sync after an error
         self.row_plan: RowPlan | None = None  # for the current simple Query result set
         self.data_plan: RowRevealer | object | None = None  # what the next DataRow needs
+        # Seconds spent sealing parameters and opening rows since the metrics last took
+        # them (one clock pair per Bind or DataRow, not per cell).
+        self.encrypt_seconds = 0.0
+        self.decrypt_seconds = 0.0
         self.consume_to_ready = False  # after a proxy-made error: drop until ReadyForQuery
         self.copy_out: Any = None
         self.copy_in: Any = None
@@ -348,7 +353,10 @@ class Tracker:
                 return rows.encode_bind(bind)
             if stmt.plan.params or stmt.plan.derived:
                 try:
-                    return rows.encode_bind(self._encrypt_bind(bind, stmt))
+                    started = time.perf_counter()
+                    sealed = rows.encode_bind(self._encrypt_bind(bind, stmt))
+                    self.encrypt_seconds += time.perf_counter() - started
+                    return sealed
                 except ValueError_ as exc:
                     return self._failing_bind(bind, ClientRefusal(exc.sqlstate, exc.text))
             return None
@@ -514,7 +522,10 @@ class Tracker:
         plan = self.data_plan
         if type(plan) is RowRevealer and not self.consume_to_ready:
             try:
-                return plan.apply(buf, start, stop)
+                started = time.perf_counter()
+                out = plan.apply(buf, start, stop)
+                self.decrypt_seconds += time.perf_counter() - started
+                return out
             except Exception:
                 return self._reveal_row(buf[start:stop], plan.plan)
         return self.server(0x44, buf[start:stop])

@@ -85,6 +85,14 @@ def test_promtool_checks_the_real_exposition(observed: ProxyProcess) -> None:
            'result="ok"}' in text
     assert 'role="support_agent"' in text and 'role="unlisted"' in text
     assert 'strongroom_analyzer_cache_total{result="hit"}' in text
+    # Crypto time is observed for the sealing and opening the traffic did.
+    counts = {
+        dict(s.labels).get("op"): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "strongroom_crypto_seconds_count"
+    }
+    assert counts.get("encrypt", 0) > 0 and counts.get("decrypt", 0) > 0, counts
 
 
 def _parse_count(text: str) -> float:
