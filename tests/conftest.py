@@ -31,12 +31,25 @@ APP_PASSWORD = "app-secret"
 APP_DB = "app"
 
 
+# Every proxy's directory (config, log, audit files, keys) of this run, scanned for
+# plaintext when the run ends and then removed.
+PROXY_DIRS: list[Path] = []
+
+# Protected test values that tests across the suite send through proxies (cards, IBANs).
+# None may appear in any proxy log, audit record or other file a proxy wrote.
+PLAINTEXT_MARKERS = (
+    "4111111111111111", "5500000000000004", "6011000000000004",
+    "DE89370400440532013000", "GB82WEST12345698765432",
+)
+
+
 class ProxyProcess:
     """A strongroom subprocess with its own config file and log."""
 
     def __init__(self, cluster: devcluster.Cluster, config: dict[str, Any] | None = None):
         self.cluster = cluster
         self.dir = Path(tempfile.mkdtemp(prefix="strongroom-proxy-"))
+        PROXY_DIRS.append(self.dir)
         self.port = devcluster.free_port()
         self.config: dict[str, Any] = {
             "listen": {"host": "127.0.0.1", "port": self.port},
@@ -407,3 +420,38 @@ class RawPG:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _plaintext_hits(dirs: list[Path]) -> list[str]:
+    """Files under the proxies' directories that hold a protected test value (as text or
+    hex). Key files are binary secrets, not logs: they are skipped."""
+    needles = [m.encode() for m in PLAINTEXT_MARKERS]
+    needles += [m.encode().hex().encode() for m in PLAINTEXT_MARKERS]
+    hits = []
+    for d in dirs:
+        for path in d.rglob("*"):
+            if not path.is_file() or path.suffix in (".kek", ".key"):
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            hits += [f"{path}: {n[:8].decode()}..." for n in needles if n in data]
+    return hits
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The leak check of issue 6 over the whole run: no proxy log, audit file or other
+    proxy output may contain a protected test value. Then the directories go."""
+    import shutil
+
+    dirs = [d for d in PROXY_DIRS if d.exists()]
+    hits = _plaintext_hits(dirs)
+    if hits:
+        print("\nPLAINTEXT LEAK in proxy output:\n" + "\n".join(hits[:20]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        return  # keep the directories for inspection
+    print(f"\nleak check: {len(dirs)} proxy directories scanned, no protected test value")
+    if not os.environ.get("STRONGROOM_KEEP_CLUSTER"):
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
