@@ -16,11 +16,11 @@ import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pglast.parser import scan
 from psycopg import pq
 
 from tests.conftest import ProxyProcess
 from tests.integration.policy_env import POLICY, ensure_schema, password
+from tests.sql_variants import canonical, variant
 
 TEMPLATES = [
     ("SELECT name, id FROM @customers WHERE «id = 1» ORDER BY name", "support_agent"),
@@ -37,48 +37,6 @@ TEMPLATES = [
     ("SELECT id FROM @cards WHERE «id > 0» FOR UPDATE", "support_agent"),
     ("SELECT * FROM @transactions WHERE «amount > 5» LIMIT «10»", "analyst"),
 ]
-
-_SEPARATORS = [" ", "  ", "\n", "\t", " /* c */ ", " /* x /* nested */ y */ ", " -- c\n"]
-
-
-def _expand(template: str, draw: st.DrawFn) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(template):
-        ch = template[i]
-        if ch == "«":
-            end = template.index("»", i)
-            depth = draw(st.integers(0, 2))
-            out.append("(" * depth + template[i + 1 : end] + ")" * depth)
-            i = end + 1
-        elif ch == "@":
-            out.append(draw(st.sampled_from(["", "public.", "PUBLIC."])))
-            i += 1
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-@st.composite
-def variant(draw: st.DrawFn, template: str) -> str:
-    sql = _expand(template, draw)
-    pieces: list[str] = []
-    for n, tok in enumerate(scan(sql)):
-        text = sql[tok.start : tok.end + 1]
-        if n:
-            pieces.append(draw(st.sampled_from(_SEPARATORS)))
-        if tok.name == "IDENT" and text.isascii() and text == text.lower() and draw(st.booleans()):
-            text = f'"{text}"'
-        elif tok.kind != "NO_KEYWORD":
-            text = "".join(c.upper() if draw(st.booleans()) else c for c in text)
-        pieces.append(text)
-    return "".join(pieces)
-
-
-def canonical(template: str) -> str:
-    return template.replace("«", "").replace("»", "").replace("@", "")
-
 
 @pytest.fixture(scope="module")
 def conns(pg: Any) -> Iterator[dict[str, psycopg.Connection]]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pglast.parser import scan
 
 from proxy.policy import decide
 from proxy.sql import analyze
+from tests.sql_variants import canonical, variant
 from tests.unit.test_policy import DB, ENV, PATH, POLICY
 
 TEMPLATES = [
@@ -43,45 +43,6 @@ TEMPLATES = [
     ),
 ]
 
-_SEPARATORS = [" ", "  ", "\n", "\t", " /* c */ ", " /* x /* nested */ y */ ", " -- c\n"]
-
-
-def _expand(template: str, draw: st.DrawFn) -> str:
-    out: list[str] = []
-    i = 0
-    while i < len(template):
-        ch = template[i]
-        if ch == "«":
-            end = template.index("»", i)
-            inner = template[i + 1 : end]
-            depth = draw(st.integers(0, 2))
-            out.append("(" * depth + inner + ")" * depth)
-            i = end + 1
-        elif ch == "@":
-            out.append(draw(st.sampled_from(["", "public."])))
-            i += 1
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-@st.composite
-def variant(draw: st.DrawFn, template: str) -> str:
-    sql = _expand(template, draw)
-    pieces: list[str] = []
-    for n, tok in enumerate(scan(sql)):
-        text = sql[tok.start : tok.end + 1]
-        if n:
-            pieces.append(draw(st.sampled_from(_SEPARATORS)))
-        if tok.name == "IDENT" and text.isascii() and text == text.lower() and draw(st.booleans()):
-            text = f'"{text}"'
-        elif tok.kind != "NO_KEYWORD":
-            text = "".join(c.upper() if draw(st.booleans()) else c for c in text)
-        pieces.append(text)
-    return "".join(pieces)
-
-
 def _decision(sql: str, role: str) -> bool:
     return decide(POLICY, role, analyze(sql), PATH, DB, env=ENV).allowed
 
@@ -90,14 +51,13 @@ def _decision(sql: str, role: str) -> bool:
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_variants_decide_like_canonical(template: str, role: str, data: st.DataObject) -> None:
-    canonical = template.replace("«", "").replace("»", "").replace("@", "")
-    expected = _decision(canonical, role)
+    expected = _decision(canonical(template), role)
     sql = data.draw(variant(template))
     assert _decision(sql, role) is expected, sql
 
 
 def test_templates_cover_both_outcomes() -> None:
     outcomes = {
-        _decision(t.replace("«", "").replace("»", "").replace("@", ""), r) for t, r in TEMPLATES
+        _decision(canonical(t), r) for t, r in TEMPLATES
     }
     assert outcomes == {True, False}
