@@ -70,31 +70,17 @@ class PolicyCache:
             return found
         try:
             analysis = self.analyses.analyze(sql)
-            tkey = self.analyses.last_key
-            if tkey != sql:  # same statement with other constants: same decision
-                key = (tkey, role, search_path, database)
-                found = data.get(key)
-                if found is not None:
-                    data.move_to_end(key)
-                    return found
         except AnalysisError:
             decision = Decision(False, f'role "{role}": statement does not parse; denied')
-        else:
-            decision = decide(
-                self._policy,
-                role,
-                analysis,
-                search_path,
-                database,
-                env=self._env,
-                prepared=prepared,
-            )
-            if analysis.has_execute:
-                return decision
-        data[key] = decision
-        if len(data) > self.maxsize:
-            data.popitem(last=False)
-        return decision
+            data[key] = decision
+            if len(data) > self.maxsize:
+                data.popitem(last=False)
+            return decision
+        # Keyed by the analysis cache's key: the template when the same statement with
+        # other constants must get the same decision.
+        return self.decide_keyed(
+            self.analyses.last_key, analysis, role, search_path, database, prepared
+        )
 
     def decide_keyed(
         self,
