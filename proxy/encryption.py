@@ -21,7 +21,7 @@ from typing import Any
 from proxy.catalog import DatabaseCatalog, Snapshot, build_snapshot, catalog_query
 from proxy.crypto.blind_index import BlindIndex
 from proxy.crypto.envelope import ColumnCipher, DecryptError
-from proxy.crypto.masking import make_masker
+from proxy.crypto.masking import MaskConfigError, make_masker
 from proxy.protocol.rows import bytea_from_text, bytea_to_text
 from proxy.settings import ConfigError
 from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
@@ -553,6 +553,13 @@ class Encryption:
             self.columns[key] = ColumnRuntime(
                 pc, cipher, bidx, codec, codec.oid, TYPLEN.get(codec.name, -1)
             )
+        try:  # built once: masks depend on the configuration only, not on the session
+            self.masks: dict[tuple[str, str, str], Any] = {
+                key: make_masker(self.options[key].get("mask"), rt.codec.name)
+                for key, rt in self.columns.items()
+            }
+        except MaskConfigError as exc:
+            raise EncryptionConfigError([f"protect: {exc}"]) from None
         self.catalogs: dict[str, DatabaseCatalog] = {}
         self.plan_cache: OrderedDict[Any, Any] = OrderedDict()
         self._views: OrderedDict[int, tuple[Snapshot, ProtectedSchema, ViewMap]] = OrderedDict()
@@ -571,17 +578,11 @@ class Encryption:
             self._views.popitem(last=False)
         return schema, attrs
 
-    def masks(self) -> dict[tuple[str, str, str], Any]:
-        return {
-            key: make_masker(self.options[key].get("mask"), self.columns[key].codec.name)
-            for key in self.columns
-        }
-
     def views_for(self, session: Any) -> dict[tuple[str, str, str], tuple[str, Any]]:
         """Column view per protected column for the session's role (plaintext without a
         policy). `deny` never reaches decryption: the policy refuses the statement."""
         policy = self.gate.policy
-        masks = self.masks()
+        masks = self.masks
         if policy is None:
             return {k: ("plaintext", None) for k in self.columns}
         st = session.policy_state
