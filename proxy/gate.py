@@ -339,6 +339,7 @@ class Gate:
             return self._refuse(session, st.role, st.refuse_all)
         cache = self._cache_for(session.database, st.reset_path)
         effects = self._effects.get(sql)
+        decision: Decision | None = None
         if effects is None:
             # Plain DML seen before with other constants: its template analysis has no
             # session effects, and its decision is cached under the template.
@@ -351,16 +352,14 @@ class Gate:
                 decision = cache.decide_keyed(
                     key, analysis, st.role, st.path, session.database, st.prepared
                 )
-                if self.metrics is not None:
-                    self.metrics.policy_decision(st.role, decision)
-                if not decision.allowed:
-                    return self._refuse(session, st.role, decision.reason, sql)
-                return None
-            effects = self._has_effects(sql)
-        if effects:
-            decision = self._decide_effects(cache, session, st, sql)
-        else:
-            decision = cache.decide(sql, st.role, st.path, session.database, st.prepared)
+                effects = False
+            else:
+                effects = self._has_effects(sql)
+        if decision is None:
+            if effects:
+                decision = self._decide_effects(cache, session, st, sql)
+            else:
+                decision = cache.decide(sql, st.role, st.path, session.database, st.prepared)
         if self.metrics is not None:
             self.metrics.policy_decision(st.role, decision)
         if not decision.allowed:
