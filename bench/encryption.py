@@ -39,7 +39,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -611,17 +610,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Background shells start jobs with SIGINT ignored; restore it so `kill -INT` works,
-    # and route SIGTERM/SIGHUP through the same clean-up as Ctrl-C.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, harness._raise_interrupt)
-    signal.signal(signal.SIGHUP, harness._raise_interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return harness.run_cleanly(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import contextlib
 import os
 import random
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -281,15 +280,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, harness._raise_interrupt)
-    signal.signal(signal.SIGHUP, harness._raise_interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return harness.run_cleanly(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -635,18 +635,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # A shell starts background jobs with SIGINT ignored; restore Ctrl-C semantics so
-    # `kill -INT` cleans up the same way from scripts and CI.
+def run_cleanly(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a benchmark so that Ctrl-C, SIGTERM and SIGHUP all stop what it started.
+
+    A shell starts background jobs with SIGINT ignored; restore Ctrl-C semantics so
+    `kill -INT` cleans up the same way from scripts and CI. Shared by every bench script.
+    """
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     try:
-        return run(args)
+        return body(args)
     except KeyboardInterrupt:
         log("interrupted; everything started was stopped")
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cleanly(run, parse_args(argv))
 
 
 if __name__ == "__main__":
