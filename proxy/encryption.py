@@ -26,7 +26,7 @@ from proxy.protocol.rows import bytea_from_text, bytea_to_text
 from proxy.settings import ConfigError
 from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
-from proxy.tracking import ClientRefusal, StatementPlan, Tracker, ValueError_
+from proxy.tracking import ClientRefusal, RecheckSpec, StatementPlan, Tracker, ValueError_
 from proxy.types import CodecError, get_codec
 
 TYPLEN = {
@@ -95,6 +95,30 @@ class RoleColumn:
         self.n_bidx += 1
         return bidx.compute(self._canonical(value, fmt, oid))
 
+    def equality_key(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
+        """What a searched value is compared as when a blind-index match is rechecked:
+        the type's equality key (the blind index's own input), so values PostgreSQL
+        calls equal (numeric 1.50 and 1.5) match."""
+        return self.runtime.codec.equality_key(self._canonical(value, fmt, oid))
+
+    def opened_key(self, envelope: bytes) -> bytes:
+        """The equality key of a stored value, whatever this role's view: the recheck
+        compares true values, also for a role that sees the column masked."""
+        self.n_decrypt += 1
+        try:
+            canonical = self.runtime.cipher.decrypt(envelope)
+        except DecryptError:
+            self.n_decrypt -= 1
+            self.n_failed += 1
+            raise ValueError_(DECRYPT_FAILED, self._failed_text()) from None
+        return self.runtime.codec.equality_key(canonical)
+
+    def _failed_text(self) -> str:
+        return (
+            f"stored value of protected column {self.runtime.qualified} failed "
+            "authentication (wrong key, tampered, or copied from another column)"
+        )
+
     def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
         self.n_decrypt += 1
         try:
@@ -102,11 +126,7 @@ class RoleColumn:
         except DecryptError:
             self.n_decrypt -= 1
             self.n_failed += 1
-            raise ValueError_(
-                DECRYPT_FAILED,
-                f"stored value of protected column {self.runtime.qualified} failed "
-                "authentication (wrong key, tampered, or copied from another column)",
-            ) from None
+            raise ValueError_(DECRYPT_FAILED, self._failed_text()) from None
         return self._convert(canonical, fmt)
 
     def _convert(self, canonical: bytes, fmt: int) -> bytes | None:
@@ -436,9 +456,24 @@ class SessionProtector:
         ]
         literals = tuple({id(rc): rc for rc in (self._role_of(sp.column) for sp in rplan.splices
                                                 if sp.action != "rename")}.values())
+        try:
+            rechecks = self._rechecks(rplan)
+        except ValueError_ as exc:
+            return StatementPlan(sql=raw, touches_protected=True,
+                                 refusal=ClientRefusal(exc.sqlstate, exc.text))
         return StatementPlan(sql=text, params=params, touches_protected=True, copy=copy,
                              derived=derived, outputs=outputs, source=sql, tables=tables,
-                             literals=literals)
+                             literals=literals, rechecks=rechecks)
+
+    def _rechecks(self, rplan: Any) -> dict[int, list[RecheckSpec]]:
+        """Per statement, its hidden recheck columns: the column and the equality keys of
+        the searched literals (parameters are added per Bind)."""
+        out: dict[int, list[RecheckSpec]] = {}
+        for r in rplan.recheck:
+            rc = self._role_of(r.column)
+            keys = frozenset(rc.equality_key(lit.encode(), 0) for lit in r.literals)
+            out.setdefault(r.statement, []).append(RecheckSpec(rc, keys, r.params))
+        return out
 
     def after_statement(self) -> bytes:
         """Called after each Query/Sync is queued: reload the catalog if it may be stale."""
@@ -533,6 +568,7 @@ class Encryption:
                 schema, table, column, spec.get("type", "text"),
                 spec.get("mode", "randomized"), search == "blind_index",
                 spec.get("bidx_column") if search == "blind_index" else None,
+                int(spec.get("index_length", 16)),
             )
             self.options[(schema, table, column)] = dict(spec)
         self.schema = ProtectedSchema(self.specs.values())

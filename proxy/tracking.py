@@ -59,6 +59,19 @@ class ColumnCrypto(Protocol):
     def encrypt_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes: ...
     def blind_index_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes: ...
     def reveal(self, envelope: bytes, fmt: int) -> bytes | None: ...
+    def equality_key(self, value: bytes, fmt: int, oid: int = 0) -> bytes: ...
+    def opened_key(self, envelope: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RecheckSpec:
+    """One hidden recheck column of a statement (see rewrite_plan.Recheck): the column,
+    the equality keys of the literals it was searched for, and the 1-based parameters
+    whose values it was searched for (their keys are taken per Bind)."""
+
+    crypto: ColumnCrypto
+    keys: frozenset[bytes | None]
+    params: tuple[int, ...] = ()
 
 
 class Protector(Protocol):
@@ -90,6 +103,9 @@ class StatementPlan:
     source: str = ""
     tables: tuple[str, ...] = ()
     literals: tuple[ColumnCrypto, ...] = ()  # columns whose literals the proxy sealed
+    # Per statement in the text: its blind-index lookups to recheck, one hidden result
+    # column each, appended after the client's columns.
+    rechecks: dict[int, list[RecheckSpec]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -109,6 +125,9 @@ class Portal:
     fields: list[rows.Field] | None = None
     # (the fields list it was computed from, the plan): a portal's rows all share it
     cached_plan: tuple[object, RowPlan | None] | None = None
+    # Blind-index recheck: per hidden column, the accepted equality keys (this Bind's)
+    checks: list[tuple[ColumnCrypto, frozenset[bytes | None]]] | None = None
+    cached_filter: tuple[object, RecheckFilter] | None = None
 
 
 # Queue entry kinds.
@@ -247,6 +266,25 @@ class RowRevealer:
         self.rows = 0
 
 
+class RecheckFilter:
+    """The DataRows of a result set with hidden recheck columns (blind-index lookups).
+
+    Each row's hidden cells are decrypted and compared with the searched values (as
+    equality keys); a row failing any is dropped and counted, so that CommandComplete's
+    row count can be corrected. Kept rows lose the hidden cells and are revealed the
+    reference way (`Tracker._reveal_values`): lookups return few rows.
+    """
+
+    __slots__ = ("checks", "dropped", "plan", "visible")
+
+    def __init__(self, plan: RowPlan | None, visible: int,
+                 checks: list[tuple[ColumnCrypto, int, frozenset[bytes | None]]]) -> None:
+        self.plan = plan
+        self.visible = visible
+        self.checks = checks  # (column, result format of its hidden cell, accepted keys)
+        self.dropped = 0
+
+
 _COLLECT = object()  # data_plan marker: rows belong to an injected query
 
 
@@ -275,6 +313,7 @@ class Tracker:
         self.portals: dict[bytes, Portal] = {}
         self.discarding = False  # server is skipping to Sync after an error
         self.row_plan: RowPlan | None = None  # for the current simple Query result set
+        self.row_filter: RecheckFilter | None = None  # ... when it has recheck columns
         self.data_plan: RowRevealer | object | None = None  # what the next DataRow needs
         # Seconds spent sealing parameters and opening rows since the metrics last took
         # them (one clock pair per Bind or DataRow, not per cell).
@@ -307,7 +346,7 @@ class Tracker:
         if kind == 0x51:  # Q
             entry = Entry(QUERY)
             self._push(entry)
-            self.row_plan = None
+            self.row_plan = self.row_filter = None
             sql = m.query_text(msg[5:])
             plan = self.protector.plan_query(sql)
             entry.plan = plan
@@ -351,6 +390,18 @@ class Tracker:
                 bind.params = []
                 bind.param_formats = []
                 return rows.encode_bind(bind)
+            widened = False
+            specs = stmt.plan.rechecks.get(0) if stmt.plan.rechecks else None
+            if specs:
+                portal = self.portals[bind.portal]
+                try:
+                    portal.checks = self._expected(bind, stmt, specs)
+                except ValueError_ as exc:
+                    return self._failing_bind(bind, ClientRefusal(exc.sqlstate, exc.text))
+                if len(bind.result_formats) > 1:  # one code per column: hidden ones too
+                    bind.result_formats = [*bind.result_formats, *([1] * len(specs))]
+                    portal.result_formats = bind.result_formats
+                    widened = True
             if stmt.plan.params or stmt.plan.derived:
                 try:
                     started = time.perf_counter()
@@ -359,7 +410,7 @@ class Tracker:
                     return sealed
                 except ValueError_ as exc:
                     return self._failing_bind(bind, ClientRefusal(exc.sqlstate, exc.text))
-            return None
+            return rows.encode_bind(bind) if widened else None
         if kind == 0x44:  # D
             which = msg[5:6]
             name = msg[6:-1]
@@ -451,6 +502,26 @@ class Tracker:
             self._set_data_plan(_COLLECT)
         return m.message(b"Q", sql.encode() + b"\0")
 
+    @staticmethod
+    def _expected(bind: rows.Bind, stmt: Statement, specs: list[RecheckSpec],
+                  ) -> list[tuple[ColumnCrypto, frozenset[bytes | None]]]:
+        """The equality keys each hidden recheck column must match, for this Bind's
+        parameter values (read before they are sealed)."""
+        out = []
+        n = len(bind.params)
+        declared = stmt.declared
+        for spec in specs:
+            keys = set(spec.keys)
+            for p in spec.params:
+                value = bind.params[p - 1] if p - 1 < n else None
+                if value is None:
+                    keys.add(None)
+                else:
+                    oid = declared[p - 1] if p - 1 < len(declared) else 0
+                    keys.add(spec.crypto.equality_key(value, bind.param_format(p - 1), oid))
+            out.append((spec.crypto, frozenset(keys)))
+        return out
+
     def _encrypt_bind(self, bind: rows.Bind, stmt: Statement) -> rows.Bind:
         plan = stmt.plan
         n = len(bind.params)
@@ -502,6 +573,8 @@ class Tracker:
             if plan is _COLLECT:
                 self.queue[0].collected.append(rows.decode_data_row(msg[5:]))  # type: ignore[union-attr]
                 return b""
+            if type(plan) is RecheckFilter:
+                return self._filter_row(msg, plan)
             try:
                 return plan.apply(msg)  # type: ignore[attr-defined]
             except Exception:
@@ -530,6 +603,34 @@ class Tracker:
                 return self._reveal_row(buf[start:stop], plan.plan)
         return self.server(0x44, buf[start:stop])
 
+    def _filter_row(self, msg: bytes, f: RecheckFilter) -> bytes:
+        """A DataRow of a blind-index lookup: b"" (dropped) when a hidden cell does not
+        hold a searched value, else the row without its hidden cells, revealed."""
+        values = rows.decode_data_row(msg[5:])
+        vis = f.visible
+        try:
+            for j, (crypto, fmt, keys) in enumerate(f.checks):
+                cell = values[vis + j] if vis + j < len(values) else None
+                if cell is None:
+                    key = None
+                else:
+                    key = crypto.opened_key(cell if fmt == 1 else rows.bytea_from_text(cell))
+                if key not in keys:
+                    f.dropped += 1
+                    return b""
+        except ValueError_ as exc:
+            return self._row_error(exc.sqlstate, exc.text)
+        except (ValueError, UnicodeDecodeError):
+            return self._row_error("XX001", "a protected value could not be decoded")
+        del values[vis:]
+        return self._reveal_values(values, f.plan)
+
+    def _row_error(self, sqlstate: str, text: str) -> bytes:
+        """An ErrorResponse in place of a row; the rest of the reply is dropped."""
+        self.consume_to_ready = True
+        self.row_plan = self.row_filter = None
+        return m.error_response(sqlstate, text)
+
     def _set_data_plan(self, plan: RowPlan | object | None) -> None:
         old = self.data_plan
         if isinstance(old, RowRevealer):
@@ -555,7 +656,7 @@ class Tracker:
             return self._reveal_row(msg, plan) if plan else None  # (the reference path)
         if kind == 0x5A:  # ReadyForQuery
             self.consume_to_ready = False
-            self.row_plan = None
+            self.row_plan = self.row_filter = None
             # Pop through the request this ReadyForQuery answers; replies to anything
             # before it (dropped after an error) are not coming.
             while self.queue:
@@ -569,7 +670,12 @@ class Tracker:
             return None
         if kind == 0x54:  # RowDescription
             fields = rows.decode_row_description(msg[5:])
+            specs = self._rechecks(head)
+            hidden = len(specs) if specs and len(fields) > len(specs) else 0
+            if hidden:
+                del fields[-hidden:]  # the proxy's own columns: never seen by the client
             plan, changed = self._plan_fields(fields, self._outputs(head))
+            changed = changed or bool(hidden)
             if head is not None and head.kind == DESCRIBE:
                 self.queue.popleft()
                 target = head.target
@@ -579,6 +685,10 @@ class Tracker:
                     return b""
             elif head is not None and head.kind in (QUERY, FUNC, EXECUTE):
                 self.row_plan = plan
+                if hidden and head.kind == QUERY and specs is not None:
+                    self.row_filter = RecheckFilter(
+                        plan, len(fields), [(s.crypto, 0, s.keys) for s in specs]
+                    )
             elif head is not None and head.kind == INJECTED_QUERY:
                 return b""
             return rows.encode_row_description(fields) if changed else None
@@ -609,6 +719,12 @@ class Tracker:
                 return b"" if head.skip else None
             return None
         if kind in (0x43, 0x73, 0x49):  # CommandComplete, PortalSuspended, EmptyQuery
+            out: bytes | None = None
+            f = self.data_plan
+            if type(f) is RecheckFilter and f.dropped:
+                if kind == 0x43:
+                    out = msg = _fewer_rows(msg, f.dropped)
+                f.dropped = 0
             if kind == 0x43 and self.on_statement is not None and head is not None:
                 self._completed(head, msg)
             if head is not None and head.kind == EXECUTE:
@@ -617,13 +733,13 @@ class Tracker:
                 return b""
             elif head is not None and head.kind == QUERY:
                 head.result += 1
-            self.row_plan = None
+            self.row_plan = self.row_filter = None
             self.copy_out = None
-            return None
+            return out
         if kind == 0x45:  # ErrorResponse
             if head is not None and head.kind == INJECTED_QUERY:
                 return b""
-            self.row_plan = None
+            self.row_plan = self.row_filter = None
             if head is not None and head.kind not in (QUERY, FUNC):
                 self._discard_to_sync()
             return None
@@ -678,8 +794,42 @@ class Tracker:
             portal = head.target
             if not isinstance(portal, Portal):
                 return None
+            if portal.checks is not None:
+                return self._portal_filter(portal)
             return self._portal_plan(portal)
-        return self.row_plan
+        return self.row_filter if self.row_filter is not None else self.row_plan
+
+    def _portal_filter(self, portal: Portal) -> RecheckFilter | None:
+        fields = portal.fields
+        if fields is None and portal.statement is not None:
+            fields = portal.statement.fields
+        if fields is None or portal.checks is None:
+            return None
+        cached = portal.cached_filter
+        if cached is not None and cached[0] is fields:
+            return cached[1]
+        visible = len(fields)
+        checks = [(crypto, _result_format(portal.result_formats, visible + j), keys)
+                  for j, (crypto, keys) in enumerate(portal.checks)]
+        f = RecheckFilter(self._portal_plan(portal), visible, checks)
+        portal.cached_filter = (fields, f)
+        return f
+
+    def _rechecks(self, head: Entry | None) -> list[RecheckSpec] | None:
+        """The hidden recheck columns of the reply at the queue head (cf. `_outputs`)."""
+        if head is None:
+            return None
+        plan: StatementPlan | None = None
+        index = 0
+        if head.kind == QUERY:
+            plan, index = head.plan, head.result
+        elif isinstance(head.target, Statement):
+            plan = head.target.plan
+        elif isinstance(head.target, Portal) and head.target.statement is not None:
+            plan = head.target.statement.plan
+        if plan is None or not plan.rechecks:
+            return None
+        return plan.rechecks.get(index)
 
     def _outputs(self, head: Entry | None) -> list[ColumnCrypto | None] | None:
         """The parse tree's protected result columns for the reply at the queue head."""
@@ -760,8 +910,10 @@ class Tracker:
         return (plan or None), changed
 
     def _reveal_row(self, msg: bytes, plan: RowPlan) -> bytes:
-        values = rows.decode_data_row(msg[5:])
-        for i, crypto, fmt in plan:
+        return self._reveal_values(rows.decode_data_row(msg[5:]), plan)
+
+    def _reveal_values(self, values: list[bytes | None], plan: RowPlan | None) -> bytes:
+        for i, crypto, fmt in plan or ():
             if i >= len(values):
                 continue
             raw = values[i]
@@ -772,13 +924,22 @@ class Tracker:
                 values[i] = crypto.reveal(envelope, fmt)
             except ValueError_ as exc:
                 self.consume_to_ready = True
-                self.row_plan = None
+                self.row_plan = self.row_filter = None
                 return m.error_response(exc.sqlstate, exc.text)
             except (ValueError, UnicodeDecodeError):
                 self.consume_to_ready = True
-                self.row_plan = None
+                self.row_plan = self.row_filter = None
                 return m.error_response("XX001", "a protected value could not be decoded")
         return rows.encode_data_row(values)
+
+
+def _fewer_rows(msg: bytes, dropped: int) -> bytes:
+    """CommandComplete ``SELECT n`` with the rows the recheck dropped taken off."""
+    tag = msg[5:-1]
+    verb, _, count = tag.rpartition(b" ")
+    if not count.isdigit():
+        return msg
+    return m.message(b"C", verb + b" " + str(max(int(count) - dropped, 0)).encode() + b"\0")
 
 
 def _result_format(formats: list[int], i: int) -> int:
@@ -794,6 +955,7 @@ __all__ = [
     "ColumnCrypto",
     "Protector",
     "ProtocolViolation",
+    "RecheckSpec",
     "StatementPlan",
     "Tracker",
     "ValueError_",

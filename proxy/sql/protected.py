@@ -66,6 +66,7 @@ class ProtectedColumn:
     mode: str
     blind_index: bool = False
     bidx_column: str | None = None
+    index_length: int = 16  # bytes of HMAC kept in the blind index (`protect: index_length`)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -38,6 +38,7 @@ from typing import Any
 
 from pglast.parser import ParseError, parse_sql_json, scan
 
+from proxy.policy.pg_builtins import PG_CATALOG_FUNCTIONS
 from proxy.sql.names import quote_ident
 from proxy.sql.protected import (
     ProtectedColumn,
@@ -99,6 +100,23 @@ _CAST_OK: dict[str, frozenset[str]] = {
     "uuid": frozenset({"uuid"}),
     "jsonb": frozenset({"jsonb"}),
 }
+
+SAFE_INDEX_LENGTH = 16
+"""Blind indexes of at least this many bytes (128 bits) never collide in practice; a
+shorter one is accepted only where the proxy can recheck its matches (:class:`Recheck`)."""
+
+# PostgreSQL 15's built-in aggregate and window functions (pg_proc.prokind 'a' / 'w'):
+# a select list calling one cannot take the hidden recheck column.
+_AGGREGATES = frozenset({
+    "array_agg", "avg", "bit_and", "bit_or", "bit_xor", "bool_and", "bool_or", "corr",
+    "count", "covar_pop", "covar_samp", "cume_dist", "dense_rank", "every", "first_value",
+    "json_agg", "json_object_agg", "jsonb_agg", "jsonb_object_agg", "lag", "last_value",
+    "lead", "max", "min", "mode", "nth_value", "ntile", "percent_rank", "percentile_cont",
+    "percentile_disc", "range_agg", "range_intersect_agg", "rank", "regr_avgx", "regr_avgy",
+    "regr_count", "regr_intercept", "regr_r2", "regr_slope", "regr_sxx", "regr_sxy",
+    "regr_syy", "row_number", "stddev", "stddev_pop", "stddev_samp", "string_agg", "sum",
+    "var_pop", "var_samp", "variance", "xmlagg",
+})
 
 _RANGE_OPS = frozenset({"<", ">", "<=", ">="})
 _PATTERN_OPS = frozenset({"~", "~*", "!~", "!~*", "~~", "~~*", "!~~", "!~~*"})
@@ -243,6 +261,52 @@ class _Val:
 
 
 @dataclass(slots=True)
+class _TopSelect:
+    """Recheck state of a statement's own SELECT: the WHERE conjuncts (A_Expr bodies, by
+    id) whose blind-index matches can be re-filtered, and the hidden columns so far."""
+
+    statement: int
+    conjuncts: frozenset[int]
+    limited: bool
+    slots: dict[int, tuple[ProtectedColumn, str, list[str], list[int]]] = field(
+        default_factory=dict
+    )
+
+
+def _conjuncts(node: Node | None) -> Iterable[Node]:
+    """The A_Expr bodies ANDed together at the top of a WHERE clause."""
+    if not node:
+        return
+    k, b = _kind(node)
+    if k == "BoolExpr" and b.get("boolop") == "AND_EXPR":
+        for arg in b.get("args") or []:
+            yield from _conjuncts(arg)
+    elif k == "A_Expr":
+        yield b
+
+
+def _aggregates(obj: Any) -> bool:
+    """Could this select-list / ORDER BY expression make the query an aggregate or
+    window query?  Unknown (user) functions might be aggregates: yes.  Subqueries are
+    their own query level: not looked into."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            if "SubLink" in x:
+                continue
+            fc = x.get("FuncCall")
+            if isinstance(fc, dict):
+                name = (_names(fc.get("funcname")) or [""])[-1]
+                if fc.get("over") or name in _AGGREGATES or name not in PG_CATALOG_FUNCTIONS:
+                    return True
+            stack.extend(v for v in x.values() if isinstance(v, dict | list))
+        elif isinstance(x, list):
+            stack.extend(v for v in x if isinstance(v, dict | list))
+    return False
+
+
+@dataclass(slots=True)
 class _Fed:
     """A value written into a protected column; ``companion`` is how to derive the
     blind-index sibling's value: ("lit", text) | ("param", n) | ("sql", text)."""
@@ -345,6 +409,8 @@ class _Planner:
         self.free_params: set[int] = set()
         self.derived: list[tuple[int, ProtectedColumn, int, str]] = []
         self.recheck: list[Recheck] = []
+        self.statement = 0  # index of the top-level statement being planned
+        self._top: _TopSelect | None = None
         self.join_pairs: list[tuple[ProtectedColumn, ProtectedColumn]] = []
         self.tables: set[TableKey] = set()
         self.copy: CopyPlan | None = None
@@ -587,7 +653,8 @@ class _Planner:
                 self._splice(v.start, v.end, ACTION_RENAME, pc, replacement=f"${v.param}")
 
     def _rename_ref(self, ref: Node, pc: ProtectedColumn, rel: _Rel | None) -> tuple[int, int]:
-        """Rename the last field of a column reference to the blind-index column."""
+        """Rename the last field of a column reference to the blind-index column;
+        returns the reference's original byte extent."""
         if rel is None or rel.table is None:
             raise _Refuse(
                 _msg(
@@ -609,10 +676,11 @@ class _Planner:
             pc,
             replacement=quote_ident(pc.bidx_column),
         )
-        return tok.starts[i], tok.starts[last]
+        return tok.starts[i], tok.ends[last]
 
     def _compare(
-        self, pc: ProtectedColumn, ref: Node, other: Node | None, scope: _Scope, negated: bool
+        self, pc: ProtectedColumn, ref: Node, other: Node | None, scope: _Scope, negated: bool,
+        conj: Node | None = None,
     ) -> None:
         """``col = value`` / ``<>`` / IN item: encrypt, blind-index, or refuse."""
         v = self._value(other, pc)
@@ -634,9 +702,66 @@ class _Planner:
                 )
             )
         _, rel = self._resolve(ref["ColumnRef"], scope)
-        self._rename_ref(ref, pc, rel)
+        start, end = self._rename_ref(ref, pc, rel)
         self._apply(v, ACTION_BLIND_INDEX, pc)
-        self.recheck.append(Recheck(pc, v.text, v.param, negated))
+        self._recheck(pc, self.tok.raw[start:end].decode(), v, negated, conj)
+
+    def _recheck(self, pc: ProtectedColumn, ref_text: str, v: _Val, negated: bool,
+                 conj: Node | None) -> None:
+        """Arrange for a blind-index match to be re-filtered on the decrypted value, or,
+        for a short index where that is impossible, refuse (a wrong row must never come
+        back; with >= 16 bytes a collision is out of reach and no recheck is needed)."""
+        top = self._top
+        short = pc.index_length < SAFE_INDEX_LENGTH
+        if (top is not None and conj is not None and not negated
+                and id(conj) in top.conjuncts and not (short and top.limited)):
+            slot = top.slots.setdefault(id(conj), (pc, ref_text, [], []))
+            if v.kind == "lit" and v.text is not None:
+                slot[2].append(v.text)
+            elif v.param is not None:
+                slot[3].append(v.param)
+            return
+        if short:
+            raise _Refuse(
+                _msg(
+                    pc,
+                    f"its blind index keeps {pc.index_length} bytes, so different values "
+                    "can share an index, and the proxy can recheck matches only for = or "
+                    "IN conditions ANDed into the WHERE of a plain SELECT (no GROUP BY, "
+                    "DISTINCT, aggregates, window functions or LIMIT)",
+                    "write the lookup that way, or configure index_length: 16 or more",
+                )
+            )
+
+    def _hidden_columns(self, b: Node, top: _TopSelect) -> None:
+        """Append the rechecked columns to the select list (``, ref AS strongroom_recheck_n``
+        before FROM), in slot order; the session strips them again."""
+        tok = self.tok
+        last = b["targetList"][-1].get("ResTarget", {}).get("location", -1)
+        first_from = b["fromClause"][0]
+        from_at = next(iter(first_from.values()), {}).get("location", -1)
+        depth, at = 0, -1
+        for j in range(len(tok.names)):
+            if tok.starts[j] < last:
+                continue
+            if from_at >= 0 and tok.starts[j] > from_at:
+                break
+            name = tok.names[j]
+            if name in ("ASCII_40", "ASCII_91"):
+                depth += 1
+            elif name in ("ASCII_41", "ASCII_93"):
+                depth -= 1
+            elif name == "FROM" and depth == 0:
+                at = tok.starts[j]
+                break
+        if at < 0:
+            raise TokenError("FROM of the SELECT not found")
+        items = []
+        for n, (pc, ref_text, literals, params) in enumerate(top.slots.values(), 1):
+            items.append(f", {ref_text} AS strongroom_recheck_{n}")
+            self.recheck.append(Recheck(pc, top.statement, tuple(literals), tuple(params)))
+        first = next(iter(top.slots.values()))[0]
+        self._splice(at, at, ACTION_RENAME, first, replacement="".join(items) + " ")
 
     def _join(self, a: ProtectedColumn, b: ProtectedColumn) -> None:
         if a.mode == b.mode == "deterministic" and a.logical_type == b.logical_type:
@@ -784,15 +909,15 @@ class _Planner:
             if lp is not None and rp is not None:
                 self._join(lp, rp)
             elif lp is not None:
-                self._compare(lp, lexpr, rexpr, scope, negated)
+                self._compare(lp, lexpr, rexpr, scope, negated, b)
             else:
                 assert rexpr is not None
-                self._compare(pc, rexpr, lexpr, scope, negated)
+                self._compare(pc, rexpr, lexpr, scope, negated, b)
         elif kind == "AEXPR_IN":
             assert lexpr is not None
             items = (rexpr or {}).get("List", {}).get("items", [])
             for item in items:
-                self._compare(pc, lexpr, item, scope, op == "<>")
+                self._compare(pc, lexpr, item, scope, op == "<>", b)
         elif kind in ("AEXPR_OP_ANY", "AEXPR_OP_ALL"):
             raise _Refuse(
                 _msg(
@@ -905,13 +1030,50 @@ class _Planner:
             scope.ctes[name] = out
 
     def _select(
-        self, node: Node, parent: _Scope, feeds: list[ProtectedColumn | None] | None = None
+        self, node: Node, parent: _Scope, feeds: list[ProtectedColumn | None] | None = None,
+        *, top: bool = False,
     ) -> _Out:
         """Plan a query; with ``feeds`` its output columns are written into those
-        (protected) columns of an INSERT target, position by position."""
+        (protected) columns of an INSERT target, position by position.  ``top``: the
+        statement itself (not a subquery), whose blind-index matches can be rechecked."""
         k, b = _kind(node)
         if k != "SelectStmt":
             return self._statement(node, parent) or _Out()
+        if not top:
+            return self._select_body(b, parent, feeds)
+        outer, self._top = self._top, self._top_select(b)
+        try:
+            out = self._select_body(b, parent, feeds)
+            if self._top is not None and self._top.slots:
+                self._hidden_columns(b, self._top)
+            return out
+        finally:
+            self._top = outer
+
+    def _top_select(self, b: Node) -> _TopSelect | None:
+        """A plain SELECT whose result rows map one to one onto the rows its WHERE keeps
+        can take hidden recheck columns; None for anything else."""
+        if (
+            b.get("op", "SETOP_NONE") != "SETOP_NONE"
+            or b.get("valuesLists")
+            or b.get("intoClause")
+            or b.get("distinctClause")
+            or b.get("groupClause")
+            or b.get("havingClause")
+            or b.get("windowClause")
+            or not b.get("fromClause")
+            or not b.get("targetList")
+            or _aggregates(b.get("targetList"))
+            or _aggregates(b.get("sortClause"))
+        ):
+            return None
+        conj = frozenset(id(x) for x in _conjuncts(b.get("whereClause")))
+        limited = bool(b.get("limitCount") or b.get("limitOffset"))
+        return _TopSelect(self.statement, conj, limited)
+
+    def _select_body(
+        self, b: Node, parent: _Scope, feeds: list[ProtectedColumn | None] | None
+    ) -> _Out:
         scope = _Scope(parent)
         if b.get("withClause"):
             self._with(b["withClause"], scope)
@@ -1523,11 +1685,11 @@ class _Planner:
             elif isinstance(x, list):
                 stack.extend(x)
 
-    def _statement(self, node: Node, root: _Scope) -> _Out | None:
+    def _statement(self, node: Node, root: _Scope, *, top: bool = False) -> _Out | None:
         """Plan one statement; returns its result columns when it returns rows."""
         k, b = _kind(node)
         if k == "SelectStmt":
-            return self._select(node, root)
+            return self._select(node, root, top=top)
         if k == "InsertStmt":
             return self._insert(b, root)
         if k == "UpdateStmt":
@@ -1633,7 +1795,7 @@ class _Planner:
             splices=tuple(uniq),
             params=dict(self.params),
             derived_params=tuple(derived),
-            recheck=tuple(dict.fromkeys(self.recheck)),
+            recheck=tuple(self.recheck),
             join_pairs=tuple(dict.fromkeys(self.join_pairs)),
             copy=self.copy,
             tables_referenced=frozenset(self.tables),
@@ -1692,8 +1854,9 @@ def plan_statement(
     planner = _Planner(sql, schema, search_path, table_exists, column_order, prepared)
     columns: list[OutputColumns] = []
     try:
-        for stmt in json.loads(text).get("stmts", []):
-            out = planner._statement(stmt.get("stmt", {}), _Scope(None))
+        for n, stmt in enumerate(json.loads(text).get("stmts", [])):
+            planner.statement = n
+            out = planner._statement(stmt.get("stmt", {}), _Scope(None), top=True)
             columns.append(out.columns() if out is not None else ())
         return planner.finish(columns)
     except _Refuse as exc:

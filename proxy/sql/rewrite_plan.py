@@ -63,16 +63,21 @@ class DerivedParam:
 
 @dataclass(frozen=True, slots=True)
 class Recheck:
-    """A blind-index lookup: rows must be re-filtered on the decrypted value.
+    """A blind-index lookup whose matches the session re-filters on the decrypted value.
 
-    Blind indexes are truncated HMACs, so distinct plaintexts can collide.  Exactly one of
-    ``literal`` / ``param`` is set; ``negated`` for ``<>`` / ``NOT IN``.
+    Blind indexes are truncated HMACs, so distinct plaintexts can share one.  For an
+    ``=`` / ``IN`` condition ANDed into the WHERE of a plain top-level SELECT, the
+    rewriter appends the searched column to the select list as a hidden column (after
+    the client's columns, in ``recheck`` order, per statement); the session decrypts
+    it, drops each row whose value is none of ``literals`` / ``params`` (``$n``), and
+    strips the hidden columns from RowDescription and DataRow, so the client sees
+    exactly the rows plaintext equality returns, in the shape it asked for.
     """
 
     column: ProtectedColumn
-    literal: str | None
-    param: int | None
-    negated: bool = False
+    statement: int  # index of the statement in the SQL string
+    literals: tuple[str, ...] = ()
+    params: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -342,17 +342,18 @@ REWRITES: list[tuple[str, str, dict[int, tuple[str, str]]]] = [
     # randomized + blind index: rename to the sibling column
     (
         "SELECT pan FROM cards WHERE pan = $1",
-        "SELECT pan FROM cards WHERE pan_bidx = $1",
+        "SELECT pan , pan AS strongroom_recheck_1 FROM cards WHERE pan_bidx = $1",
         {1: ("blind_index", "pan")},
     ),
     (
         "SELECT c.pan FROM cards c WHERE c.pan = '4111'",
-        "SELECT c.pan FROM cards c WHERE c.pan_bidx = B[4111]",
+        "SELECT c.pan , c.pan AS strongroom_recheck_1 FROM cards c WHERE c.pan_bidx = B[4111]",
         {},
     ),
     (
         "SELECT pan FROM public.cards WHERE public.cards.pan IN ('1', '2')",
-        "SELECT pan FROM public.cards WHERE public.cards.pan_bidx IN (B[1], B[2])",
+        "SELECT pan , public.cards.pan AS strongroom_recheck_1 FROM public.cards "
+        "WHERE public.cards.pan_bidx IN (B[1], B[2])",
         {},
     ),
     (
@@ -362,7 +363,7 @@ REWRITES: list[tuple[str, str, dict[int, tuple[str, str]]]] = [
     ),
     (
         "SELECT pan FROM cards WHERE pan = $1::text",
-        "SELECT pan FROM cards WHERE pan_bidx = $1",
+        "SELECT pan , pan AS strongroom_recheck_1 FROM cards WHERE pan_bidx = $1",
         {1: ("blind_index", "pan")},
     ),
     (
@@ -463,7 +464,11 @@ REWRITES: list[tuple[str, str, dict[int, tuple[str, str]]]] = [
         "UPDATE customers SET tax_id = $1, tax_id_bidx = $4, id = $2 WHERE tax_id_bidx = $3",
         {1: ("encrypt", "tax_id"), 3: ("blind_index", "tax_id")},
     ),
-    ("select PAN from CARDS where Pan = 'x'", "select PAN from CARDS where pan_bidx = B[x]", {}),
+    (
+        "select PAN from CARDS where Pan = 'x'",
+        "select PAN , Pan AS strongroom_recheck_1 from CARDS where pan_bidx = B[x]",
+        {},
+    ),
     (
         "SELECT id FROM accounts a WHERE EXISTS (SELECT 1 FROM payments p WHERE p.iban = a.iban)",
         "SELECT id FROM accounts a WHERE EXISTS (SELECT 1 FROM payments p WHERE p.iban = a.iban)",
@@ -685,12 +690,104 @@ def test_insert_without_columns_uses_catalog_order() -> None:
     assert p.refusal is not None and "name the columns" in p.refusal
 
 
-def test_blind_index_recheck_and_derived_params() -> None:
-    p = plan("SELECT pan FROM cards WHERE pan = $1 OR pan <> 'x'")
-    assert {(r.column, r.literal, r.param, r.negated) for r in p.recheck} == {
-        (PAN, None, 1, False),
-        (PAN, "x", None, True),
-    }
+SHORT = ProtectedColumn("public", "tokens", "tok", "text", "randomized", blind_index=True,
+                        index_length=4)
+SHORT_SCHEMA = ProtectedSchema([PAN, TAX, SHORT])
+
+
+def _rechecks(p: RewritePlan) -> list[tuple[str, int, tuple[str, ...], tuple[int, ...]]]:
+    return [(r.column.column, r.statement, r.literals, r.params) for r in p.recheck]
+
+
+@pytest.mark.parametrize(
+    ("sql", "rendered", "rechecks"),
+    [
+        (
+            "SELECT id FROM cards WHERE pan = $1 AND id > 3",
+            "SELECT id , pan AS strongroom_recheck_1 FROM cards WHERE pan_bidx = $1 AND id > 3",
+            [("pan", 0, (), (1,))],
+        ),
+        (  # one hidden column per condition; IN collects every accepted value
+            "SELECT * FROM cards c JOIN customers u ON u.id = c.id "
+            "WHERE u.tax_id IN ('a', NULL, $2) AND c.pan = '4111' LIMIT 5",
+            "SELECT * , u.tax_id AS strongroom_recheck_1, c.pan AS strongroom_recheck_2 "
+            "FROM cards c JOIN customers u ON u.id = c.id "
+            "WHERE u.tax_id_bidx IN (B[a], NULL, $2) AND c.pan_bidx = B[4111] LIMIT 5",
+            [("tax_id", 0, ("a",), (2,)), ("pan", 0, ("4111",), ())],
+        ),
+        (  # the FROM of a subquery in the select list is not the statement's FROM
+            "SELECT (SELECT 1 FROM accounts LIMIT 1), extract(year from now()) "
+            "FROM cards WHERE (pan = $1)",
+            "SELECT (SELECT 1 FROM accounts LIMIT 1), extract(year from now()) "
+            ", pan AS strongroom_recheck_1 FROM cards WHERE (pan_bidx = $1)",
+            [("pan", 0, (), (1,))],
+        ),
+        (  # statement index per statement of a multi-statement string
+            "SELECT 1; SELECT id FROM cards WHERE pan IS NOT DISTINCT FROM $1",
+            "SELECT 1; SELECT id , pan AS strongroom_recheck_1 FROM cards "
+            "WHERE pan_bidx IS NOT DISTINCT FROM $1",
+            [("pan", 1, (), (1,))],
+        ),
+    ],
+)
+def test_blind_index_lookups_get_a_hidden_recheck_column(
+    sql: str, rendered: str, rechecks: list[tuple[str, int, tuple[str, ...], tuple[int, ...]]]
+) -> None:
+    p = plan(sql)
+    assert p.refusal is None, p.refusal
+    assert render(sql, p) == rendered
+    assert _rechecks(p) == rechecks
+    # the client-visible result columns do not include the hidden ones
+    assert all(cols is None or "strongroom" not in str(cols) for cols in p.columns_selected)
+
+
+NOT_RECHECKABLE = [
+    "SELECT id FROM cards WHERE pan = $1 OR id = 2",  # OR: other rows may match
+    "SELECT id FROM cards WHERE pan <> $1",  # the server already dropped the matches
+    "SELECT id FROM cards WHERE NOT (pan = $1)",
+    "SELECT count(*) FROM cards WHERE pan = $1",  # aggregate: no row per match
+    "SELECT id FROM cards WHERE pan = $1 GROUP BY id",
+    "SELECT DISTINCT id FROM cards WHERE pan = $1",
+    "SELECT row_number() OVER () FROM cards WHERE pan = $1",
+    "SELECT my_agg(id) FROM cards WHERE pan = $1",  # unknown function: maybe an aggregate
+    "SELECT id FROM cards WHERE pan = $1 UNION SELECT 1",
+    "SELECT x FROM (SELECT id AS x FROM cards WHERE pan = $1) s",  # not the statement's WHERE
+    "SELECT id FROM cards WHERE id IN (SELECT id FROM cards WHERE pan = $1)",
+    "UPDATE cards SET id = 1 WHERE pan = $1",
+    "DELETE FROM cards WHERE pan = $1 RETURNING id",
+    "DECLARE c CURSOR FOR SELECT id FROM cards WHERE pan = $1",
+    "SELECT id INTO t2 FROM cards WHERE pan = $1",
+]
+
+
+@pytest.mark.parametrize("sql", NOT_RECHECKABLE)
+def test_lookups_that_cannot_be_rechecked(sql: str) -> None:
+    # with a 16-byte index (128 bits) they run without a recheck...
+    p = plan(sql)
+    assert p.refusal is None, p.refusal
+    assert p.recheck == ()
+    assert "strongroom_recheck" not in render(sql, p)
+    # ...with a short one a collision could return or change a wrong row: refused
+    short = sql.replace("cards", "tokens").replace("pan", "tok")
+    p = plan_statement(short, SHORT_SCHEMA, PATH)
+    assert p.refusal is not None and "index_length: 16" in p.refusal, short
+    assert "public.tokens.tok" in p.refusal
+
+
+def test_short_index_lookups_that_can_be_rechecked() -> None:
+    sql = "SELECT id FROM tokens t WHERE t.tok IN ($1, $2) AND id = 3"
+    p = plan_statement(sql, SHORT_SCHEMA, PATH)
+    assert p.refusal is None, p.refusal
+    assert _rechecks(p) == [("tok", 0, (), (1, 2))]
+    # LIMIT counts the rows before the recheck drops any: refused for a short index only
+    p = plan_statement("SELECT id FROM tokens WHERE tok = $1 LIMIT 1", SHORT_SCHEMA, PATH)
+    assert p.refusal is not None and "LIMIT" in p.refusal
+    assert _rechecks(plan("SELECT id FROM cards WHERE pan = $1 LIMIT 1")) == [
+        ("pan", 0, (), (1,))
+    ]
+
+
+def test_derived_params() -> None:
     p = plan("INSERT INTO cards(pan) VALUES ($4), ($4), ($2)")
     assert [(d.number, d.source, d.action) for d in p.derived_params] == [
         (5, 4, "blind_index"),
