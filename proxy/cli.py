@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from proxy import settings as settings_mod
 
@@ -82,9 +83,64 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for line in exc.problems:
             print(line)
         return 1
+    protect = cfg.raw.get("protect") or {}
+    live = bool(args.live or args.dsn)
+    problems: list[str] = []
+    if protect and live:
+        problems = _check_keys(args.file, cfg) or _check_live(args, cfg)
+    if problems:
+        for line in problems:
+            print(line)
+        return 1
+    note = ""
+    if protect:
+        note = (", keys unwrap and protected columns match the live database" if live
+                else "; keys and protected columns not checked (add --live)")
     print(f"{args.file}: OK (listen {cfg.listen.host}:{cfg.listen.port}, "
-          f"upstream {cfg.upstream.host}:{cfg.upstream.port})")
+          f"upstream {cfg.upstream.host}:{cfg.upstream.port}{note})")
     return 0
+
+
+def _check_keys(path: str, cfg: settings_mod.Settings) -> list[str]:
+    """The keyring must unwrap with the configured KEK for every protected column."""
+    from proxy.encryption import Encryption
+
+    try:
+        Encryption(cfg.raw["protect"], cfg.raw.get("keys") or {},
+                   str(Path(path).resolve().parent), None)
+    except settings_mod.ConfigError as exc:
+        line = settings_mod.line_in_file(path, ["keys"])
+        return [f"{path}:{line}: {p}" for p in exc.problems]
+    except KeyError as exc:
+        return [f"{path}:{settings_mod.line_in_file(path, ['keys'])}: keys: missing {exc}"]
+    return []
+
+
+def _check_live(args: argparse.Namespace, cfg: settings_mod.Settings) -> list[str]:
+    """Each protected column (and blind-index sibling) exists and is bytea."""
+    import asyncio
+
+    from proxy import live_check
+
+    protect = cfg.raw["protect"]
+
+    async def run() -> tuple[str, list[tuple[str, str]]]:
+        conn: Any = await _direct_connection(args, cfg)
+        try:
+            database = await conn.fetchval("SELECT current_database()")
+            catalog = await live_check.fetch_columns(conn, protect)
+        finally:
+            await conn.close()
+        return database, live_check.column_problems(protect, catalog, database)
+
+    try:
+        _database, found = asyncio.run(run())
+    except Exception as exc:  # no traceback: the message names host/port, never a password
+        line = settings_mod.line_in_file(args.file, ["upstream"])
+        return [f"{args.file}:{line}: upstream: cannot connect to check the protected "
+                f"columns: {type(exc).__name__}: {exc}"]
+    return [f"{args.file}:{settings_mod.line_in_file(args.file, ['protect', name])}: "
+            f"protect.{name}: {message}" for name, message in found]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -249,6 +305,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("file")
+    p.add_argument("--live", action="store_true",
+                   help="also check that the keyring unwraps with the KEK and that every "
+                   "protected column exists and is bytea in the database (direct "
+                   "connection to the upstream, or --dsn)")
+    p.add_argument("--dsn", help="connect here for --live (implies --live)")
+    p.add_argument("--user", "-U", help="role for --live (default $PGUSER)")
+    p.add_argument("--password", help="prefer $PGPASSWORD: arguments are visible in ps")
+    p.add_argument("--database", "-d", help="database for --live (default: upstream.database)")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("demo", help="throwaway PostgreSQL + proxy with the example config")

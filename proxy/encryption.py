@@ -545,10 +545,11 @@ class Encryption:
     def __init__(self, protect: dict[str, Any], keys_cfg: dict[str, Any], base: str,
                  gate: Any) -> None:
         from keys import keyring as kr
+        from keys.providers.local import KekFileError
 
         try:
             self._load(protect, keys_cfg, base, gate, kr)
-        except (kr.KeyringError, OSError, ValueError) as exc:
+        except (kr.KeyringError, KekFileError, OSError, ValueError) as exc:
             # No traceback and no key bytes: the keyring's messages name KEK fingerprints
             # and column names only.
             raise EncryptionConfigError(

@@ -295,6 +295,16 @@ def _plain(node: Any) -> Any:
     return node
 
 
+def line_in_file(path: str | os.PathLike[str], keys: list[Any]) -> int:
+    """The line of a key path (``["protect", "public.cards.pan"]``) in a config file, for
+    problems found after loading (check-config's live checks); 1 if it cannot be told."""
+    try:
+        doc = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_MarkLoader)
+    except (OSError, yaml.YAMLError):
+        return 1
+    return _line_of(doc, keys)
+
+
 def load(path: str | os.PathLike[str]) -> Settings:
     p = Path(path)
     try:

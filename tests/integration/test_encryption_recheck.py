@@ -183,7 +183,7 @@ def test_per_column_result_formats_cover_the_hidden_column(pg_aux) -> None:
         fields = replies[2][1]
         assert struct.unpack("!h", fields[:2])[0] == 2
         data = replies[3][1]
-        assert data == struct.pack("!hi", 2, 4) + struct.pack("!i", 1) + struct.pack("!i", 2) + b"n1"
+        assert data == struct.pack("!hii", 2, 4, 1) + struct.pack("!i", 2) + b"n1"
         assert replies[4][1] == b"SELECT 1\0"
     finally:
         p.stop()
