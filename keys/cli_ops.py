@@ -111,3 +111,22 @@ def retire(path_keyring: str | os.PathLike[str], key_id: int) -> None:
     """`strongroom keys retire`: a decrypt-only key stops decrypting."""
     with _locked(path_keyring):
         kr.save(kr.load(path_keyring).retire(key_id), path_keyring)
+
+
+def rewrap(
+    path_keyring: str | os.PathLike[str],
+    old: KekProvider,
+    new: KekProvider,
+    path_out: str | os.PathLike[str] | None = None,
+) -> str:
+    """`strongroom keys rewrap`: every DEK re-wrapped by the `new` KEK, written to
+    `path_out` (default: in place). Returns the new KEK id. Writing to a new file lets
+    proxies still on the old configuration keep reloading until each is switched over."""
+    out = Path(path_out) if path_out is not None else Path(path_keyring)
+    same = out.resolve() == Path(path_keyring).resolve()
+    with _locked(path_keyring):
+        ring = kr.load(path_keyring).rewrap(old, new)
+        if not same and out.exists():
+            raise kr.KeyringError(f"{out} exists; not overwritten")
+        kr.save(ring, out)
+    return ring.kek_id

@@ -185,6 +185,26 @@ class Keyring:
         )
         return replace(self, entries=entries)
 
+    def rewrap(self, old: KekProvider, new: KekProvider) -> Keyring:
+        """The same DEKs (ids, states, times) wrapped by another KEK: KEK rotation, or a
+        move to another provider (local file -> HSM). Stored values stay as they are, since
+        only the wrapping changes. Retired entries are re-wrapped too, so a retire stays
+        reversible by hand; their DEKs exist only transiently here, never in a cipher."""
+        self._check_provider(old)
+        if new.key_id == old.key_id:
+            raise KeyringError(f"the new KEK is the current one ({old.key_id})")
+        entries = []
+        for e in self.entries:
+            ad = dek_associated_data(e.id, e.column, e.purpose)
+            try:
+                dek = old.unwrap(e.wrapped, ad)
+            except UnwrapError:
+                raise KeyringError(
+                    f"key {e.id} of {e.column}: unwrap failed with the current KEK"
+                ) from None
+            entries.append(replace(e, wrapped=new.wrap(dek, ad)))
+        return Keyring(new.key_id, tuple(entries))
+
     # ---- unwrapping ----------------------------------------------------------------
     def column_keys(self, column: str, purpose: Purpose | str, provider: KekProvider) -> ColumnKeys:
         """Unwrap the live keys of one column for one purpose (what ciphers are built from)."""

@@ -252,6 +252,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
     if provider is None:
         provider = make_provider(cfg.raw["keys"], str(Path(args.config).resolve().parent))
+    if args.keys_command == "rewrap":
+        return _rewrap(keyring, provider, args.to)
     if args.keys_command == "add":
         key_id = cli_ops.add(keyring, provider, args.column, args.purpose)  # type: ignore[arg-type]
         print(f"added key {key_id} for {args.column} ({args.purpose}), decrypt-only; "
@@ -262,6 +264,35 @@ def cmd_keys(args: argparse.Namespace) -> int:
     elif args.keys_command == "retire":
         cli_ops.retire(keyring, args.key_id)
         print(f"key {args.key_id} retired")
+    return 0
+
+
+def _rewrap(keyring: str, old: object, to: str) -> int:
+    """`keys rewrap`: the keyring re-wrapped for the KEK that `to`'s keys: section names."""
+    from keys import cli_ops
+    from keys.keyring import KeyringError
+    from keys.providers.local import init_kek_file
+
+    try:
+        _, new_keyring, new_kek, new_provider = _keys_context(to)
+    except settings_mod.ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    if new_provider is None:
+        from keys.providers.local import LocalKekProvider
+
+        assert new_kek is not None
+        if not Path(new_kek).exists():
+            init_kek_file(new_kek)
+            print(f"created KEK file {new_kek} (mode 0600)")
+        new_provider = LocalKekProvider(new_kek)
+    try:
+        kek_id = cli_ops.rewrap(keyring, old, new_provider, new_keyring)  # type: ignore[arg-type]
+    except KeyringError as exc:
+        print(f"keys rewrap: {exc}", file=sys.stderr)
+        return 1
+    print(f"{new_keyring}: every key re-wrapped by KEK {kek_id}; switch each proxy to {to} "
+          "(SIGHUP), then retire the old KEK")
     return 0
 
 
@@ -335,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         kp = ksub.add_parser(name, help=f"{name} a key")
         kp.add_argument("--config", "-c", required=True)
         kp.add_argument("key_id", type=int)
+    kp = ksub.add_parser("rewrap", help="re-wrap every data key under another KEK (KEK "
+                         "rotation or a provider move); stored values are untouched")
+    kp.add_argument("--config", "-c", required=True, help="the current configuration")
+    kp.add_argument("--to", required=True, metavar="NEW_CONFIG",
+                    help="configuration whose keys: section names the new KEK provider and "
+                    "the keyring file to write (a local KEK file is created if missing)")
     p.set_defaults(func=cmd_keys)
     _add_migration_commands(sub, ksub)
 

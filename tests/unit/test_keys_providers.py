@@ -171,3 +171,53 @@ def test_pkcs11_keyring_end_to_end(softhsm: dict[str, str], tmp_path: Path) -> N
         assert c.decrypt(c.encrypt(b"hsm")) == b"hsm"
     finally:
         p.close()
+
+
+def test_rewrap_moves_a_keyring_to_the_hsm_and_back(softhsm: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """KEK rotation / provider move: same DEKs, new wrapping, old ciphertexts still open."""
+    from keys import cli_ops
+    from keys import keyring as kr
+    from keys.providers.pkcs11 import Pkcs11KekProvider, create_kek
+    from proxy.crypto import ColumnCipher
+
+    local = LocalKekProvider(init_kek_file(tmp_path / "kek"))
+    ring_path = tmp_path / "keyring.json"
+    cli_ops.init(None, ring_path, {"public.t.c": {"search": "blind_index"}}, provider=local)
+    ring = kr.load(ring_path)
+    ring, spare = ring.add("public.t.c", "encrypt", local)
+    ring = ring.retire(spare)  # retired entries move too
+    kr.save(ring, ring_path)
+    before = ColumnCipher("public.t.c", "text", "randomized",
+                          ring.column_keys("public.t.c", "encrypt", local))
+    sealed = before.encrypt(b"4111111111111111")
+
+    create_kek(softhsm["module"], softhsm["token_label"], softhsm["pin"], "kek-move")
+    hsm = Pkcs11KekProvider(softhsm["token_label"], softhsm["pin"], "kek-move")
+    try:
+        hsm_path = tmp_path / "keyring-hsm.json"
+        assert cli_ops.rewrap(ring_path, local, hsm, hsm_path) == hsm.key_id
+        moved = kr.load(hsm_path)
+        assert moved.kek_id == hsm.key_id
+        assert moved.describe() == ring.describe()
+        assert all(moved.get(e.id).wrapped != e.wrapped for e in ring.entries)
+        after = ColumnCipher("public.t.c", "text", "randomized",
+                             moved.column_keys("public.t.c", "encrypt", hsm))
+        assert after.decrypt(sealed) == b"4111111111111111"
+        with pytest.raises(kr.KeyringError, match="wrapped by KEK"):
+            moved.column_keys("public.t.c", "encrypt", local)  # the old KEK is out
+        with pytest.raises(kr.KeyringError, match="exists"):
+            cli_ops.rewrap(ring_path, local, hsm, hsm_path)  # never overwrites another file
+        with pytest.raises(kr.KeyringError, match="current one"):
+            cli_ops.rewrap(hsm_path, hsm, hsm)
+        with pytest.raises(kr.KeyringError, match="wrapped by KEK"):
+            cli_ops.rewrap(hsm_path, local, hsm)  # the wrong "current" KEK
+        # and back, in place
+        cli_ops.rewrap(hsm_path, hsm, local)
+        back = kr.load(hsm_path)
+        assert back.kek_id == local.key_id
+        again = ColumnCipher("public.t.c", "text", "randomized",
+                             back.column_keys("public.t.c", "encrypt", local))
+        assert again.decrypt(sealed) == b"4111111111111111"
+    finally:
+        hsm.close()
