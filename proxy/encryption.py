@@ -545,11 +545,11 @@ class Encryption:
     def __init__(self, protect: dict[str, Any], keys_cfg: dict[str, Any], base: str,
                  gate: Any) -> None:
         from keys import keyring as kr
-        from keys.providers.local import KekFileError
+        from keys.providers.base import ProviderError
 
         try:
             self._load(protect, keys_cfg, base, gate, kr)
-        except (kr.KeyringError, KekFileError, OSError, ValueError) as exc:
+        except (kr.KeyringError, ProviderError, OSError, ValueError) as exc:
             # No traceback and no key bytes: the keyring's messages name KEK fingerprints
             # and column names only.
             raise EncryptionConfigError(
@@ -693,6 +693,11 @@ def make_provider(cfg: dict[str, Any], base: str) -> Any:
         pin = os.environ.get(cfg.get("pin_env", "STRONGROOM_HSM_PIN"), "")
         return Pkcs11KekProvider(cfg["token_label"], pin, cfg["key_label"],
                                  module=cfg.get("module", DEFAULT_MODULE))
+    if kind == "aws_kms":
+        from keys.providers.aws_kms import AwsKmsKekProvider
+
+        return AwsKmsKekProvider(cfg["kms_key_id"], region=cfg.get("region"),
+                                 endpoint_url=cfg.get("endpoint_url"))
     raise ValueError(f"unknown key provider {kind!r}")
 
 

@@ -15,6 +15,11 @@ import hmac
 from abc import ABC, abstractmethod
 
 
+class ProviderError(Exception):
+    """A KEK provider cannot be put to use (missing key file or variable, HSM token or KMS
+    key unreachable): a configuration problem, reported without key material."""
+
+
 class UnwrapError(Exception):
     """A wrapped key could not be unwrapped (wrong KEK, tampered blob, wrong entry)."""
 

@@ -12,11 +12,12 @@ import os
 from collections.abc import Mapping
 
 from keys.providers.aesgcm_kek import KEK_LEN, AesGcmKek
+from keys.providers.base import ProviderError
 
 DEFAULT_VAR = "STRONGROOM_KEK"
 
 
-class EnvKekError(Exception):
+class EnvKekError(ProviderError):
     """The variable is missing or does not hold a base64 32-byte key."""
 
 

@@ -12,9 +12,10 @@ import stat
 from pathlib import Path
 
 from keys.providers.aesgcm_kek import KEK_LEN, AesGcmKek
+from keys.providers.base import ProviderError
 
 
-class KekFileError(Exception):
+class KekFileError(ProviderError):
     """The KEK file is missing, malformed or too widely readable."""
 
 

@@ -20,7 +20,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.mechanisms import GCMParams
 
-from keys.providers.base import KekProvider, UnwrapError
+from keys.providers.base import KekProvider, ProviderError, UnwrapError
 
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 WRAP_VERSION = 1
@@ -29,7 +29,7 @@ _libs: dict[str, pkcs11.lib] = {}
 _libs_lock = threading.Lock()
 
 
-class Pkcs11KekError(Exception):
+class Pkcs11KekError(ProviderError):
     """Token, PIN or key not usable. Messages name labels, never the PIN."""
 
 

@@ -70,3 +70,45 @@ def test_rewrap_to_a_new_kek_keeps_every_value_readable(pg) -> None:
             new.stop()
         old.stop()
         setup_sql(pg, "DROP TABLE w_cards")
+
+
+def test_proxy_with_an_aws_kms_kek(pg, monkeypatch) -> None:
+    """The aws_kms provider end to end: `keys init` and the proxy reach KMS over HTTP
+    (moto's KMS server; boto3's standard credential chain from the environment)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from proxy import devcluster
+
+    port = devcluster.free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for var, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "eu-central-1")):
+        monkeypatch.setenv(var, value)
+    setup_sql(pg, "CREATE TABLE w_kms (id int PRIMARY KEY, iban bytea)")
+    p = None
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        kms = boto3.client("kms", region_name="eu-central-1", endpoint_url=endpoint)
+        key = kms.create_key(Description="strongroom test KEK")["KeyMetadata"]
+        kms.create_alias(AliasName="alias/strongroom-test", TargetKeyId=key["KeyId"])
+        keys = {"provider": "aws_kms", "kms_key_id": "alias/strongroom-test",
+                "endpoint_url": endpoint, "keyring": "keyring.json"}
+        p = start_encrypted(pg, {"public.w_kms.iban": {"type": "text", "mode": "deterministic"}},
+                            {"keys": keys})
+        ring = yaml.safe_load((p.dir / "keyring.json").read_text())
+        assert ring["kek_id"] == f"aws-kms:{key['Arn']}"  # the ARN, not the alias
+        with psycopg.connect(p.conninfo(), autocommit=True) as c:
+            c.execute("INSERT INTO w_kms (id, iban) VALUES (1, %s)", ("DE89370400440532013000",))
+            assert c.execute("SELECT iban FROM w_kms WHERE iban = %s",
+                             ("DE89370400440532013000",)).fetchall() == [
+                                 ("DE89370400440532013000",)]
+        with direct(pg) as c:
+            (stored,) = c.execute("SELECT iban FROM w_kms").fetchone()
+            assert b"DE8937" not in bytes(stored)
+    finally:
+        if p is not None:
+            p.stop()
+        server.stop()
+        setup_sql(pg, "DROP TABLE w_kms")

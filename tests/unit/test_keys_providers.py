@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -221,3 +222,67 @@ def test_rewrap_moves_a_keyring_to_the_hsm_and_back(softhsm: dict[str, str],
         assert again.decrypt(sealed) == b"4111111111111111"
     finally:
         hsm.close()
+
+
+# ---------------------------------------------------------------- aws_kms (moto's KMS)
+
+
+@pytest.fixture
+def kms(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """boto3 against moto's in-process KMS (real request/response handling, AES-GCM
+    ciphertext blobs bound to the encryption context), with throwaway credentials."""
+    import boto3
+    from moto import mock_aws
+
+    for var, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "eu-central-1")):
+        monkeypatch.setenv(var, value)
+    with mock_aws():
+        yield boto3.client("kms", region_name="eu-central-1")
+
+
+def test_aws_kms_round_trip_and_refusals(kms: Any) -> None:
+    from keys.providers.aws_kms import AwsKmsError, AwsKmsKekProvider
+
+    key = kms.create_key(Description="strongroom KEK")["KeyMetadata"]
+    kms.create_alias(AliasName="alias/strongroom", TargetKeyId=key["KeyId"])
+    p = AwsKmsKekProvider("alias/strongroom", region="eu-central-1")
+    check_provider(p)
+    assert p.key_id == f"aws-kms:{key['Arn']}"  # the alias is resolved: aliases move
+    other = AwsKmsKekProvider(kms.create_key()["KeyMetadata"]["KeyId"])
+    with pytest.raises(UnwrapError):  # another key cannot open it
+        other.unwrap(p.wrap(DEK, b"entry"), b"entry")
+    with pytest.raises(UnwrapError):  # another entry's context
+        p.unwrap(p.wrap(DEK, b"entry"), b"entry2")
+    kms.disable_key(KeyId=key["KeyId"])
+    with pytest.raises(AwsKmsError, match="Disabled"):
+        AwsKmsKekProvider(key["KeyId"])
+    signing = kms.create_key(KeyUsage="SIGN_VERIFY", KeySpec="RSA_2048")["KeyMetadata"]
+    with pytest.raises(AwsKmsError, match="symmetric"):
+        AwsKmsKekProvider(signing["KeyId"])
+    with pytest.raises(AwsKmsError, match="NotFound"):
+        AwsKmsKekProvider("alias/nope")
+
+
+def test_aws_kms_keyring_end_to_end(kms: Any, tmp_path: Path) -> None:
+    from keys import cli_ops
+    from keys import keyring as kr
+    from keys.providers.aws_kms import AwsKmsKekProvider
+    from proxy.crypto import ColumnCipher
+
+    local = LocalKekProvider(init_kek_file(tmp_path / "kek"))
+    ring_path = tmp_path / "keyring.json"
+    cli_ops.init(None, ring_path, ["public.t.c"], provider=local)
+    sealed = ColumnCipher("public.t.c", "text", "randomized", kr.load(ring_path).column_keys(
+        "public.t.c", "encrypt", local)).encrypt(b"DE89370400440532013000")
+    p = AwsKmsKekProvider(kms.create_key()["KeyMetadata"]["KeyId"])
+    cli_ops.rewrap(ring_path, local, p)  # local file -> KMS, in place
+    ring = kr.load(ring_path)
+    assert ring.kek_id == p.key_id
+    cipher = ColumnCipher("public.t.c", "text", "randomized",
+                          ring.column_keys("public.t.c", "encrypt", p))
+    assert cipher.decrypt(sealed) == b"DE89370400440532013000"
+    # KMS binds each wrapped DEK to its entry through the encryption context
+    e = ring.entries[0]
+    with pytest.raises(UnwrapError):
+        p.unwrap(e.wrapped, kr.dek_associated_data(e.id + 1, e.column, e.purpose))
