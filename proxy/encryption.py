@@ -15,7 +15,7 @@ import datetime
 from binascii import a2b_hex
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.catalog import DatabaseCatalog, Snapshot, build_snapshot, catalog_query
@@ -37,9 +37,26 @@ TYPLEN = {
 DECRYPT_FAILED = "XX001"  # data_corrupted: documented in README
 
 
+DEFAULT_DECRYPT_CACHE_SIZE = 65_536  # `keys.decrypt_cache_size`: entries per column slot
+DECRYPT_CACHE_MAX_CELL = 1024  # cells longer than this (as received) are never cached
+_MISS = object()
+Reveal = Callable[[bytes], "bytes | None"]
+
+
 @dataclass(slots=True)
 class ColumnRuntime:
-    """A protected column with everything needed to seal and open its values."""
+    """A protected column with everything needed to seal and open its values.
+
+    It also holds the column's *decrypt cache*, shared by every session of the process:
+    per slot (role view and mask, result format, see `RoleColumn.cell_revealer`) a
+    bounded map from a cell exactly as the server sent it to what that cell opened to.
+    Sound because one envelope under one set of keys always opens to the same value, and
+    the associated data binds it to this column: the map only ever answers for bytes
+    that already authenticated here, and a cell that fails is never stored. The cache
+    lives and dies with the keys (a reload builds a new Encryption, so a retired key
+    stops opening anything at once). It holds plaintext in process memory, as the keys
+    already are; nothing of it is logged, counted or put into a message.
+    """
 
     spec: ProtectedColumn
     cipher: ColumnCipher
@@ -47,10 +64,45 @@ class ColumnRuntime:
     codec: Any
     logical_oid: int
     typlen: int
+    cache_size: int = DEFAULT_DECRYPT_CACHE_SIZE  # entries per slot; 0: no cache
+    # (never in repr or ==: it holds plaintext, and a repr may end up in a log)
+    caches: dict[Any, OrderedDict[bytes, Any]] = field(default_factory=dict, repr=False,
+                                                         compare=False)
 
     @property
     def qualified(self) -> str:
         return f"{self.spec.schema}.{self.spec.table}.{self.spec.column}"
+
+    def cached(self, slot: Any, reveal: Reveal) -> Reveal:
+        """`reveal` (cell -> value, raising on failure) behind the slot's cache.
+
+        FIFO-bounded at `cache_size` entries per slot; a hit is one dict lookup and
+        returns the very object the miss computed. Cells longer than
+        DECRYPT_CACHE_MAX_CELL are revealed every time (their plaintext is not kept)."""
+        size = self.cache_size
+        if size <= 0:
+            return reveal
+        cache = self.caches.get(slot)
+        if cache is None:
+            cache = self.caches[slot] = OrderedDict()
+        get, popitem = cache.get, cache.popitem
+
+        def cached_reveal(cell: bytes) -> bytes | None:
+            value = get(cell, _MISS)
+            if value is not _MISS:
+                return value  # type: ignore[return-value]
+            value = reveal(cell)  # raises on failure: nothing is stored
+            if len(cell) <= DECRYPT_CACHE_MAX_CELL:
+                # (a memoryview key would pin the whole read buffer: store bytes)
+                cache[cell if type(cell) is bytes else bytes(cell)] = value
+                if len(cache) > size:
+                    popitem(last=False)
+            return value
+
+        # Marks a revealer whose result depends on the cell's bytes alone, and names its
+        # slot: a caller may cache whole rows under the slots of their revealers.
+        cached_reveal.slot = cache  # type: ignore[attr-defined]
+        return cached_reveal
 
 
 class RoleColumn:
@@ -148,28 +200,47 @@ class RoleColumn:
         gets. It neither counts (the caller counts revealed cells per row batch and adds
         them to `n_decrypt`) nor maps errors: on any exception the caller redoes the row
         with `reveal`, which counts and reports exactly as it always does. Whenever this
-        returns, it returns what `reveal` would."""
-        decrypt = self.runtime.cipher.decrypt
-        codec = self.runtime.codec
+        returns, it returns what `reveal` would.
+
+        Repeated cells are answered from the column's decrypt cache
+        (`ColumnRuntime.cached`), in a slot per (view, mask, format): masked and
+        plaintext sessions never share entries. Where the output depends on the session
+        TimeZone (timestamptz as text, or masked), the slot holds the decrypted canonical
+        value and the conversion runs on every cell, with the TimeZone of the moment."""
+        rt = self.runtime
+        codec = rt.codec
+        decrypt = rt.cipher.opener()
         if fmt == 1:
-            opened: Callable[[bytes], bytes] = decrypt
+            opened: Reveal = decrypt
         else:
             def opened(cell: bytes) -> bytes:
                 if cell[:2] == b"\\x":
                     return decrypt(a2b_hex(cell[2:]))  # stricter than fromhex: else below
                 return decrypt(bytea_from_text(cell))
-        if self.view == "masked":
-            convert = self._convert
-            return lambda cell: convert(opened(cell), fmt)
-        if fmt == 1:
+        masked = self.view == "masked"
+        if getattr(codec, "tz_dependent", False) and (masked or fmt == 0):
+            opened = rt.cached(("canonical", fmt), opened)
+            cache = False
+        else:
+            cache = True
+        convert: Reveal
+        if masked:
+            to_view = self._convert
+            convert = lambda cell: to_view(opened(cell), fmt)  # noqa: E731
+        elif fmt == 1:
             if getattr(codec, "binary_is_canonical", False):
-                return opened
-            to_binary = codec.to_binary
-            return lambda cell: to_binary(opened(cell))
-        if getattr(codec, "text_is_canonical", False):
-            return opened
-        to_text, tz = codec.to_text, self._tz
-        return lambda cell: to_text(opened(cell), tz())
+                convert = opened
+            else:
+                to_binary = codec.to_binary
+                convert = lambda cell: to_binary(opened(cell))  # noqa: E731
+        elif getattr(codec, "text_is_canonical", False):
+            convert = opened
+        else:
+            to_text, tz = codec.to_text, self._tz
+            convert = lambda cell: to_text(opened(cell), tz())  # noqa: E731
+        if not cache:
+            return convert
+        return rt.cached((self.view, self._mask if masked else None, fmt), convert)
 
 
 class Untraceable:
@@ -575,6 +646,8 @@ class Encryption:
         self.schema = ProtectedSchema(self.specs.values())
         self.provider = make_provider(keys_cfg, base)
         ring = kr.load(resolve(base, keys_cfg["keyring"]))
+        # Decrypt cache entries per column and slot (see ColumnRuntime); 0 turns it off.
+        cache_size = int(keys_cfg.get("decrypt_cache_size", DEFAULT_DECRYPT_CACHE_SIZE))
         self.columns: dict[tuple[str, str, str], ColumnRuntime] = {}
         for key, pc in self.specs.items():
             opts = self.options[key]
@@ -588,7 +661,8 @@ class Encryption:
                                   ring.column_keys(ident, "blind_index", self.provider),
                                   int(opts.get("index_length", 16)))
             self.columns[key] = ColumnRuntime(
-                pc, cipher, bidx, codec, codec.oid, TYPLEN.get(codec.name, -1)
+                pc, cipher, bidx, codec, codec.oid, TYPLEN.get(codec.name, -1),
+                cache_size=cache_size,
             )
         try:  # built once: masks depend on the configuration only, not on the session
             self.masks: dict[tuple[str, str, str], Any] = {

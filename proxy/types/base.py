@@ -50,6 +50,8 @@ class Codec(Protocol):
     # canonical form unchanged, so the read path can skip the call.
     #   text_is_canonical: ClassVar[bool]
     #   binary_is_canonical: ClassVar[bool]
+    # and `to_text` / `from_text` depend on `tz` (so a decrypt cache must not keep text):
+    #   tz_dependent: ClassVar[bool]
 
     def from_text(self, data: bytes, tz: datetime.tzinfo = UTC) -> bytes:
         """Canonical form of a text-format value (tz: session TimeZone, for timestamptz)."""

@@ -226,6 +226,7 @@ class TimestamptzCodec:
     name: str = "timestamptz"
     oid: int = 1184
     binary_is_canonical: ClassVar[bool] = True
+    tz_dependent: ClassVar[bool] = True  # to_text prints the instant in the session TimeZone
 
     def from_text(self, data: bytes, tz: datetime.tzinfo = UTC) -> bytes:
         p = _parse(data, "timestamp with time zone")
