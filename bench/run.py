@@ -107,16 +107,24 @@ def cpu_seconds(pids: list[int]) -> float:
     CPU per transaction is the number that survives a busy machine: TPS drops when other
     jobs steal the cores, but what the proxy spends on each transaction barely moves.
     """
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds consumed so far by pids. User time is the proxy's own
+    Python and event-loop work; system time is mostly the socket reads and writes, which
+    PgBouncer pays alike, so a change to the relay shows in the first."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for p in pids:
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
             continue
         fields = stat.rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / tick
+        user += int(fields[11])  # utime (field 14)
+        system += int(fields[12])  # stime (field 15)
+    return user / tick, system / tick
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
@@ -235,14 +243,16 @@ log_disconnections = 0
     return svc
 
 
-def start_strongroom(cluster: devcluster.Cluster, workdir: Path, workers: int) -> Service:
+def start_strongroom(cluster: devcluster.Cluster, workdir: Path, workers: int,
+                     source: Path = ROOT, label: str = "") -> Service:
     """Strongroom exactly as ops run it: `python -m proxy.cli serve --config FILE`.
 
     log_level warning keeps per-connection info lines out of the hot path (and the log
     small with 1,000 idle clients); the metrics endpoint is off so two proxies (and
-    other jobs on this machine) do not fight over its port.
+    other jobs on this machine) do not fight over its port. `source` is the tree the
+    `proxy` package is imported from (the working tree, or a `--baseline` export).
     """
-    d = workdir / f"strongroom-w{workers}"
+    d = workdir / f"strongroom-w{workers}{label.replace(' ', '-').replace('@', '')}"
     d.mkdir()
     port = devcluster.free_port()
     cfg = {
@@ -258,12 +268,12 @@ def start_strongroom(cluster: devcluster.Cluster, workdir: Path, workers: int) -
     with open(logfile, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(d / "strongroom.yaml")],
-            cwd=str(ROOT),
+            cwd=str(source),  # `-m` puts the cwd first on sys.path
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    svc = Service(f"Strongroom w{workers}", port, proc, logfile)
+    svc = Service(f"Strongroom w{workers}{label}", port, proc, logfile)
     try:
         wait_listening(proc, port, logfile, svc.name)
         if workers > 1:
@@ -475,13 +485,14 @@ def summarize_profile(raw: Path, top: int) -> str:
 # --------------------------------------------------------------------------- report
 
 
-def table(results: dict[tuple[str, str], float], cpu_us: dict[tuple[str, str], float],
+def table(results: dict[tuple[str, str], float],
+          cpu_us: dict[tuple[str, str], tuple[float, float]],
           targets: list[str], modes: list[str]) -> str:
     """Markdown: one row per (mode, target), ratios against direct and PgBouncer, and the
-    proxy's own CPU time per transaction (all its processes, user + system)."""
+    proxy's own CPU time per transaction (all its processes, user + system, and split)."""
     rows = [
-        "| mode | target | TPS | vs direct | vs PgBouncer | proxy CPU us/txn |",
-        "|---|---|---:|---:|---:|---:|",
+        "| mode | target | TPS | vs direct | vs PgBouncer | proxy CPU us/txn | user / sys |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for mode in modes:
         direct = results.get((mode, "direct"))
@@ -493,8 +504,9 @@ def table(results: dict[tuple[str, str], float], cpu_us: dict[tuple[str, str], f
             vd = f"{tps / direct:.2f}" if direct else "-"
             vb = f"{tps / bouncer:.2f}" if bouncer else "-"
             cpu = cpu_us.get((mode, t))
-            cu = f"{cpu:.1f}" if cpu is not None else "-"
-            rows.append(f"| {mode} | {t} | {tps:,.0f} | {vd} | {vb} | {cu} |")
+            cu = f"{sum(cpu):.1f}" if cpu is not None else "-"
+            split = f"{cpu[0]:.1f} / {cpu[1]:.1f}" if cpu is not None else "-"
+            rows.append(f"| {mode} | {t} | {tps:,.0f} | {vd} | {vb} | {cu} | {split} |")
     return "\n".join(rows)
 
 
@@ -517,6 +529,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="also py-spy Strongroom (first --workers value) under simple and "
                         "prepared, writing raw stacks to DIR")
+    p.add_argument("--baseline", metavar="REV", default=None,
+                   help="add a Strongroom row (first --workers value) running the code of "
+                        "git revision REV, e.g. HEAD: before/after in one run")
     args = p.parse_args(argv)
     args.seconds = args.seconds or (3 if args.quick else 10)
     args.scale = args.scale or (1 if args.quick else 10)
@@ -555,7 +570,22 @@ def environment(args: argparse.Namespace) -> Iterator[tuple[devcluster.Cluster, 
             sr = start_strongroom(cluster, workdir, w)
             stack.callback(stop_process, sr.proc)
             services.append(sr)
+        if args.baseline:
+            tree = export_revision(args.baseline, workdir / "baseline")
+            sr = start_strongroom(cluster, workdir, args.worker_counts[0], tree,
+                                  f" @{args.baseline}")
+            stack.callback(stop_process, sr.proc)
+            services.append(sr)
         yield cluster, services
+
+
+def export_revision(rev: str, dest: Path) -> Path:
+    """`git archive REV` into dest: the baseline Strongroom imports its `proxy` from there."""
+    dest.mkdir()
+    archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 def devcluster_service(cluster: devcluster.Cluster) -> Service:
@@ -572,18 +602,19 @@ def run(args: argparse.Namespace) -> int:
         log("warm-up (2 s direct)")
         pgbench(cluster.port, "simple", 2, args.clients, args.threads)
         results: dict[tuple[str, str], float] = {}
-        cpu_us: dict[tuple[str, str], float] = {}
+        cpu_us: dict[tuple[str, str], tuple[float, float]] = {}
         for mode in args.mode_list:
             for svc in services:
                 if not svc.alive():
                     raise RuntimeError(f"{svc.name} died; log: {svc.logfile}")
                 pids = svc.pids()
-                cpu0 = cpu_seconds(pids)
+                u0, s0 = cpu_split(pids)
                 tps, txns = pgbench(svc.port, mode, args.seconds, args.clients, args.threads)
                 results[(mode, svc.name)] = tps
                 if pids and txns:
-                    cpu_us[(mode, svc.name)] = (cpu_seconds(pids) - cpu0) * 1e6 / txns
-                log(f"{mode:9} {svc.name:15} {tps:10,.0f} tps  (load {loadavg()})")
+                    u1, s1 = cpu_split(pids)
+                    cpu_us[(mode, svc.name)] = ((u1 - u0) * 1e6 / txns, (s1 - s0) * 1e6 / txns)
+                log(f"{mode:9} {svc.name:22} {tps:10,.0f} tps  (load {loadavg()})")
         load_end = loadavg()
 
         idle_rows: list[str] = []

@@ -1,19 +1,30 @@
 """Micro benchmark of the session relay per transaction, in process (prints numbers only).
 
     .venv/bin/python bench/session_hotpath.py [--n 200000] [--baseline REV]
+                                              [--shapes select1,simple,extended,prepared]
 
-One "transaction" is what a simple-protocol client does per statement: a Query message in
-(`SELECT 1`), the server's RowDescription + DataRow + CommandComplete + ReadyForQuery
-out, each as one read, through `Session.data_received` / `Session.server_data` with
-in-memory transports and the real Gate (analysis cache hit) and Metrics. With
-`--baseline REV` the same loop also runs against `proxy/session.py` as of git revision
-REV (e.g. HEAD before the observability wiring) and the difference is printed.
+One "transaction" is one client read in and one server read out, through
+`Session.data_received` / `Session.server_data` with in-memory transports and the real
+Gate and Metrics, in the shape of a `pgbench -S` transaction per protocol mode:
+
+* `select1`: Query `SELECT 1` (same text every time) -> T, D, C, Z;
+* `simple`: Query `SELECT abalance ... WHERE aid = N` with N different every time, as
+  pgbench -M simple sends it (the analysis cache's exact-text level misses, the template
+  level hits after a `pglast` normalise) -> T, D, C, Z;
+* `extended`: Parse (unnamed) + Bind + Describe + Execute + Sync -> 1, 2, T, D, C, Z;
+* `prepared`: Bind + Execute + Sync -> 2, D, C, Z.
+
+With `--baseline REV` the same loops also run against `proxy/session.py` as of git
+revision REV (the rest of the tree is the working tree's) and the difference is printed.
+In-process numbers are hot-cache numbers: under pgbench the same code costs 2-3x more per
+transaction (bench/README.md); use them to compare versions, not as the proxy's cost.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import subprocess
 import sys
 import tempfile
@@ -59,13 +70,26 @@ def _msg(kind: bytes, body: bytes) -> bytes:
 
 
 QUERY = _msg(b"Q", b"SELECT 1\0")
-REPLY = (
-    _msg(b"T", b"\0\1?column?\0" + b"\0" * 6 + (23).to_bytes(4, "big")
-         + b"\0\4\xff\xff\xff\xff\0\0")
-    + _msg(b"D", b"\0\1\0\0\0\1" + b"1")
-    + _msg(b"C", b"SELECT 1\0")
-    + _msg(b"Z", b"I")
-)
+_ROWDESC = _msg(b"T", b"\0\1?column?\0" + b"\0" * 6 + (23).to_bytes(4, "big")
+                + b"\0\4\xff\xff\xff\xff\0\0")
+_ROW = _msg(b"D", b"\0\1\0\0\0\1" + b"1")
+_DONE = _msg(b"C", b"SELECT 1\0") + _msg(b"Z", b"I")
+REPLY = _ROWDESC + _ROW + _DONE
+
+_PGBENCH_SQL = b"SELECT abalance FROM pgbench_accounts WHERE aid = "
+_BIND = _msg(b"B", b"\0\0\0\0\0\1\0\0\0\00512345\0\0")
+_EXECUTE_SYNC = _msg(b"E", b"\0\0\0\0\0") + _msg(b"S", b"")
+SHAPES: dict[str, tuple[list[bytes], bytes]] = {
+    "select1": ([QUERY], REPLY),
+    # 4,096 different literals, cycled: enough to miss the exact-text cache level.
+    "simple": ([_msg(b"Q", _PGBENCH_SQL + str(17 * i + 1).encode() + b";\0")
+                for i in range(4096)], REPLY),
+    "extended": ([_msg(b"P", b"\0" + _PGBENCH_SQL + b"$1;\0\0\0") + _BIND
+                  + _msg(b"D", b"P\0") + _EXECUTE_SYNC],
+                 _msg(b"1", b"") + _msg(b"2", b"") + REPLY),
+    "prepared": ([_msg(b"B", b"\0P0_1\0\0\0\0\1\0\0\0\00512345\0\0") + _EXECUTE_SYNC],
+                 _msg(b"2", b"") + _ROW + _DONE),
+}
 
 
 def _session(mod: ModuleType) -> Any:
@@ -79,21 +103,24 @@ def _session(mod: ModuleType) -> Any:
     return s
 
 
-def run(mod: ModuleType, n: int, rounds: int = 5) -> float:
+def run(mod: ModuleType, n: int, rounds: int = 5, shape: str = "select1") -> float:
     """Best-of-`rounds` microseconds per transaction (the minimum: other load on the
     machine only ever adds time)."""
     s = _session(mod)
     client, server = s.data_received, s.server_data
+    requests, reply = SHAPES[shape]
+    feed = itertools.cycle(requests)
     for _ in range(1000):
-        client(QUERY)
-        server(REPLY)
+        client(next(feed))
+        server(reply)
     best = float("inf")
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(n):
-            client(QUERY)
-            server(REPLY)
+            client(next(feed))
+            server(reply)
         best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    assert s.outstanding == 0, "every request got its ReadyForQuery"
     return best
 
 
@@ -113,21 +140,30 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--baseline", help="git revision of proxy/session.py to compare with")
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help=f"transaction shapes, from {', '.join(SHAPES)}")
     args = ap.parse_args()
     from proxy import session
 
+    shapes = [x.strip() for x in args.shapes.split(",") if x.strip()]
+    unknown = set(shapes) - set(SHAPES)
+    if unknown:
+        ap.error(f"unknown shape(s): {', '.join(sorted(unknown))}")
     if not args.baseline:
-        print(f"session.py (working tree): {run(session, args.n):.3f} us/transaction")
+        for shape in shapes:
+            print(f"{shape:9} session.py (working tree): "
+                  f"{run(session, args.n, shape=shape):.3f} us/transaction")
         return
     baseline = load_revision(args.baseline)
-    now = base = float("inf")
-    for _ in range(20):  # interleaved short runs: load and frequency drift hit both alike
-        base = min(base, run(baseline, args.n // 20, 3))
-        now = min(now, run(session, args.n // 20, 3))
-    print(f"session.py (working tree): {now:.3f} us/transaction")
-    if True:
-        print(f"session.py ({args.baseline}):      {base:.3f} us/transaction")
-        print(f"added: {now - base:+.3f} us/transaction ({(now / base - 1) * 100:+.1f}%)")
+    for shape in shapes:
+        now = base = float("inf")
+        for _ in range(20):  # interleaved short runs: load and frequency drift hit both alike
+            base = min(base, run(baseline, args.n // 20, 3, shape))
+            now = min(now, run(session, args.n // 20, 3, shape))
+        print(f"{shape:9} session.py (working tree): {now:.3f} us/transaction")
+        print(f"{shape:9} session.py ({args.baseline}):      {base:.3f} us/transaction")
+        print(f"{shape:9} added: {now - base:+.3f} us/transaction "
+              f"({(now / base - 1) * 100:+.1f}%)")
 
 
 if __name__ == "__main__":

@@ -607,7 +607,11 @@ class Gate:
     def query(self, session: Session, body: bytes) -> bytes | None:
         sql = m.query_text(body)
         if self.policy is None:
-            self._analyze_quietly(sql)
+            # _analyze_quietly, inline: this runs for every simple-protocol statement.
+            try:
+                self.analyses.analyze(sql)
+            except Exception:  # unparseable text: the server will say so itself
+                pass
             return None
         refusal = self.decide(session, sql)
         if refusal is None:

@@ -276,7 +276,10 @@ class Server:
             limits = self.settings.limits
             if not (limits.idle_timeout or limits.idle_in_transaction_timeout):
                 continue
-            now = time.monotonic()
+            # Session.last_active is a perf_counter stamp: taken when the session last
+            # had nothing outstanding (its last ReadyForQuery, or a client read that
+            # started no request). Sessions with requests outstanding are never idle.
+            now = time.perf_counter()
             for s in list(self.sessions):
                 if s.state is not State.READY or s.outstanding > 0:
                     continue

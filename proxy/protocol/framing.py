@@ -13,6 +13,8 @@ from proxy.protocol.messages import ProtocolViolation
 
 _HEAD = struct.Struct("!BI")
 _unpack_head = _HEAD.unpack_from
+unpack_head = _unpack_head
+"""`unpack_head(buf, pos)` -> (type byte, length field) of the message at `pos`."""
 
 # (type byte, offset of the type byte, offset one past the message's last byte)
 Frame = tuple[int, int, int]
@@ -80,3 +82,33 @@ class Framer:
         if pos < end:
             self._tail = bytearray(buf[pos:])
         return buf, frames
+
+    # The relay's own header walk (Session) uses these three instead of `feed`: it frames
+    # and dispatches in one loop, with no list of frames. `_tail` is empty on the fast
+    # path, so one truth test is all it pays for the Framer.
+
+    def join(self, data: bytes) -> bytes | None:
+        """Called when `_tail` is non-empty: the held bytes followed by `data`, or None
+        while they cannot hold a whole message yet. Raises ProtocolViolation once an
+        invalid length has been seen (`error`)."""
+        if self.error is not None:
+            raise ProtocolViolation(self.error)
+        self._tail += data
+        if len(self._tail) < self._need:
+            return None
+        buf = bytes(self._tail)
+        self._tail = bytearray()
+        return buf
+
+    def hold(self, buf: bytes, pos: int, need: int) -> None:
+        """Keep `buf[pos:]`, an incomplete message of `need` bytes in all (at least 5:
+        its header), until `join` has that many."""
+        self._tail = bytearray(buf[pos:])
+        self._need = need
+
+    def fail(self, buf: bytes, pos: int, text: str) -> None:
+        """An invalid length at `pos`, after whole messages: remember it (`error`) so the
+        next `join` or `feed` raises, and hold everything from there on."""
+        self.error = text
+        self._tail = bytearray(buf[pos:]) or bytearray(b"\0")
+        self._need = 1 << 62

@@ -71,10 +71,11 @@ class AnalysisCache:
             except Exception:
                 template = None
             if template is not None and template != sql:
-                cached = self._templates.get("\0" + template)
+                key = "\0" + template  # NUL prefix: no real statement text collides
+                cached = self._templates.get(key)
                 if cached is not None:
                     self.hits += 1
-                    self.last_key = "\0" + template
+                    self.last_key = key
                     return cached
             self.misses += 1
             on_parse = self.on_parse
