@@ -657,6 +657,9 @@ class Session(asyncio.Protocol):
             out.append(buf[run:end])
         if out:
             self.transport.write(b"".join(out))  # type: ignore[union-attr]
+        if tracker.to_server:  # the tracker's own request (e.g. aborting a transaction)
+            pending, tracker.to_server = tracker.to_server, b""
+            self.upstream.transport.write(pending)  # type: ignore[union-attr]
 
     def server_data(self, data: bytes) -> None:
         """Everything the server sends (the upstream transport calls this directly).

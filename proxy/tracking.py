@@ -138,6 +138,7 @@ PARSE, BIND, DESCRIBE, EXECUTE, CLOSE, SYNC, QUERY, FUNC, INJECTED_QUERY = range
 class Entry:
     kind: int
     skip: bool = False
+    forward_ready: bool = False  # INJECTED_QUERY: its ReadyForQuery goes to the client
     target: Statement | Portal | None = None
     describe_statement: bool = False
     on_done: Callable[[list[list[bytes | None]]], None] | None = None
@@ -320,6 +321,9 @@ class Tracker:
         self.encrypt_seconds = 0.0
         self.decrypt_seconds = 0.0
         self.consume_to_ready = False  # after a proxy-made error: drop until ReadyForQuery
+        # Bytes the proxy must send to the server on its own (the session writes them
+        # after handling a chunk of server messages): see `_abort_transaction`.
+        self.to_server = b""
         self.copy_out: Any = None
         self.copy_in: Any = None
         self.pending_copy: Any = None  # the plan of a COPY whose response has not come yet
@@ -457,6 +461,20 @@ class Tracker:
                 self.copy_in = None
                 return tail + msg
         return None
+
+    def _abort_transaction(self) -> bytes:
+        """The proxy ended a statement with its own error (a value failed to decrypt)
+        inside a transaction block, where the server saw nothing wrong. PostgreSQL would
+        have aborted the transaction, so the proxy makes it so: it holds this
+        ReadyForQuery back, has the server raise an error (swallowed), and passes on the
+        server's own ReadyForQuery ('E'), so a later COMMIT rolls back as it would.
+        Only when nothing else is queued: a later request's replies must not overtake."""
+        self.queue.append(Entry(INJECTED_QUERY, skip=True, forward_ready=True, collected=[]))
+        self._set_data_plan(_COLLECT)
+        self.to_server += m.message(b"Q", refusal_sql(ClientRefusal(
+            "XX001", "transaction aborted by strongroom after a protected value failed "
+            "to decrypt")) + b"\0")
+        return b""
 
     def _fail_copy(self, exc: ValueError_) -> bytes:
         """A value in COPY data cannot be sealed: abort the COPY on the server (CopyFail)
@@ -655,6 +673,7 @@ class Tracker:
                 return b""
             return self._reveal_row(msg, plan) if plan else None  # (the reference path)
         if kind == 0x5A:  # ReadyForQuery
+            proxy_error = self.consume_to_ready
             self.consume_to_ready = False
             self.row_plan = self.row_filter = None
             # Pop through the request this ReadyForQuery answers; replies to anything
@@ -664,9 +683,11 @@ class Tracker:
                 if entry.kind == INJECTED_QUERY:
                     if entry.on_done:
                         entry.on_done(entry.collected or [])
-                    return b""
+                    return None if entry.forward_ready else b""
                 if entry.kind in (SYNC, QUERY, FUNC):
                     break
+            if proxy_error and msg[5:6] == b"T" and not self.queue:
+                return self._abort_transaction()
             return None
         if kind == 0x54:  # RowDescription
             fields = rows.decode_row_description(msg[5:])

@@ -90,17 +90,33 @@ def test_moved_and_tampered_ciphertexts_fail_xx001(pg, kproxy) -> None:
                 with pytest.raises(psycopg.Error) as info:
                     cur.execute(sql).fetchall()
                 assert info.value.diag.sqlstate == "XX001"
-    # In a transaction: the error is reported, client and server agree on the state, and
-    # the transaction can be rolled back and the session reused.
+    # In a transaction block the failure aborts the transaction, as an error raised by
+    # PostgreSQL would: later statements get 25P02, COMMIT rolls back (the row written
+    # before the failure is gone), and the session is reusable after it.
+    failed = psycopg.pq.TransactionStatus.INERROR
     with psycopg.connect(kproxy.conninfo()) as c:
-        c.execute("SELECT 1")
+        for n, sql in enumerate(cases[3:]):  # extended protocol
+            c.execute("INSERT INTO k_other (id, secret) VALUES (%s, 'written before')",
+                      (10 + n,))
+            _expect_xx001(c, sql)
+            assert c.info.transaction_status == failed
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                c.execute("SELECT 1")
+            assert c.pgconn.exec_(b"COMMIT").command_status == b"ROLLBACK"
+            assert c.execute("SELECT pan FROM k_cards WHERE id = 1").fetchone() == \
+                ("4111000000001101",)
+            c.rollback()
+    with psycopg.connect(kproxy.conninfo(), autocommit=True) as c:  # simple protocol
+        res = c.pgconn.exec_(b"BEGIN; INSERT INTO k_other (id, secret) VALUES (20, 'x'); "
+                             + cases[3].encode())
+        assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"XX001"
+        assert c.info.transaction_status == failed
+        assert c.pgconn.exec_(b"COMMIT").command_status == b"ROLLBACK"
+        # outside a transaction block there is nothing to abort: the session goes on
         _expect_xx001(c, cases[3])
-        server_side = c.execute("SELECT 1").fetchone() if c.info.transaction_status == \
-            psycopg.pq.TransactionStatus.INTRANS else None
-        del server_side
-        c.rollback()
-        assert c.execute("SELECT pan FROM k_cards WHERE id = 1").fetchone() == \
-            ("4111000000001101",)
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with direct(pg) as d:
+        assert d.execute("SELECT count(*) FROM k_other WHERE id >= 10").fetchone() == (0,)
 
     async def via_asyncpg() -> None:
         conn = await asyncpg.connect(kproxy.dsn())
