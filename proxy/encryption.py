@@ -26,7 +26,14 @@ from proxy.protocol.rows import bytea_from_text, bytea_to_text
 from proxy.settings import ConfigError
 from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
-from proxy.tracking import ClientRefusal, RecheckSpec, StatementPlan, Tracker, ValueError_
+from proxy.tracking import (
+    AS_SENT,
+    ClientRefusal,
+    RecheckSpec,
+    StatementPlan,
+    Tracker,
+    ValueError_,
+)
 from proxy.types import CodecError, get_codec
 
 TYPLEN = {
@@ -414,6 +421,7 @@ class SessionProtector:
         self._tz_name: str | None = None
         self._tz: datetime.tzinfo = datetime.UTC
         self.wants_refresh = False
+        self.ddl_sent = 0
 
     def timezone(self) -> datetime.tzinfo:
         name = self.session.server_params.get("TimeZone", "UTC")
@@ -462,6 +470,13 @@ class SessionProtector:
             self._attr_snapshot = snap
         return self._by_attr.get((table_oid, attnum))
 
+    def generation(self) -> tuple[object, tuple[str, ...], int]:
+        """What a statement's result columns depend on besides its text: the catalog
+        snapshot object (replaced after DDL; compared by identity), the search_path that
+        resolves its names, and the DDL this session sent (its catalog reload may still
+        be on the way when the next statement arrives)."""
+        return (self.catalog.snapshot, self.search_path(), self.ddl_sent)
+
     def search_path(self) -> tuple[str, ...]:
         st = self.session.policy_state
         path = tuple(st.path) if st is not None else ("$user", "public")
@@ -491,8 +506,9 @@ class SessionProtector:
         if _is_ddl(self.session.gate, sql):
             # Tables may have appeared, vanished or changed: learn their oids/attnums.
             self.wants_refresh = True
+            self.ddl_sent += 1
         if not rplan.touches_protected:
-            return StatementPlan(sql=raw)
+            return AS_SENT
         tables = tuple(sorted(f"{s}.{t}" for s, t in getattr(rplan, "tables_referenced", ())))
         if rplan.refusal:
             auditor = self.session.tracker.on_statement if self.session.tracker else None

@@ -86,7 +86,7 @@ class Protector(Protocol):
 class StatementPlan:
     """What the rewriter decided for one statement text, for one session's role."""
 
-    sql: bytes  # text to send (splices applied; fresh ciphertexts each time)
+    sql: bytes | None  # text to send (splices applied; fresh ciphertexts); None: as sent
     params: dict[int, tuple[str, ColumnCrypto]] = field(default_factory=dict)  # 0-based
     touches_protected: bool = False
     refusal: ClientRefusal | None = None
@@ -108,6 +108,12 @@ class StatementPlan:
     rechecks: dict[int, list[RecheckSpec]] = field(default_factory=dict)
 
 
+AS_SENT = StatementPlan(sql=None)
+"""The shared plan of every statement that touches nothing protected: forwarded as the
+client sent it (one object, not one per statement: the common case costs no allocation).
+Never mutated."""
+
+
 @dataclass(slots=True)
 class Statement:
     plan: StatementPlan
@@ -116,6 +122,9 @@ class Statement:
     # server is told 0 for protected parameters (it infers bytea); the proxy reads a
     # binary value with the declared type and reports that type back, as PG would.
     declared: list[int] = field(default_factory=list)
+    # What the fields were learnt for: (client's query text, catalog snapshot object,
+    # search_path, DDL count); a Parse of the same text under the same view reuses them.
+    learnt: tuple[Any, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -357,7 +366,7 @@ class Tracker:
             if plan.refusal is not None:
                 return m.message(b"Q", refusal_sql(plan.refusal) + b"\0") + self._refresh()
             self.pending_copy = plan.copy
-            if plan.sql != msg[5:-1]:
+            if plan.sql is not None and plan.sql != msg[5:-1]:
                 return m.message(b"Q", plan.sql + b"\0") + self._refresh()
             extra = self._refresh()
             return msg + extra if extra else None
@@ -365,6 +374,7 @@ class Tracker:
             name, query, oids = rows.decode_parse(msg[5:])
             plan = self.protector.plan_query(query.decode(errors="surrogateescape"))
             stmt = Statement(plan, declared=list(oids))
+            prev = self.statements.get(name)
             self.statements[name] = stmt
             if plan.copy is not None:
                 self.pending_copy = plan.copy
@@ -372,16 +382,31 @@ class Tracker:
             if plan.refusal is not None:
                 return rows.encode_parse(name, refusal_sql(plan.refusal), [])
             out = None
-            if plan.params or plan.sql != query:
+            if plan.sql is not None and (plan.params or plan.sql != query):
                 for i in plan.params:
                     if i < len(oids):
                         oids[i] = 0  # let the server infer bytea from the column
                 out = rows.encode_parse(name, plan.sql, oids)
             if plan.touches_protected:
                 # Learn the statement's result columns now, whether or not the client
-                # asks: a later Bind/Execute carries no RowDescription.
-                self._push(Entry(DESCRIBE, skip=True, target=stmt, describe_statement=True))
-                out = (out or msg) + m.message(b"D", b"S" + name + b"\0")
+                # asks: a later Bind/Execute carries no RowDescription. A driver that
+                # re-sends the same unnamed Parse for every execution (pgbench -M
+                # extended, many ORMs) has them learnt already under the same catalog
+                # view and search_path: no second Describe.
+                gen = getattr(self.protector, "generation", None)
+                learnt = (query, *gen()) if gen is not None else None
+                was = prev.learnt if prev is not None else None
+                if (learnt is not None and was is not None and prev is not None
+                        and prev.fields is not None and was[1] is learnt[1]
+                        and was[0] == query and was[2:] == learnt[2:]
+                        and prev.declared == stmt.declared):
+                    stmt.fields = prev.fields
+                    stmt.learnt = learnt
+                else:
+                    stmt.learnt = learnt
+                    self._push(Entry(DESCRIBE, skip=True, target=stmt,
+                                     describe_statement=True))
+                    out = (out or msg) + m.message(b"D", b"S" + name + b"\0")
             return out
         if kind == 0x42:  # B
             bind = rows.decode_bind(msg[5:])

@@ -35,7 +35,8 @@ def template_safe(analysis: Analysis) -> bool:
 class AnalysisCache:
     """``analyze`` with memory: returns the cached Analysis or re-raises the cached error."""
 
-    __slots__ = ("_data", "_templates", "hits", "last_key", "maxsize", "misses", "on_parse")
+    __slots__ = ("_data", "_memo", "_templates", "hits", "last_key", "maxsize", "misses",
+                 "on_parse")
 
     def __init__(self, maxsize: int = 10_000) -> None:
         if maxsize < 1:
@@ -46,6 +47,10 @@ class AnalysisCache:
         self.hits = 0
         self.misses = 0
         self.last_key = ""  # the cache key of the last analysis: exact text or template
+        # (text object, key, result) of the last call: the gate and then the protector
+        # ask about the same text object in a row, and for a new literal each lookup
+        # would otherwise normalise it again.
+        self._memo: tuple[str, str, Analysis | AnalysisError] | None = None
         self.on_parse: Callable[[float], None] | None = None
         """Called with the seconds of each real analysis (a miss of both levels), failed
         ones included; hits are not timed."""
@@ -58,6 +63,22 @@ class AnalysisCache:
 
     def analyze(self, sql: str) -> Analysis:
         """Like proxy.sql.analyze, cached by exact text; raises AnalysisError only."""
+        memo = self._memo
+        if memo is not None and memo[0] is sql:
+            self.hits += 1
+            self.last_key = memo[1]
+            found = memo[2]
+        else:
+            try:
+                found = self._analyze(sql)
+            except AnalysisError as exc:
+                found = exc
+            self._memo = (sql, self.last_key, found)
+        if found.__class__ is Analysis:
+            return found  # type: ignore[return-value]
+        raise AnalysisError(*found.args)
+
+    def _analyze(self, sql: str) -> Analysis:
         data = self._data
         found = data.get(sql)
         if found.__class__ is Analysis:  # the hot path: one lookup, one reorder
@@ -115,5 +136,6 @@ class AnalysisCache:
         return len(self._data)
 
     def clear(self) -> None:
+        self._memo = None
         self._data.clear()
         self._templates.clear()

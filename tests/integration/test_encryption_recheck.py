@@ -30,6 +30,7 @@ from tests.conftest import (
     describe_msg,
     execute_msg,
     parse_msg,
+    query_msg,
 )
 from tests.integration.encryption_env import KEYS, direct, setup_sql, start_encrypted
 
@@ -188,3 +189,52 @@ def test_per_column_result_formats_cover_the_hidden_column(pg_aux) -> None:
     finally:
         p.stop()
         setup_sql(pg_aux, "DROP TABLE k_tokens")
+
+
+
+def _rows(raw: RawPG, sql: str, *params: bytes) -> list[list[bytes | None]]:
+    """Parse/Bind/Execute/Sync with no Describe, as drivers that cache result shapes
+    do: the proxy gets no RowDescription for these rows and must know them itself."""
+    raw.send(parse_msg(sql) + bind_msg(params) + execute_msg() + SYNC)
+    out = []
+    for kind, body in raw.read_until(b"Z"):
+        assert kind != b"E", body
+        if kind == b"D":
+            n = struct.unpack("!h", body[:2])[0]
+            pos, cells = 2, []
+            for _ in range(n):
+                (ln,) = struct.unpack("!i", body[pos:pos + 4])
+                pos += 4
+                cells.append(None if ln < 0 else body[pos:pos + ln])
+                pos += max(ln, 0)
+            out.append(cells)
+    return out
+
+
+def test_reparsed_statement_follows_ddl(pg_aux) -> None:
+    """A driver re-sending the same unnamed Parse reuses the result columns the proxy
+    learnt, until DDL changes the catalog: then they are learnt again (here the table is
+    replaced by one with other column positions; stale attnums would pass ciphertext)."""
+    p, a, _ = _start(pg_aux)
+    pg_aux.psql(f"GRANT CREATE ON SCHEMA public TO {PW_USER}; "
+                f"ALTER TABLE k_tokens OWNER TO {PW_USER}", db=APP_DB)
+    sql = "SELECT * FROM k_tokens WHERE id = $1"
+    try:
+        with RawPG(p.port) as raw:
+            raw.login(PW_USER, PW_PASSWORD, database=APP_DB)
+            for _ in range(3):
+                (row,) = _rows(raw, sql, b"1")
+                assert (row[0], row[1], row[2], row[4]) == (b"1", b"n1", a.encode(), b"1.50")
+            raw.send(query_msg(
+                "ALTER TABLE k_tokens RENAME TO k_tokens_old; CREATE TABLE k_tokens "
+                "(note text, amount bytea, amount_bidx bytea, tok_bidx bytea, tok bytea, "
+                "id int PRIMARY KEY); INSERT INTO k_tokens (id, note, tok) "
+                "VALUES (1, 'new', 'replaced')"))
+            assert b"E" not in [k for k, _ in raw.read_until(b"Z")]
+            for _ in range(2):
+                (row,) = _rows(raw, sql, b"1")
+                assert (row[0], row[1], row[4], row[5]) == (b"new", None, b"replaced", b"1")
+    finally:
+        p.stop()
+        pg_aux.psql("DROP TABLE IF EXISTS k_tokens, k_tokens_old; "
+                    f"REVOKE CREATE ON SCHEMA public FROM {PW_USER}", db=APP_DB)
