@@ -163,30 +163,24 @@ class RoleColumn:
     def opened_key(self, envelope: bytes) -> bytes:
         """The equality key of a stored value, whatever this role's view: the recheck
         compares true values, also for a role that sees the column masked."""
+        return self.runtime.codec.equality_key(self._open(envelope))
+
+    def _open(self, envelope: bytes) -> bytes:
+        """Decrypt one stored value, counted; XX001 (never the value) when it fails."""
         self.n_decrypt += 1
         try:
-            canonical = self.runtime.cipher.decrypt(envelope)
+            return self.runtime.cipher.decrypt(envelope)
         except DecryptError:
             self.n_decrypt -= 1
             self.n_failed += 1
-            raise ValueError_(DECRYPT_FAILED, self._failed_text()) from None
-        return self.runtime.codec.equality_key(canonical)
-
-    def _failed_text(self) -> str:
-        return (
-            f"stored value of protected column {self.runtime.qualified} failed "
-            "authentication (wrong key, tampered, or copied from another column)"
-        )
+            raise ValueError_(
+                DECRYPT_FAILED,
+                f"stored value of protected column {self.runtime.qualified} failed "
+                "authentication (wrong key, tampered, or copied from another column)",
+            ) from None
 
     def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
-        self.n_decrypt += 1
-        try:
-            canonical = self.runtime.cipher.decrypt(envelope)
-        except DecryptError:
-            self.n_decrypt -= 1
-            self.n_failed += 1
-            raise ValueError_(DECRYPT_FAILED, self._failed_text()) from None
-        return self._convert(canonical, fmt)
+        return self._convert(self._open(envelope), fmt)
 
     def _convert(self, canonical: bytes, fmt: int) -> bytes | None:
         """A decrypted canonical value as the client's format and this role's view."""

@@ -861,34 +861,29 @@ class Tracker:
         portal.cached_filter = (fields, f)
         return f
 
-    def _rechecks(self, head: Entry | None) -> list[RecheckSpec] | None:
-        """The hidden recheck columns of the reply at the queue head (cf. `_outputs`)."""
+    @staticmethod
+    def _head_plan(head: Entry | None) -> tuple[StatementPlan | None, int]:
+        """The plan whose reply is at the queue head, and which of its statements."""
         if head is None:
-            return None
-        plan: StatementPlan | None = None
-        index = 0
+            return None, 0
         if head.kind == QUERY:
-            plan, index = head.plan, head.result
-        elif isinstance(head.target, Statement):
-            plan = head.target.plan
-        elif isinstance(head.target, Portal) and head.target.statement is not None:
-            plan = head.target.statement.plan
+            return head.plan, head.result
+        if isinstance(head.target, Statement):
+            return head.target.plan, 0
+        if isinstance(head.target, Portal) and head.target.statement is not None:
+            return head.target.statement.plan, 0
+        return None, 0
+
+    def _rechecks(self, head: Entry | None) -> list[RecheckSpec] | None:
+        """The hidden recheck columns of the reply at the queue head."""
+        plan, index = self._head_plan(head)
         if plan is None or not plan.rechecks:
             return None
         return plan.rechecks.get(index)
 
     def _outputs(self, head: Entry | None) -> list[ColumnCrypto | None] | None:
         """The parse tree's protected result columns for the reply at the queue head."""
-        if head is None:
-            return None
-        plan: StatementPlan | None = None
-        index = 0
-        if head.kind == QUERY:
-            plan, index = head.plan, head.result
-        elif isinstance(head.target, Statement):
-            plan = head.target.plan
-        elif isinstance(head.target, Portal) and head.target.statement is not None:
-            plan = head.target.statement.plan
+        plan, index = self._head_plan(head)
         if plan is None or index >= len(plan.outputs):
             return None
         return plan.outputs[index]
