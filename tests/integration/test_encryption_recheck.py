@@ -238,3 +238,40 @@ def test_reparsed_statement_follows_ddl(pg_aux) -> None:
         p.stop()
         pg_aux.psql("DROP TABLE IF EXISTS k_tokens, k_tokens_old; "
                     f"REVOKE CREATE ON SCHEMA public FROM {PW_USER}", db=APP_DB)
+
+
+def test_sqlalchemy_lookups_are_rechecked(kproxy) -> None:
+    """ORM-style lookups (SQLAlchemy Core over psycopg and asyncpg, which cast the bound
+    value, `$1::VARCHAR`) return only true matches; `.limit(1)` on the short index is
+    refused, as documented."""
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    p, a, b = kproxy
+    t = sa.Table("k_tokens", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                 sa.Column("note", sa.Text), sa.Column("tok", sa.String),
+                 sa.Column("amount", sa.Numeric))
+    eng = sa.create_engine(p.dsn().replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with eng.connect() as c:
+            for value, want in ((a, 1), (b, 2)):
+                assert c.execute(sa.select(t.c.id).where(t.c.tok == value)).scalar_one() == want
+            rows = c.execute(sa.select(t).where(t.c.tok.in_([a, "other"])).order_by(t.c.id))
+            assert [(r.id, r.tok) for r in rows] == [(1, a), (3, "other")]
+            with pytest.raises(sa.exc.NotSupportedError, match="index_length: 16"):
+                c.execute(sa.select(t.c.id).where(t.c.tok == a).limit(1))
+    finally:
+        eng.dispose()
+
+    async def via_asyncpg() -> None:
+        ae = create_async_engine(p.dsn().replace("postgresql://", "postgresql+asyncpg://")
+                                 .replace("?sslmode=disable", "?ssl=disable"))
+        try:
+            async with ae.connect() as c:
+                for value, want in ((a, 1), (b, 2)):
+                    res = await c.execute(sa.select(t.c.id, t.c.note).where(t.c.tok == value))
+                    assert [tuple(r) for r in res] == [(want, f"n{want}")]
+        finally:
+            await ae.dispose()
+
+    asyncio.run(via_asyncpg())
