@@ -751,7 +751,8 @@ class _Planner:
                 depth += 1
             elif name in ("ASCII_41", "ASCII_93"):
                 depth -= 1
-            elif name == "FROM" and depth == 0:
+            elif name == "FROM" and depth == 0 and tok.name(j - 1) != "DISTINCT":
+                # (`x IS [NOT] DISTINCT FROM y` in the last item is not the clause)
                 at = tok.starts[j]
                 break
         if at < 0:

@@ -106,6 +106,9 @@ def test_lookups_return_only_true_matches_psycopg(kproxy) -> None:
             cur.execute("SELECT k.id FROM k_tokens k WHERE k.tok IN (%s, %s) AND k.id > 0 "
                         "ORDER BY k.id", (a, "other"))
             assert [r[0] for r in cur.fetchall()] == [1, 3]
+            cur.execute("SELECT id, note IS DISTINCT FROM 'n1' AS changed FROM k_tokens "
+                        "WHERE tok = %s", (a,))
+            assert cur.fetchall() == [(1, False)]
             cur.execute("SELECT id, tok FROM k_tokens WHERE tok IS NOT DISTINCT FROM %s",
                         (None,))
             assert cur.fetchall() == [(4, None)]

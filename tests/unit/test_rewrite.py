@@ -722,6 +722,14 @@ def _rechecks(p: RewritePlan) -> list[tuple[str, int, tuple[str, ...], tuple[int
             ", pan AS strongroom_recheck_1 FROM cards WHERE (pan_bidx = $1)",
             [("pan", 0, (), (1,))],
         ),
+        (  # a FROM inside the last select item is not the FROM clause
+            "SELECT id, pan IS NOT DISTINCT FROM NULL AS x, id IS DISTINCT FROM 2 "
+            "FROM ROWS FROM (generate_series(1, 2)) g, cards WHERE pan = $1",
+            "SELECT id, pan IS NOT DISTINCT FROM NULL AS x, id IS DISTINCT FROM 2 "
+            ", pan AS strongroom_recheck_1 FROM ROWS FROM (generate_series(1, 2)) g, cards "
+            "WHERE pan_bidx = $1",
+            [("pan", 0, (), (1,))],
+        ),
         (  # statement index per statement of a multi-statement string
             "SELECT 1; SELECT id FROM cards WHERE pan IS NOT DISTINCT FROM $1",
             "SELECT 1; SELECT id , pan AS strongroom_recheck_1 FROM cards "
