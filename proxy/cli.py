@@ -153,6 +153,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.encryption import protect_columns_for_keys
 
     setup_logging("info")
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (timeout, docker stop), SIGHUP: as Ctrl-C
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGHUP, _stop)
     print("starting a throwaway PostgreSQL ...", flush=True)
     cluster = devcluster.create()
     workdir = Path(tempfile.mkdtemp(prefix="strongroom-demo-"))
@@ -188,7 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "  SELECT * FROM cards WHERE pan = '4111111111111111';\n"
             "then the same SELECT as support_agent (masked) and etl_backup (ciphertext),\n"
             f"and directly: psql -h {cluster.base} -p {cluster.port} -U postgres app "
-            "(only ciphertext at rest).\nCtrl-C stops both.",
+            "(only ciphertext at rest).\nCtrl-C (or SIGTERM) stops both.",
             flush=True,
         )
         if args.seconds:

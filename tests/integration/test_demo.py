@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from proxy import devcluster
 
@@ -44,7 +47,7 @@ def test_demo_runs_the_example_topology() -> None:
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 90
-        while "Ctrl-C stops both" not in out:
+        while "stops both" not in out:
             line = proc.stdout.readline()
             assert line or proc.poll() is None, f"demo exited early:\n{out}"
             out += line
@@ -95,3 +98,36 @@ def test_demo_runs_the_example_topology() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     assert "demo stopped" in out + (proc.stdout.read() if proc.stdout else "")
+
+
+def test_demo_stops_cleanly_on_sigterm() -> None:
+    """`timeout`, `docker stop` and a closed terminal send SIGTERM/SIGHUP, not Ctrl-C: the
+    throwaway PostgreSQL must not outlive the demo."""
+    port = devcluster.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "demo", "--port", str(port),
+         "--metrics-port", str(devcluster.free_port()), "--seconds", "120"],
+        cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    out = ""
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        while "stops both" not in out:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, f"demo exited early:\n{out}"
+            out += line
+            assert time.monotonic() < deadline, f"demo did not come up:\n{out}"
+        direct = re.search(r"psql -h (\S+) -p (\d+) -U postgres app", out)
+        assert direct, out
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "demo stopped" in rest
+    assert not os.path.exists(direct.group(1)), "the demo's PostgreSQL directory is left"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(direct.group(2))), timeout=2).close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
