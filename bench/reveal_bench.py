@@ -28,7 +28,6 @@ import argparse
 import os
 import struct
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +41,11 @@ ap.add_argument("--cache-size", type=int, default=None,
 ARGS = ap.parse_args()
 sys.path.insert(0, ARGS.root)
 
-from proxy import observability  # noqa: E402
+from inprocess import best_of, ready_session  # noqa: E402
+
 from proxy import session as session_mod  # noqa: E402
 from proxy.crypto import ColumnCipher, ColumnKeys, Purpose  # noqa: E402
 from proxy.encryption import ColumnRuntime, RoleColumn, SessionProtector  # noqa: E402
-from proxy.gate import Gate  # noqa: E402
-from proxy.settings import Settings  # noqa: E402
 from proxy.sql.protected import ProtectedColumn  # noqa: E402
 from proxy.tracking import StatementPlan, Tracker  # noqa: E402
 from proxy.types import get_codec  # noqa: E402
@@ -168,47 +166,11 @@ def bench_tracker(p: _Protector, client: bytes, server: list[bytes], n: int) -> 
             append(srv(kind, msg))
         sink.clear()
 
-    for _ in range(3):
-        once()
-    best = float("inf")
-    for _ in range(ARGS.rounds):
-        t0 = time.perf_counter()
-        once()
-        best = min(best, time.perf_counter() - t0)
-    return best / n * 1e6
-
-
-class _Transport:
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def write(self, data: bytes) -> None:
-        self.n += len(data)
-
-    def is_closing(self) -> bool:
-        return False
-
-
-class _Server:
-    def __init__(self) -> None:
-        self.settings = Settings()
-        self.gate = Gate(self.settings)
-        self.metrics, self.audit, self.audit_facts = observability.build(self.settings, self.gate)
-        self.query_kinds = observability.QueryKinds(self.metrics, self.gate)
-
-    def next_session_id(self) -> int:
-        return 1
+    return best_of(once, ARGS.rounds) / n * 1e6
 
 
 def bench_session(p: _Protector, client: bytes, server: list[bytes], n: int) -> float:
-    s = session_mod.Session(_Server())
-    s.transport = _Transport()
-    up = session_mod.Upstream(s)
-    up.transport = _Transport()
-    s.upstream = up
-    s.state = session_mod.State.READY
+    s = ready_session(session_mod)
     s.tracker = Tracker(p)
     blob = b"".join(server)
     reads = [blob[i : i + 65536] for i in range(0, len(blob), 65536)]
@@ -218,14 +180,7 @@ def bench_session(p: _Protector, client: bytes, server: list[bytes], n: int) -> 
         for r in reads:
             s.server_data(r)
 
-    for _ in range(3):
-        once()
-    best = float("inf")
-    for _ in range(ARGS.rounds):
-        t0 = time.perf_counter()
-        once()
-        best = min(best, time.perf_counter() - t0)
-    return best / n * 1e6
+    return best_of(once, ARGS.rounds) / n * 1e6
 
 
 def main() -> None:

@@ -31,38 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy import observability  # noqa: E402
-from proxy.gate import Gate  # noqa: E402
-from proxy.settings import Settings  # noqa: E402
-
-
-class _Transport:
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def write(self, data: bytes) -> None:
-        self.n += len(data)
-
-    def is_closing(self) -> bool:
-        return False
-
-
-class _Server:
-    def __init__(self) -> None:
-        self.settings = Settings()
-        self.gate = Gate(self.settings)
-        self.metrics, self.audit, self.audit_facts = observability.build(self.settings, self.gate)
-        self.query_kinds = observability.QueryKinds(self.metrics, self.gate)
-
-    def next_session_id(self) -> int:
-        return 1
+from inprocess import ready_session  # noqa: E402
 
 
 def _msg(kind: bytes, body: bytes) -> bytes:
@@ -92,21 +65,10 @@ SHAPES: dict[str, tuple[list[bytes], bytes]] = {
 }
 
 
-def _session(mod: ModuleType) -> Any:
-    server = _Server()
-    s = mod.Session(server)
-    s.transport = _Transport()
-    up = mod.Upstream(s)
-    up.transport = _Transport()
-    s.upstream = up
-    s.state = mod.State.READY
-    return s
-
-
 def run(mod: ModuleType, n: int, rounds: int = 5, shape: str = "select1") -> float:
     """Best-of-`rounds` microseconds per transaction (the minimum: other load on the
     machine only ever adds time)."""
-    s = _session(mod)
+    s = ready_session(mod)
     client, server = s.data_received, s.server_data
     requests, reply = SHAPES[shape]
     feed = itertools.cycle(requests)
