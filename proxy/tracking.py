@@ -846,9 +846,7 @@ class Tracker:
         return self.row_filter if self.row_filter is not None else self.row_plan
 
     def _portal_filter(self, portal: Portal) -> RecheckFilter | None:
-        fields = portal.fields
-        if fields is None and portal.statement is not None:
-            fields = portal.statement.fields
+        fields = _portal_fields(portal)
         if fields is None or portal.checks is None:
             return None
         cached = portal.cached_filter
@@ -910,9 +908,7 @@ class Tracker:
         return None
 
     def _portal_plan(self, portal: Portal) -> RowPlan | None:
-        fields = portal.fields
-        if fields is None and portal.statement is not None:
-            fields = portal.statement.fields
+        fields = _portal_fields(portal)
         if not fields:
             return None
         cached = portal.cached_plan
@@ -964,14 +960,17 @@ class Tracker:
                 envelope = raw if fmt == 1 else rows.bytea_from_text(raw)
                 values[i] = crypto.reveal(envelope, fmt)
             except ValueError_ as exc:
-                self.consume_to_ready = True
-                self.row_plan = self.row_filter = None
-                return m.error_response(exc.sqlstate, exc.text)
+                return self._row_error(exc.sqlstate, exc.text)
             except (ValueError, UnicodeDecodeError):
-                self.consume_to_ready = True
-                self.row_plan = self.row_filter = None
-                return m.error_response("XX001", "a protected value could not be decoded")
+                return self._row_error("XX001", "a protected value could not be decoded")
         return rows.encode_data_row(values)
+
+
+def _portal_fields(portal: Portal) -> list[rows.Field] | None:
+    """The result columns of a portal: its own Describe's, else its statement's."""
+    if portal.fields is None and portal.statement is not None:
+        return portal.statement.fields
+    return portal.fields
 
 
 def _fewer_rows(msg: bytes, dropped: int) -> bytes:

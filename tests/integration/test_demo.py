@@ -35,23 +35,37 @@ def _psql(port: int, user: str, password: str, sql: str) -> subprocess.Completed
     )
 
 
-def test_demo_runs_the_example_topology() -> None:
-    port = devcluster.free_port()
-    metrics = devcluster.free_port()
+def _start_demo(port: int, metrics: int) -> tuple[subprocess.Popen[str], str]:
+    """`strongroom demo` running, and what it printed up to its connection lines."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "demo", "--port", str(port),
          "--metrics-port", str(metrics), "--seconds", "120"],
         cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     out = ""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 90
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 90
         while "stops both" not in out:
             line = proc.stdout.readline()
             assert line or proc.poll() is None, f"demo exited early:\n{out}"
             out += line
             assert time.monotonic() < deadline, f"demo did not come up:\n{out}"
+    except BaseException:
+        proc.send_signal(signal.SIGINT)  # its own clean-up stops the cluster
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    return proc, out
+
+
+def test_demo_runs_the_example_topology() -> None:
+    port = devcluster.free_port()
+    metrics = devcluster.free_port()
+    proc, out = _start_demo(port, metrics)
+    try:
         assert f"psql -h 127.0.0.1 -p {port} -U app app" in out
         direct = re.search(r"psql -h (\S+) -p (\d+) -U postgres app", out)
         assert direct, out
@@ -104,20 +118,8 @@ def test_demo_stops_cleanly_on_sigterm() -> None:
     """`timeout`, `docker stop` and a closed terminal send SIGTERM/SIGHUP, not Ctrl-C: the
     throwaway PostgreSQL must not outlive the demo."""
     port = devcluster.free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "demo", "--port", str(port),
-         "--metrics-port", str(devcluster.free_port()), "--seconds", "120"],
-        cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    out = ""
+    proc, out = _start_demo(port, devcluster.free_port())
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 90
-        while "stops both" not in out:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, f"demo exited early:\n{out}"
-            out += line
-            assert time.monotonic() < deadline, f"demo did not come up:\n{out}"
         direct = re.search(r"psql -h (\S+) -p (\d+) -U postgres app", out)
         assert direct, out
         proc.send_signal(signal.SIGTERM)

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from proxy.encryption import Encryption
+from proxy.protocol.rows import decode_data_row
 from tests.conftest import (
     APP_DB,
     PW_PASSWORD,
@@ -203,14 +204,7 @@ def _rows(raw: RawPG, sql: str, *params: bytes) -> list[list[bytes | None]]:
     for kind, body in raw.read_until(b"Z"):
         assert kind != b"E", body
         if kind == b"D":
-            n = struct.unpack("!h", body[:2])[0]
-            pos, cells = 2, []
-            for _ in range(n):
-                (ln,) = struct.unpack("!i", body[pos:pos + 4])
-                pos += 4
-                cells.append(None if ln < 0 else body[pos:pos + ln])
-                pos += max(ln, 0)
-            out.append(cells)
+            out.append(decode_data_row(body))
     return out
 
 
