@@ -69,9 +69,7 @@ def init(
     if provider is None:
         if path_kek is None:
             raise ValueError("path_kek is required for the local provider")
-        if not Path(path_kek).exists():
-            init_kek_file(path_kek)
-        provider = LocalKekProvider(path_kek)
+        provider, _ = local_provider(path_kek)
     specs = _specs(columns)
     with _locked(path_keyring):
         if Path(path_keyring).exists():
@@ -81,6 +79,15 @@ def init(
         ring = kr.add_columns(ring, provider, specs)
         kr.save(ring, path_keyring)
     return ring.describe()
+
+
+def local_provider(path_kek: str | os.PathLike[str]) -> tuple[LocalKekProvider, bool]:
+    """The local KEK in `path_kek`, created (0600) when the file does not exist yet;
+    (provider, whether it was created)."""
+    created = not Path(path_kek).exists()
+    if created:
+        init_kek_file(path_kek)
+    return LocalKekProvider(path_kek), created
 
 
 def show(path_keyring: str | os.PathLike[str]) -> list[dict[str, Any]]:

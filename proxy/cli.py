@@ -277,7 +277,6 @@ def _rewrap(keyring: str, old: object, to: str) -> int:
     """`keys rewrap`: the keyring re-wrapped for the KEK that `to`'s keys: section names."""
     from keys import cli_ops
     from keys.keyring import KeyringError
-    from keys.providers.local import init_kek_file
 
     try:
         _, new_keyring, new_kek, new_provider = _keys_context(to)
@@ -285,13 +284,10 @@ def _rewrap(keyring: str, old: object, to: str) -> int:
         print("\n".join(exc.problems), file=sys.stderr)
         return 1
     if new_provider is None:
-        from keys.providers.local import LocalKekProvider
-
         assert new_kek is not None
-        if not Path(new_kek).exists():
-            init_kek_file(new_kek)
+        new_provider, created = cli_ops.local_provider(new_kek)
+        if created:
             print(f"created KEK file {new_kek} (mode 0600)")
-        new_provider = LocalKekProvider(new_kek)
     try:
         kek_id = cli_ops.rewrap(keyring, old, new_provider, new_keyring)  # type: ignore[arg-type]
     except KeyringError as exc:
