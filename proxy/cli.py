@@ -101,6 +101,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _passwords(args: argparse.Namespace) -> list[str]:
+    """Passwords a direct connection may have been given (--password, $PGPASSWORD, the
+    DSN's), to keep them out of printed errors."""
+    from urllib.parse import urlsplit
+
+    found = [args.password or "", os.environ.get("PGPASSWORD", "")]
+    if args.dsn:
+        try:
+            found.append(urlsplit(args.dsn).password or "")
+        except ValueError:
+            pass
+    return [p for p in found if p]
+
+
 def _check_keys(path: str, cfg: settings_mod.Settings) -> list[str]:
     """The keyring must unwrap with the configured KEK for every protected column."""
     from proxy.encryption import Encryption
@@ -135,10 +149,13 @@ def _check_live(args: argparse.Namespace, cfg: settings_mod.Settings) -> list[st
 
     try:
         _database, found = asyncio.run(run())
-    except Exception as exc:  # no traceback: the message names host/port, never a password
+    except Exception as exc:  # no traceback; any password the driver quotes is masked
         line = settings_mod.line_in_file(args.file, ["upstream"])
+        text = f"{type(exc).__name__}: {exc}"
+        for secret in _passwords(args):
+            text = text.replace(secret, "***")
         return [f"{args.file}:{line}: upstream: cannot connect to check the protected "
-                f"columns: {type(exc).__name__}: {exc}"]
+                f"columns: {text}"]
     return [f"{args.file}:{settings_mod.line_in_file(args.file, ['protect', name])}: "
             f"protect.{name}: {message}" for name, message in found]
 

@@ -74,7 +74,9 @@ class AwsKmsKekProvider(KekProvider):
             out = self._kms.encrypt(KeyId=self._arn, Plaintext=dek,
                                     EncryptionContext=_context(associated_data))
         except Exception as exc:
-            raise AwsKmsError(f"KMS Encrypt with {self._arn}: {_reason(exc)}") from None
+            raise AwsKmsError(
+                f"KMS Encrypt with {self._arn}: {_reason(exc, text=False)}"
+            ) from None
         return bytes(out["CiphertextBlob"])
 
     def _unwrap(self, blob: bytes, associated_data: bytes) -> bytes:
@@ -84,7 +86,9 @@ class AwsKmsKekProvider(KekProvider):
         except Exception as exc:
             if _code(exc) in _REFUSED:
                 raise UnwrapError(f"KMS refused: {_code(exc)}") from None
-            raise AwsKmsError(f"KMS Decrypt with {self._arn}: {_reason(exc)}") from None
+            raise AwsKmsError(
+                f"KMS Decrypt with {self._arn}: {_reason(exc, text=False)}"
+            ) from None
         return bytes(out["Plaintext"])
 
 
@@ -97,10 +101,11 @@ def _code(exc: Exception) -> str:
     return str(_error(exc).get("Code", ""))
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: Exception, text: bool = True) -> str:
     """botocore ClientError code and message (never request parameters); for anything
-    else (no credentials, endpoint unreachable) the exception's own text."""
+    else (no credentials, endpoint unreachable) the exception's own text, except around
+    Encrypt/Decrypt (`text=False`): a parameter validation error would quote the DEK."""
     err = _error(exc)
     if err:
         return f"{err.get('Code', 'error')}: {err.get('Message', '')}".rstrip(": ")
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc}" if text else type(exc).__name__

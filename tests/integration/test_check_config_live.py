@@ -106,7 +106,9 @@ def test_keys_that_do_not_unwrap_and_unreachable_database(pg: devcluster.Cluster
     cfg["keys"]["path"] = "dev.kek"
     p.config_path.write_text(yaml.safe_dump(cfg))
     port = devcluster.free_port()  # nothing listens there
-    res = check(p.config_path, "--dsn", f"postgresql://u@127.0.0.1:{port}/x?sslmode=disable")
+    res = check(p.config_path, "--dsn",
+                f"postgresql://u:Pa55-secret@127.0.0.1:{port}/x?sslmode=disable")
     assert res.returncode == 1
     line = line_of(p.config_path, "upstream")
     assert res.stdout.startswith(f"{p.config_path}:{line}: upstream: cannot connect")
+    assert "Pa55-secret" not in res.stdout + res.stderr
