@@ -54,9 +54,10 @@ _BIND = _msg(b"B", b"\0\0\0\0\0\1\0\0\0\00512345\0\0")
 _EXECUTE_SYNC = _msg(b"E", b"\0\0\0\0\0") + _msg(b"S", b"")
 SHAPES: dict[str, tuple[list[bytes], bytes]] = {
     "select1": ([QUERY], REPLY),
-    # 4,096 different literals, cycled: enough to miss the exact-text cache level.
+    # 25,000 different literals, cycled: more than the analysis cache holds (10,000), so
+    # the exact-text levels miss as under pgbench (aid is random in 1..100,000 x scale).
     "simple": ([_msg(b"Q", _PGBENCH_SQL + str(17 * i + 1).encode() + b";\0")
-                for i in range(4096)], REPLY),
+                for i in range(25_000)], REPLY),
     "extended": ([_msg(b"P", b"\0" + _PGBENCH_SQL + b"$1;\0\0\0") + _BIND
                   + _msg(b"D", b"P\0") + _EXECUTE_SYNC],
                  _msg(b"1", b"") + _msg(b"2", b"") + REPLY),

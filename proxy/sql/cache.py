@@ -8,6 +8,10 @@ without prepared statements, `pgbench -M simple`) then costs one normalise and a
 not a parse and a tree walk. Only analyses that cannot depend on a constant go to the
 second level: plain DML with no `set_config` calls. `SET`, `set_config('role', ...)`,
 PREPARE/EXECUTE and friends are cached by exact text only.
+
+A text answered by the second level is also remembered with its template key, so that the
+same text again (a health check's `SELECT 1`, an app's fixed query in the simple protocol)
+costs two lookups rather than a normalise each time.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def template_safe(analysis: Analysis) -> bool:
 class AnalysisCache:
     """``analyze`` with memory: returns the cached Analysis or re-raises the cached error."""
 
-    __slots__ = ("_data", "_memo", "_templates", "hits", "last_key", "maxsize", "misses",
+    __slots__ = ("_data", "_memo", "_seen", "_templates", "hits", "last_key", "maxsize", "misses",
                  "on_parse")
 
     def __init__(self, maxsize: int = 10_000) -> None:
@@ -44,6 +48,8 @@ class AnalysisCache:
         self.maxsize = maxsize
         self._data: OrderedDict[str, Analysis | AnalysisError] = OrderedDict()
         self._templates: OrderedDict[str, Analysis] = OrderedDict()
+        # exact text -> its template key, for texts the template level answered
+        self._seen: OrderedDict[str, str] = OrderedDict()
         self.hits = 0
         self.misses = 0
         self.last_key = ""  # the cache key of the last analysis: exact text or template
@@ -87,6 +93,13 @@ class AnalysisCache:
             self.last_key = sql
             return found  # type: ignore[return-value]
         if found is None:
+            key = self._seen.get(sql)
+            if key is not None:
+                cached = self._templates.get(key)
+                if cached is not None:
+                    self.hits += 1
+                    self.last_key = key
+                    return cached
             try:
                 template = parser.normalize(sql)
             except Exception:
@@ -97,6 +110,7 @@ class AnalysisCache:
                 if cached is not None:
                     self.hits += 1
                     self.last_key = key
+                    self._remember(sql, key)
                     return cached
             self.misses += 1
             on_parse = self.on_parse
@@ -114,6 +128,7 @@ class AnalysisCache:
                 if len(self._templates) > self.maxsize:
                     self._templates.popitem(last=False)
                 self.last_key = "\0" + template
+                self._remember(sql, self.last_key)
                 return found
             data[sql] = found
             if len(data) > self.maxsize:
@@ -125,6 +140,12 @@ class AnalysisCache:
         if isinstance(found, AnalysisError):
             raise AnalysisError(*found.args)
         return found
+
+    def _remember(self, sql: str, key: str) -> None:
+        seen = self._seen
+        seen[sql] = key
+        if len(seen) > self.maxsize:
+            seen.popitem(last=False)
 
     def peek(self, key: str) -> Analysis | AnalysisError | None:
         """The cached entry under a key `last_key` returned, without counting a lookup."""
@@ -139,3 +160,4 @@ class AnalysisCache:
         self._memo = None
         self._data.clear()
         self._templates.clear()
+        self._seen.clear()

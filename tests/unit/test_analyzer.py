@@ -292,6 +292,30 @@ def test_analysis_cache_shares_templates_of_plain_dml() -> None:
     assert r1 is not r2 and cache.last_key == "SELECT set_config('search_path', 'b', false)"
 
 
+def test_analysis_cache_remembers_texts_of_templates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same text again is answered without normalising it again, under the same key;
+    when its template is evicted, the text is analysed afresh, not answered stale."""
+    from proxy.sql import cache as cache_mod
+
+    calls: list[str] = []
+    real = cache_mod.parser.normalize
+    monkeypatch.setattr(cache_mod.parser, "normalize", lambda sql: calls.append(sql) or real(sql))
+    def text() -> str:  # a new str object each time: the one-entry memo keys on identity
+        return "".join(["SELECT ", "1"])
+
+    cache = AnalysisCache(maxsize=2)
+    first = cache.analyze(text())
+    key = cache.last_key
+    assert key.startswith("\0") and len(calls) == 1
+    assert cache.analyze(text()) is first and cache.last_key == key
+    assert len(calls) == 1 and cache.hits == 1
+    cache.analyze("SELECT a FROM t WHERE b = 2")
+    cache.analyze("SELECT c FROM u WHERE d = 3")  # evicts the template of SELECT 1
+    calls.clear()
+    again = cache.analyze(text())
+    assert again is not first and calls == ["SELECT 1"] and cache.last_key == key
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=60))
 def test_analyze_raises_only_its_own_error(sql: str) -> None:
