@@ -11,7 +11,10 @@ PREPARE/EXECUTE and friends are cached by exact text only.
 
 A text answered by the second level is also remembered with its template key, so that the
 same text again (a health check's `SELECT 1`, an app's fixed query in the simple protocol)
-costs two lookups rather than a normalise each time.
+costs two lookups rather than a normalise each time. And the last few templates keep
+the shape of the text they were built from (`proxy.sql.shapes`): a new text that differs
+from it only in integer literals, as `pgbench -M simple` sends, is answered by a string
+comparison instead of a normalise.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from pglast import parser
 
 from proxy.sql.analyzer import AnalysisError, analyze
 from proxy.sql.info import Analysis
+from proxy.sql.shapes import Shape, shape_of
 
 _TEMPLATE_KINDS = frozenset({"select", "insert", "update", "delete"})
+MAX_SHAPES = 8  # tried in order on every miss of the exact-text levels: keep it short
 
 
 def template_safe(analysis: Analysis) -> bool:
@@ -39,8 +44,8 @@ def template_safe(analysis: Analysis) -> bool:
 class AnalysisCache:
     """``analyze`` with memory: returns the cached Analysis or re-raises the cached error."""
 
-    __slots__ = ("_data", "_memo", "_seen", "_templates", "hits", "last_key", "maxsize", "misses",
-                 "on_parse")
+    __slots__ = ("_data", "_memo", "_seen", "_shapes", "_templates", "hits", "last_key",
+                 "maxsize", "misses", "on_parse")
 
     def __init__(self, maxsize: int = 10_000) -> None:
         if maxsize < 1:
@@ -50,6 +55,8 @@ class AnalysisCache:
         self._templates: OrderedDict[str, Analysis] = OrderedDict()
         # exact text -> its template key, for texts the template level answered
         self._seen: OrderedDict[str, str] = OrderedDict()
+        # (shape, template key), most recently built or matched first
+        self._shapes: list[tuple[Shape, str]] = []
         self.hits = 0
         self.misses = 0
         self.last_key = ""  # the cache key of the last analysis: exact text or template
@@ -100,6 +107,17 @@ class AnalysisCache:
                     self.hits += 1
                     self.last_key = key
                     return cached
+            for i, (shape, key) in enumerate(self._shapes):
+                if shape.matches(sql):
+                    cached = self._templates.get(key)
+                    if cached is None:
+                        del self._shapes[i]  # its template was evicted
+                        break
+                    if i:
+                        self._shapes.insert(0, self._shapes.pop(i))
+                    self.hits += 1
+                    self.last_key = key
+                    return cached
             try:
                 template = parser.normalize(sql)
             except Exception:
@@ -129,6 +147,10 @@ class AnalysisCache:
                     self._templates.popitem(last=False)
                 self.last_key = "\0" + template
                 self._remember(sql, self.last_key)
+                shape = shape_of(sql)
+                if shape is not None:
+                    self._shapes.insert(0, (shape, self.last_key))
+                    del self._shapes[MAX_SHAPES:]
                 return found
             data[sql] = found
             if len(data) > self.maxsize:
@@ -161,3 +183,4 @@ class AnalysisCache:
         self._data.clear()
         self._templates.clear()
         self._seen.clear()
+        self._shapes.clear()
