@@ -289,6 +289,29 @@ def start_strongroom(cluster: devcluster.Cluster, workdir: Path, workers: int,
     return svc
 
 
+PUMP = "Python pump (floor)"
+
+
+def start_pump(cluster: devcluster.Cluster, workdir: Path) -> Service:
+    """bench/pump.py: asyncio + uvloop forwarding bytes and nothing else. Its row is the
+    floor under any proxy on the same event loop, measured in the same minutes."""
+    port = devcluster.free_port()
+    logfile = workdir / "pump.log"
+    with open(logfile, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "pump.py"), str(port), HOST,
+             str(cluster.port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    svc = Service(PUMP, port, proc, logfile)
+    try:
+        wait_listening(proc, port, logfile, PUMP)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return svc
+
+
 # --------------------------------------------------------------------------- pgbench
 
 
@@ -524,6 +547,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-clients", type=int, default=None,
                    help="idle connections for the RSS test (default 1000; 0 = skip)")
     p.add_argument("--no-pgbouncer", action="store_true", help="skip PgBouncer")
+    p.add_argument("--no-pump", action="store_true",
+                   help="skip the Python byte pump (bench/pump.py), the floor row")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 3 s per pgbench, scale 1, 200 idle clients")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -566,6 +591,10 @@ def environment(args: argparse.Namespace) -> Iterator[tuple[devcluster.Cluster, 
             bouncer = start_pgbouncer(cluster, workdir, max(args.clients, args.idle_clients) + 20)
             stack.callback(stop_process, bouncer.proc)
             services.append(bouncer)
+        if not args.no_pump:
+            pump = start_pump(cluster, workdir)
+            stack.callback(stop_process, pump.proc)
+            services.append(pump)
         for w in args.worker_counts:
             sr = start_strongroom(cluster, workdir, w)
             stack.callback(stop_process, sr.proc)
@@ -621,7 +650,8 @@ def run(args: argparse.Namespace) -> int:
         if args.idle_clients:
             # Strongrooms first: PgBouncer keeps its server connections pooled after the
             # clients leave, which would eat into max_connections for a later test.
-            order = [s for s in services if s.proc is not None and s.name != "PgBouncer"]
+            order = [s for s in services
+                     if s.proc is not None and s.name not in ("PgBouncer", PUMP)]
             order += [s for s in services if s.name == "PgBouncer"]
             for svc in order:
                 wait_backends(cluster, args.clients + 5)
