@@ -1420,6 +1420,7 @@ class _Planner:
                     )
                 )
             feeds = [tcols.get(n) for n in order]
+            self._name_columns(b["relation"], order, pc0)
         if sel:
             self._select(sel, scope, feeds)
         oc = b.get("onConflictClause")
@@ -1435,6 +1436,29 @@ class _Planner:
                 self._free(oc.get("whereClause"), cscope, "ON CONFLICT ... WHERE")
         scope.rels = [target]
         return self._returning(b, scope, target)
+
+    def _name_columns(self, rv: Node, order: tuple[str, ...] | list[str],
+                      pc: ProtectedColumn) -> None:
+        """Write out the column list the proxy assumed (`INSERT INTO t (a, b, c) ...`,
+        `COPY t (a, b, c) ...`), right after the table name (and INSERT's alias).
+
+        Without it the server would map values by *its* column order, and the proxy
+        encrypted them by the order of its catalog snapshot. The two differ when the table
+        was changed by another process (a DBA, another worker or proxy) since the
+        snapshot: then a value meant for a protected column could be stored as sent. With
+        the list, a protected column only ever gets what the proxy sealed for it, and a
+        column dropped or renamed meanwhile makes the server refuse the statement."""
+        tok = self.tok
+        nparts = 1 + (rv.get("schemaname") is not None) + (rv.get("catalogname") is not None)
+        last = tok.ident_path_last(tok.at(rv.get("location", 0)), nparts)
+        if rv.get("alias"):  # INSERT INTO t AS x: the grammar requires the AS
+            if tok.name(last + 1) != "AS":
+                raise TokenError("expected AS before the INSERT alias")
+            last += 2
+        at = tok.ends[last]
+        self._splice(at, at, ACTION_RENAME, pc,
+                     replacement="(" + ", ".join(quote_ident(c) for c in order) + ")",
+                     prefix=" ")
 
     def _update(self, b: Node, parent: _Scope) -> _Out | None:
         scope = _Scope(parent)
@@ -1547,6 +1571,14 @@ class _Planner:
                     prefix=", ",
                 )
         assert target.table is not None
+        if attlist is None and target.cols:
+            # (the blind-index case was refused above: its index values are not in the data)
+            order = self.column_order(*target.table) if self.column_order else None
+            if order is None:
+                raise _Refuse(_msg(pc0, f"COPY of {quote_ident(pc0.table)}: its columns are "
+                                   "not known yet", "name the columns"))
+            self._name_columns(rv, order, pc0)
+            attlist = list(order)
         self.copy = CopyPlan(
             target.table,
             tuple(attlist) if attlist else None,

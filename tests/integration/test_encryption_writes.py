@@ -231,3 +231,53 @@ def test_copy_from_stdin_is_encrypted(pg, wproxy) -> None:
 
 def _ids_by_pan(conn, pan: str) -> set[int]:
     return {r[0] for r in conn.execute("SELECT id FROM w_cards WHERE pan = %s", (pan,))}
+
+
+STALE_PROTECT = {"public.s_cards.pan": {"type": "text", "mode": "randomized"}}
+
+
+def test_writes_follow_the_proxys_column_order_after_outside_ddl(pg_aux) -> None:
+    """A table changed by someone else (a DBA, another worker) after the proxy read the
+    catalog: an INSERT or COPY without a column list is sent with the column list the
+    proxy encrypted by, so the protected column never gets a value as sent. A column
+    dropped meanwhile makes the server refuse the write instead of shifting values."""
+    setup_sql(pg_aux, "CREATE TABLE s_cards (id int, name text, pan bytea, extra text); "
+                      "GRANT ALL ON s_cards TO PUBLIC")
+    p = start_encrypted(pg_aux, STALE_PROTECT)
+    secrets = ["4111000000003333", "4111000000004444", "4111000000005555",
+               "4111000000006666"]
+    try:
+        with psycopg.connect(p.conninfo(), autocommit=True) as c:
+            c.execute("INSERT INTO s_cards VALUES (1, 'ann', '4111000000001111', 'x')")
+            with direct(pg_aux) as d:  # recreated outside the proxy, other column order
+                d.execute("ALTER TABLE s_cards RENAME TO s_old; "
+                          "CREATE TABLE s_cards (id int, pan bytea, name text, extra text); "
+                          "GRANT ALL ON s_cards TO PUBLIC; "
+                          "INSERT INTO s_cards SELECT id, pan, name, extra FROM s_old")
+                d.commit()
+            # written for the new order: without the list, the server would put the
+            # literal it was sent as is into pan (the proxy sealed 'bob' instead)
+            c.execute(f"INSERT INTO s_cards VALUES (3, '{secrets[0]}', 'bob', 'y')")
+            with c.cursor().copy("COPY s_cards FROM STDIN") as cp:
+                cp.write_row((4, "carl", secrets[1], "z"))
+            with direct(pg_aux) as d:  # then a column before pan dropped, outside again
+                d.execute("ALTER TABLE s_cards DROP COLUMN name")
+                d.commit()
+            with pytest.raises(psycopg.errors.UndefinedColumn):
+                c.execute("INSERT INTO s_cards VALUES (5, %s, 'w')", (secrets[2],))
+            with pytest.raises(psycopg.errors.UndefinedColumn), \
+                    c.cursor().copy("COPY s_cards FROM STDIN") as cp:
+                cp.write_row((6, secrets[3], "v"))
+        with direct(pg_aux) as d:
+            stored = d.execute("SELECT id, pan FROM s_cards ORDER BY id").fetchall()
+        # Only what the proxy sealed is in pan: every stored pan is an envelope.
+        assert [i for i, _ in stored] == [1, 3, 4]
+        assert all(bytes(v).startswith(b"\x01") and len(bytes(v)) > 28 for _, v in stored)
+        assert leaks([bytes(v) for _, v in stored], secrets) == []
+        with psycopg.connect(p.conninfo(), autocommit=True) as c:  # a new session reloads
+            c.execute("INSERT INTO s_cards VALUES (7, %s, 'u')", (secrets[2],))
+            assert c.execute("SELECT pan FROM s_cards WHERE id IN (1, 7) ORDER BY id"
+                             ).fetchall() == [("4111000000001111",), (secrets[2],)]
+    finally:
+        p.stop()
+        setup_sql(pg_aux, "DROP TABLE IF EXISTS s_cards, s_old")

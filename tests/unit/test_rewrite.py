@@ -684,7 +684,17 @@ def test_insert_without_columns_uses_catalog_order() -> None:
     order = {("public", "accounts"): ("id", "iban", "balance")}
     sql = "INSERT INTO accounts VALUES (1, 'A', 2)"
     p = plan(sql, column_order=lambda s, t: order.get((s, t)))
-    assert render(sql, p) == "INSERT INTO accounts VALUES (1, E[A], E[2])"
+    # The order the proxy assumed is written out: a table changed since the catalog
+    # snapshot then gets each sealed value in the column it was sealed for (or an error).
+    assert render(sql, p) == "INSERT INTO accounts (id, iban, balance) VALUES (1, E[A], E[2])"
+    sql = "INSERT INTO public.accounts AS a SELECT 1, 'A', 2 ON CONFLICT DO NOTHING"
+    p = plan(sql, column_order=lambda s, t: order.get((s, t)))
+    assert render(sql, p) == ("INSERT INTO public.accounts AS a (id, iban, balance) "
+                              "SELECT 1, E[A], E[2] ON CONFLICT DO NOTHING")
+    sql = 'INSERT INTO "accounts" VALUES (1, \'A\', 2), (2, \'B\', 3)'
+    p = plan(sql, column_order=lambda s, t: order.get((s, t)))
+    assert render(sql, p) == ('INSERT INTO "accounts" (id, iban, balance) '
+                              "VALUES (1, E[A], E[2]), (2, E[B], E[3])")
     # a blind-indexed table needs the list (the sibling column must be added)
     p = plan("INSERT INTO cards VALUES (1, '4111')", column_order=lambda s, t: ("id", "pan"))
     assert p.refusal is not None and "name the columns" in p.refusal
@@ -824,12 +834,20 @@ def test_copy_plans() -> None:
     )
     assert p.copy.options["delimiter"] == ";" and p.copy.options["null"] == ""
     assert p.copy.options["header"] == "true"
-    p = plan("COPY accounts TO STDOUT (FORMAT binary)")
-    assert p.copy is not None and (p.copy.columns, p.copy.direction, p.copy.format) == (
-        None,
-        "out",
-        "binary",
-    )
+    order = {("public", "accounts"): ("id", "iban", "balance")}
+    for sql, rendered, direction in (
+        ("COPY accounts TO STDOUT (FORMAT binary)",
+         "COPY accounts (id, iban, balance) TO STDOUT (FORMAT binary)", "out"),
+        ("COPY public.accounts FROM STDIN (FORMAT binary)",
+         "COPY public.accounts (id, iban, balance) FROM STDIN (FORMAT binary)", "in"),
+    ):
+        p = plan(sql, column_order=lambda s, t: order.get((s, t)))
+        assert render(sql, p) == rendered
+        assert p.copy is not None and (p.copy.columns, p.copy.direction, p.copy.format) == (
+            ("id", "iban", "balance"), direction, "binary")
+        # columns not known (no catalog yet): refused rather than guessed
+        p = plan(sql)
+        assert p.copy is None and p.refusal is not None and "name the columns" in p.refusal
     sql = "COPY public.cards (id, pan) FROM STDIN"
     p = plan(sql)
     assert render(sql, p) == "COPY public.cards (id, pan, pan_bidx) FROM STDIN"
