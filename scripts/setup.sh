@@ -12,6 +12,8 @@ if [ "${STRONGROOM_WITH_TEST_TOOLS:-0}" = 1 ]; then
   command -v pgbouncer >/dev/null || need_apt+=(pgbouncer)
   command -v promtool >/dev/null || need_apt+=(prometheus)
   command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
+  command -v javac >/dev/null || need_apt+=(default-jdk-headless)  # pgjdbc test (source launcher)
+  [ -f /usr/share/java/postgresql.jar ] || need_apt+=(libpostgresql-jdbc-java)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
