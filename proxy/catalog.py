@@ -17,6 +17,7 @@ treats a view it cannot map as untraceable (its protected output is refused).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 
@@ -128,17 +129,31 @@ def build_snapshot(rows: list[list[bytes | None]],
     return Snapshot(tables, by_oid, search_path)
 
 
-class DatabaseCatalog:
-    """The current Snapshot for one database, and whether it must be reloaded."""
+MAX_AGE = 30.0
+"""Seconds after which a statement on a protected table asks for a reload. DDL sent
+through this process reloads at once; DDL done elsewhere (directly, another worker or
+proxy) is seen by the next reload, so this bounds how long it can go unseen."""
 
-    __slots__ = ("loading", "snapshot", "stale")
+
+class DatabaseCatalog:
+    """The current Snapshot for one database, and when it was loaded or last asked for."""
+
+    __slots__ = ("asked_at", "loaded_at", "snapshot")
 
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
-        self.stale = True
-        self.loading = False
+        self.loaded_at = self.asked_at = 0.0
 
     def update(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
-        self.stale = False
-        self.loading = False
+        self.loaded_at = time.monotonic()
+
+    def due(self, max_age: float = MAX_AGE) -> bool:
+        """Whether the snapshot is old enough to reload. True once per `max_age`, not
+        for every session at once: the first one asks, the others use the answer (if
+        that session goes away unanswered, another asks after `max_age`)."""
+        now = time.monotonic()
+        if now - self.loaded_at < max_age or now - self.asked_at < max_age:
+            return False
+        self.asked_at = now
+        return True

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.catalog import MAX_AGE as CATALOG_MAX_AGE
 from proxy.catalog import DatabaseCatalog, Snapshot, build_snapshot, catalog_query
 from proxy.crypto.blind_index import BlindIndex
 from proxy.crypto.envelope import ColumnCipher, DecryptError
@@ -514,6 +515,8 @@ class SessionProtector:
         for schema, table in getattr(rplan, "tables_referenced", ()):
             if snap is None or snap.table(schema, table) is None:
                 self.wants_refresh = True
+        if self.catalog.due(self.enc.catalog_max_age):  # DDL done elsewhere shows up
+            self.wants_refresh = True
         try:
             text = self._apply_splices(raw, rplan)
         except ValueError_ as exc:
@@ -641,6 +644,7 @@ class Encryption:
     def _load(self, protect: dict[str, Any], keys_cfg: dict[str, Any], base: str,
               gate: Any, kr: Any) -> None:
         self.gate = gate
+        self.catalog_max_age = CATALOG_MAX_AGE  # `catalog_max_age`, set by the gate
         self.specs: dict[tuple[str, str, str], ProtectedColumn] = {}
         self.options: dict[tuple[str, str, str], dict[str, Any]] = {}
         for name, spec in protect.items():

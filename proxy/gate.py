@@ -219,6 +219,8 @@ class Gate:
             base = os.path.dirname(os.path.abspath(settings.source)) \
                 if not settings.source.startswith("<") else os.getcwd()
             self.encryption = Encryption(raw["protect"], raw.get("keys") or {}, base, self)
+            if "catalog_max_age" in raw:
+                self.encryption.catalog_max_age = float(raw["catalog_max_age"])
         else:
             self.encryption = None
 
