@@ -23,7 +23,7 @@ from proxy.catalog import DatabaseCatalog, Snapshot, build_snapshot, catalog_que
 from proxy.crypto.blind_index import BlindIndex
 from proxy.crypto.envelope import ColumnCipher, DecryptError
 from proxy.crypto.masking import MaskConfigError, make_masker
-from proxy.protocol.rows import bytea_from_text, bytea_to_text
+from proxy.protocol.rows import NULL_CELL, bytea_from_text, bytea_to_text, cell_length
 from proxy.settings import ConfigError
 from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
@@ -108,7 +108,8 @@ class ColumnRuntime:
             return value
 
         # Marks a revealer whose result depends on the cell's bytes alone, and names its
-        # slot: a caller may cache whole rows under the slots of their revealers.
+        # slot: the DataRow path (tracking.RowRevealer) looks a cell up there itself,
+        # without a call, and calls the revealer only on a miss.
         cached_reveal.slot = cache  # type: ignore[attr-defined]
         return cached_reveal
 
@@ -196,13 +197,15 @@ class RoleColumn:
             return masked.encode()
         return codec.to_binary(canonical) if fmt == 1 else codec.to_text(canonical, self._tz())
 
-    def cell_revealer(self, fmt: int) -> Callable[[bytes], bytes | None]:
+    def cell_revealer(self, fmt: int) -> Callable[[bytes], bytes]:
         """`reveal` for one result column, specialised once per result set: takes the
-        cell as the server sent it (the bytea envelope in `fmt`), returns what the client
-        gets. It neither counts (the caller counts revealed cells per row batch and adds
-        them to `n_decrypt`) nor maps errors: on any exception the caller redoes the row
-        with `reveal`, which counts and reports exactly as it always does. Whenever this
-        returns, it returns what `reveal` would.
+        cell as the server sent it (the bytea envelope in `fmt`), returns the cell the
+        client gets, ready for the DataRow: its length word and bytes, or the NULL word
+        for a value masked to NULL (so a cached cell is copied into the row as it is,
+        with no length to compute). It neither counts (the caller counts revealed cells
+        per row batch and adds them to `n_decrypt`) nor maps errors: on any exception
+        the caller redoes the row with `reveal`, which counts and reports exactly as it
+        always does. Whenever this returns, it returns what `reveal` would, as a cell.
 
         Repeated cells are answered from the column's decrypt cache
         (`ColumnRuntime.cached`), in a slot per (view, mask, format): masked and
@@ -220,27 +223,43 @@ class RoleColumn:
                     return decrypt(a2b_hex(cell[2:]))  # stricter than fromhex: else below
                 return decrypt(bytea_from_text(cell))
         masked = self.view == "masked"
-        if getattr(codec, "tz_dependent", False) and (masked or fmt == 0):
+        per_cell = getattr(codec, "tz_dependent", False) and (masked or fmt == 0)
+        if per_cell:
             opened = rt.cached(("canonical", fmt), opened)
-            cache = False
-        else:
-            cache = True
-        convert: Reveal
+        length = cell_length
+        # One function per case, each returning the cell itself: one Python call per
+        # cell above the decryption (a cache miss, or every cell with the cache off).
+        convert: Callable[[bytes], bytes]
         if masked:
             to_view = self._convert
-            convert = lambda cell: to_view(opened(cell), fmt)  # noqa: E731
-        elif fmt == 1:
-            if getattr(codec, "binary_is_canonical", False):
-                convert = opened
-            else:
-                to_binary = codec.to_binary
-                convert = lambda cell: to_binary(opened(cell))  # noqa: E731
-        elif getattr(codec, "text_is_canonical", False):
-            convert = opened
-        else:
+
+            def convert(cell: bytes) -> bytes:
+                value = to_view(opened(cell), fmt)
+                return NULL_CELL if value is None else length(len(value)) + value
+        elif fmt == 1 and not getattr(codec, "binary_is_canonical", False):
+            to_binary = codec.to_binary
+
+            def convert(cell: bytes) -> bytes:
+                value = to_binary(opened(cell))
+                return length(len(value)) + value
+        elif fmt == 0 and not getattr(codec, "text_is_canonical", False):
             to_text, tz = codec.to_text, self._tz
-            convert = lambda cell: to_text(opened(cell), tz())  # noqa: E731
-        if not cache:
+
+            def convert(cell: bytes) -> bytes:
+                value = to_text(opened(cell), tz())
+                return length(len(value)) + value
+        elif fmt == 0 and not per_cell:  # the canonical text itself; `opened`, inline
+
+            def convert(cell: bytes) -> bytes:
+                value = decrypt(a2b_hex(cell[2:]) if cell[:2] == b"\\x"
+                                else bytea_from_text(cell))
+                return length(len(value)) + value
+        else:  # the canonical form itself
+
+            def convert(cell: bytes) -> bytes:
+                value = opened(cell)
+                return length(len(value)) + value
+        if per_cell:
             return convert
         return rt.cached((self.view, self._mask if masked else None, fmt), convert)
 

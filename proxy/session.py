@@ -610,29 +610,61 @@ class Session(asyncio.Protocol):
             out.append(msg if replacement is None else replacement)
         self.upstream.transport.write(b"".join(out))  # type: ignore[union-attr]
 
-    def _server_tracking(self, buf: bytes, frames: list) -> None:
+    def _server_tracking(self, data: bytes) -> None:
+        """Tracking mode: every server message goes through the tracker, except the
+        DataRows of a result set with nothing protected (forwarded within the run).
+
+        The header walk is inline, as in `server_data` (the Framer only keeps the
+        incomplete tail between reads), and a run of DataRows of a protected result set
+        goes to the tracker in one call (`Tracker.reveal_rows`), which walks those rows
+        itself: per-row dispatch was most of the cost of a cached read. A row it leaves
+        (not for the fast path) goes alone through `data_row`, then the walk goes on."""
+        framer = self._sframer
+        if framer._tail:
+            joined = framer.join(data)  # raises once an invalid length was seen
+            if joined is None:
+                return
+            data = joined
         tracker = self.tracker
         assert tracker is not None
-        out: list[bytes] = []
-        data_row = tracker.data_row
-        run = frames[0][1]  # buf[run:start]: messages forwarded as they are, not yet copied
-        for kind, start, stop in frames:
+        out: list[bytes | bytearray] = []
+        reveal_rows = tracker.reveal_rows
+        end = len(data)
+        pos = run = 0  # data[run:pos]: messages forwarded as they are, not yet copied
+        while end - pos >= 5:
+            kind, n = unpack_head(data, pos)
+            if n < 4 or n > _SERVER_MAX:
+                if not pos:
+                    raise ProtocolViolation(f"invalid message length {n}")
+                framer.fail(data, pos, f"invalid message length {n}")
+                break
+            stop = pos + 1 + n
+            if stop > end:
+                framer.hold(data, pos, stop - pos)
+                break
             if kind == _D:
                 if tracker.data_plan is None and not tracker.consume_to_ready:
+                    pos = stop
                     continue  # nothing to reveal: forwarded untouched, within the run
-                replacement = data_row(buf, start, stop)
+                if run < pos:
+                    out.append(data[run:pos])
+                    run = pos
+                upto = reveal_rows(data, pos, end, out)
+                if upto != pos:
+                    pos = run = upto
+                    continue
+                replacement = tracker.data_row(data, pos, stop)
                 if replacement is not None:
-                    if run < start:
-                        out.append(buf[run:start])
                     if replacement:
                         out.append(replacement)
                     run = stop
+                pos = stop
                 continue
-            msg = buf[start:stop]
+            msg = data[pos:stop]
             replacement = tracker.server(kind, msg)
             if replacement is not None:
-                if run < start:
-                    out.append(buf[run:start])
+                if run < pos:
+                    out.append(data[run:pos])
                 if replacement:
                     out.append(replacement)
                 run = stop
@@ -652,9 +684,12 @@ class Session(asyncio.Protocol):
             elif kind == _PS:
                 name, value = m.parameter_status(msg[5:])
                 self.server_params[name] = value
-        end = frames[-1][2]
-        if run < end:
-            out.append(buf[run:end])
+            pos = stop
+        else:
+            if pos < end:
+                framer.hold(data, pos, 5)
+        if run < pos:
+            out.append(data[run:pos])
         if out:
             self.transport.write(b"".join(out))  # type: ignore[union-attr]
         if tracker.to_server:  # the tracker's own request (e.g. aborting a transaction)
@@ -729,9 +764,7 @@ class Session(asyncio.Protocol):
     def _server_other(self, data: bytes) -> None:
         state = self.state
         if state is _READY:  # tracking mode
-            buf, frames = self._sframer.feed(data)
-            if frames:
-                self._server_tracking(buf, frames)
+            self._server_tracking(data)
         elif state is _AUTH:
             self._server_auth(data)
             # Messages after ReadyForQuery in the same chunk were handled by _server_auth.

@@ -71,6 +71,12 @@ def decode_data_row(body: bytes | memoryview) -> list[bytes | None]:
     return values
 
 
+NULL_CELL = _I.pack(-1)
+"""A NULL DataRow cell: its length word alone."""
+cell_length = _I.pack
+"""`cell_length(n)`: the length word of an n-byte DataRow cell."""
+
+
 def encode_data_row(values: list[bytes | None]) -> bytes:
     parts = [_H.pack(len(values))]
     for v in values:

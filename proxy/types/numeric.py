@@ -108,22 +108,26 @@ def _split(canonical: bytes) -> tuple[bool, str, str]:
     return neg, int_digits, frac_digits
 
 
-_FAST_DIGITS = 64  # up to this many digits, one int() and divmod; longer: digit strings
+_FAST_DIGITS = 64  # up to this many digits, one int(); longer: digit strings
 # numeric_send of n base-10000 digits: header + digits, one Struct per n
 _SEND = [struct.Struct(f"!hhHH{n}H").pack for n in range(_FAST_DIGITS // DEC_DIGITS + 2)]
+_FILL = (b"", b"000", b"00", b"0")  # zeros completing the last group after the point
 
 
 def to_binary(canonical: bytes) -> bytes:
     """numeric_send of a canonical value: base-10000 digits, stripped of zero groups.
 
     The common case (plain digits, at most `_FAST_DIGITS` of them) reads the digits as
-    one Python int and splits it with divmod; anything else (specials, long or malformed
-    values) takes the digit-string path, which gives the same bytes for the common case."""
-    neg = canonical[:1] == b"-"
-    int_digits, _, frac_digits = (canonical[1:] if neg else canonical).partition(b".")
+    one Python int and splits it with `%` and `//` (operators, not calls: this runs for
+    every numeric cell a binary-format result reveals); anything else (specials, long or
+    malformed values) takes the digit-string path, which gives the same bytes for the
+    common case."""
+    int_digits, _, frac_digits = canonical.partition(b".")
+    neg = int_digits[:1] == b"-"
+    if neg:
+        int_digits = int_digits[1:]
     dscale = len(frac_digits)
-    nfrac = (dscale + 3) >> 2  # base-10000 groups after the point
-    digits = int_digits.lstrip(b"0") + frac_digits + b"0" * ((nfrac << 2) - dscale)
+    digits = int_digits.lstrip(b"0") + frac_digits + _FILL[dscale & 3]
     # (no digits left: int_digits was all zeros, or empty, which the slow path handles)
     if len(digits) > _FAST_DIGITS or not (digits.isdigit() or
                                           (not digits and int_digits.isdigit())):
@@ -131,19 +135,17 @@ def to_binary(canonical: bytes) -> bytes:
     n = int(digits) if digits else 0
     if not n:
         return _SEND[0](0, 0, NUMERIC_POS, dscale)
-    groups: list[int] = []
-    append = groups.append
-    while n:
-        n, g = divmod(n, NBASE)
-        append(g)
     low = 0  # zero groups at the end of the number are not sent
-    while not groups[low]:
+    while not n % NBASE:
+        n //= NBASE
         low += 1
-    if low:
-        del groups[:low]
+    groups: list[int] = []
+    while n:
+        groups.append(n % NBASE)
+        n //= NBASE
     groups.reverse()
     ndigits = len(groups)
-    return _SEND[ndigits](ndigits, ndigits + low - nfrac - 1,
+    return _SEND[ndigits](ndigits, ndigits + low - ((dscale + 3) >> 2) - 1,
                           NUMERIC_NEG if neg else NUMERIC_POS, dscale, *groups)
 
 

@@ -78,6 +78,12 @@ def cell(envelope: bytes, fmt: int) -> bytes:
     return envelope if fmt == 1 else b"\\x" + envelope.hex().encode()
 
 
+def sent(value: bytes | None) -> bytes:
+    """The DataRow cell the client gets for a value (what a cell revealer returns):
+    length word and bytes, or the NULL word."""
+    return b"\xff\xff\xff\xff" if value is None else len(value).to_bytes(4, "big") + value
+
+
 def seal(rt: ColumnRuntime, text: bytes, tz: datetime.tzinfo = UTC) -> bytes:
     return rt.cipher.encrypt(rt.codec.from_text(text, tz))
 
@@ -111,7 +117,7 @@ def test_hit_is_what_reveal_returns_without_opening_again(logical: str, text: by
     # and a closure made later (another result set, another session) shares the entry
     assert role(rt).cell_revealer(fmt)(cell(env, fmt)) is first
     assert opened(rt) == 1
-    assert first == rc.reveal(env, fmt)
+    assert first == sent(rc.reveal(env, fmt))
 
 
 @pytest.mark.parametrize("fmt", [0, 1])
@@ -120,9 +126,9 @@ def test_tampered_or_foreign_envelope_fails_after_a_valid_one_was_cached(fmt: in
     rc, rc_other = role(rt), role(other)
     env = seal(rt, b"4111111111111111")
     fn = rc.cell_revealer(fmt)
-    assert fn(cell(env, fmt)) == b"4111111111111111"
+    assert fn(cell(env, fmt)) == sent(b"4111111111111111")
     foreign = seal(other, b"123")
-    assert rc_other.cell_revealer(fmt)(cell(foreign, fmt)) == b"123"  # cached over there
+    assert rc_other.cell_revealer(fmt)(cell(foreign, fmt)) == sent(b"123")  # cached over there
     flipped_body = env[:25] + bytes([env[25] ^ 1]) + env[26:]
     flipped_key_id = env[:5] + bytes([env[5] ^ 1]) + env[6:]
     for bad in (flipped_body, flipped_key_id, env[:-1], env + b"\0", foreign):
@@ -132,24 +138,36 @@ def test_tampered_or_foreign_envelope_fails_after_a_valid_one_was_cached(fmt: in
                 fn(cell(bad, fmt))
         assert len(rt.caches[("plaintext", None, fmt)]) == before
         expect_xx001(rc, bad, fmt)
-    assert fn(cell(env, fmt)) == b"4111111111111111"  # the good one still answers
+    assert fn(cell(env, fmt)) == sent(b"4111111111111111")  # the good one still answers
 
 
 @pytest.mark.parametrize("fmt", [0, 1])
-def test_row_revealer_raises_on_a_bad_cell_among_cached_ones(fmt: int) -> None:
-    """The DataRow fast path raises (the tracker then redoes the row with `reveal`,
-    which reports XX001) for a bad cell, even when the row's other cells are hits."""
+def test_row_revealer_stops_at_a_bad_cell_among_cached_ones(fmt: int) -> None:
+    """The DataRow fast path answers hits from the slot without opening anything, and
+    stops before a row with a bad cell, even when the row's other cells are hits (the
+    tracker then redoes the row with `reveal`, which reports XX001)."""
     rt = runtime("text", "pan")
     rc = role(rt)
     good = seal(rt, b"4111111111111111")
     bad = good[:-1] + bytes([good[-1] ^ 1])
     rev = RowRevealer(RowPlan([(1, rc, fmt), (2, rc, fmt)]))
     row = rows.encode_data_row([b"1", cell(good, fmt), cell(good, fmt)])
-    out = rev.apply(row)
-    assert out == rows.encode_data_row([b"1", b"4111111111111111", b"4111111111111111"])
-    assert rev.apply(row) == out
+    want = rows.encode_data_row([b"1", b"4111111111111111", b"4111111111111111"])
+    out = bytearray()
+    assert rev.reveal(row, 0, len(row), out) == len(row)
+    assert out == want
+    assert opened(rt) == 1
+    out.clear()
+    assert rev.reveal(row * 3, 0, 3 * len(row), out) == 3 * len(row)
+    assert out == want * 3
+    assert opened(rt) == 1  # all hits
+    bad_row = rows.encode_data_row([b"1", cell(good, fmt), cell(bad, fmt)])
+    out.clear()
+    assert rev.reveal(row + bad_row + row, 0, 2 * len(row) + len(bad_row), out) == len(row)
+    assert out == want  # nothing of the bad row
+    assert rev.rows == 5
     with pytest.raises(DecryptError):
-        rev.apply(rows.encode_data_row([b"1", cell(good, fmt), cell(bad, fmt)]))
+        rc.cell_revealer(fmt)(cell(bad, fmt))
 
 
 @pytest.mark.parametrize("fmt", [0, 1])
@@ -162,12 +180,12 @@ def test_masked_and_plaintext_roles_never_share_entries(fmt: int) -> None:
         got = {id(rc): rc.cell_revealer(fmt)(cell(env, fmt)) for rc in order}
         got2 = {id(rc): rc.cell_revealer(fmt)(cell(env, fmt)) for rc in order}
         assert got == got2
-        assert got[id(plain)] == b"4111111111111111"
-        assert got[id(masked)] == b"************1111"
-        assert got[id(masked)] == masked.reveal(env, fmt)
+        assert got[id(plain)] == sent(b"4111111111111111")
+        assert got[id(masked)] == sent(b"************1111")
+        assert got[id(masked)] == sent(masked.reveal(env, fmt))
     # two masks of one column (two configurations in one test) keep apart too
     first4 = role(rt, "masked", {"keep_prefix": 4, "keep_suffix": 0, "char": "#"})
-    assert first4.cell_revealer(fmt)(cell(env, fmt)) == b"4111############"
+    assert first4.cell_revealer(fmt)(cell(env, fmt)) == sent(b"4111############")
 
 
 def test_masked_null_is_cached_as_null() -> None:
@@ -175,7 +193,7 @@ def test_masked_null_is_cached_as_null() -> None:
     rc = role(rt, "masked", "null")
     env = seal(rt, b"10.50")
     fn = rc.cell_revealer(1)
-    assert fn(env) is None and fn(env) is None
+    assert fn(env) == sent(None) and fn(env) == sent(None)
     assert opened(rt) == 1
 
 
@@ -188,7 +206,7 @@ def test_timestamptz_text_follows_the_session_timezone(view: str, mask: Any) -> 
     want = {}
     for z in (UTC, PLUS5):
         zone[0] = z
-        want[z] = rc.reveal(env, 0)
+        want[z] = sent(rc.reveal(env, 0))
     rt.cipher.opened = 0  # type: ignore[attr-defined]
     fn = rc.cell_revealer(0)
     zone[0] = UTC
@@ -196,13 +214,13 @@ def test_timestamptz_text_follows_the_session_timezone(view: str, mask: Any) -> 
     zone[0] = PLUS5  # SET TimeZone: the same closure (a prepared statement's) reads on
     assert fn(cell(env, 0)) == want[PLUS5]
     if view == "plaintext":
-        assert (want[UTC], want[PLUS5]) == (b"2024-02-29 12:34:56.789+00",
-                                            b"2024-02-29 17:34:56.789+05")
+        assert (want[UTC], want[PLUS5]) == (sent(b"2024-02-29 12:34:56.789+00"),
+                                            sent(b"2024-02-29 17:34:56.789+05"))
     zone[0] = UTC
     assert fn(cell(env, 0)) == want[UTC]
     assert opened(rt) == 1  # still one decryption: the slot holds the instant, not text
     # binary output does not depend on the TimeZone: a plain cached slot
-    assert rc.cell_revealer(1)(env) == rc.reveal(env, 1)
+    assert rc.cell_revealer(1)(env) == sent(rc.reveal(env, 1))
 
 
 def test_bounded_fifo_and_long_cells_not_kept() -> None:
@@ -211,7 +229,7 @@ def test_bounded_fifo_and_long_cells_not_kept() -> None:
     fn = rc.cell_revealer(1)
     envs = [seal(rt, b"value %d" % i) for i in range(100)]
     for i, env in enumerate(envs):
-        assert fn(env) == b"value %d" % i
+        assert fn(env) == sent(b"value %d" % i)
         assert len(rt.caches[("plaintext", None, 1)]) <= 8
     assert list(rt.caches[("plaintext", None, 1)]) == envs[-8:]  # first in, first out
     n = opened(rt)
@@ -221,7 +239,7 @@ def test_bounded_fifo_and_long_cells_not_kept() -> None:
     fn(envs[0])  # evicted: opened again
     assert opened(rt) == n + 1
     big = seal(rt, b"x" * DECRYPT_CACHE_MAX_CELL)
-    assert fn(big) == b"x" * DECRYPT_CACHE_MAX_CELL
+    assert fn(big) == sent(b"x" * DECRYPT_CACHE_MAX_CELL)
     assert big not in rt.caches[("plaintext", None, 1)]
     fn(big)
     assert opened(rt) == n + 3  # opened every time
@@ -233,7 +251,7 @@ def test_size_zero_disables_the_cache() -> None:
     env = seal(rt, b"1.5")
     for fmt in (0, 1):
         fn = rc.cell_revealer(fmt)
-        assert fn(cell(env, fmt)) == fn(cell(env, fmt)) == rc.reveal(env, fmt)
+        assert fn(cell(env, fmt)) == fn(cell(env, fmt)) == sent(rc.reveal(env, fmt))
     assert opened(rt) == 6
     assert rt.caches == {}
 
@@ -243,10 +261,10 @@ def test_memoryview_cells_are_stored_as_bytes() -> None:
     env = seal(rt, b"secret")
     buf = b"head" + env + b"tail"
     fn = role(rt).cell_revealer(1)
-    assert fn(memoryview(buf)[4:-4]) == b"secret"
+    assert fn(memoryview(buf)[4:-4]) == sent(b"secret")
     (key,) = rt.caches[("plaintext", None, 1)]
     assert type(key) is bytes and key == env  # not a view pinning the whole buffer
-    assert fn(env) == b"secret" and opened(rt) == 1
+    assert fn(env) == sent(b"secret") and opened(rt) == 1
 
 
 # ----------------------------------------------------------------- configuration
@@ -292,7 +310,7 @@ def test_a_new_keyring_load_starts_empty_and_a_retired_key_stops_at_once(
     rt = enc.columns[("public", "t", "pan")]
     env = rt.cipher.encrypt(b"4111111111111111")
     rc = RoleColumn(rt, "plaintext", None, tz=lambda: UTC)
-    assert rc.cell_revealer(1)(env) == b"4111111111111111"
+    assert rc.cell_revealer(1)(env) == sent(b"4111111111111111")
     ring = tmp_path / "keyring.json"
     old = next(k["id"] for k in cli_ops.show(ring)
                if k["column"] == "public.t.pan" and k["purpose"] == "encrypt")
@@ -315,7 +333,7 @@ def test_no_plaintext_in_reprs() -> None:
     rc = role(rt)
     env = seal(rt, b"4111111111111111")
     fn = rc.cell_revealer(0)
-    assert fn(cell(env, 0)) == b"4111111111111111"
+    assert fn(cell(env, 0)) == sent(b"4111111111111111")
     for obj in (rt, rc, fn, rt.cipher.cipher):
         assert "4111111111111111" not in repr(obj)
         assert b"4111111111111111".hex() not in repr(obj)
