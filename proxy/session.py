@@ -138,6 +138,14 @@ class Upstream(asyncio.Protocol):
         return self._ssl_answer
 
 
+def _fatal(buf: bytes, start: int, stop: int) -> bool:
+    """Whether the ErrorResponse at buf[start:stop] ends the server's session: its
+    non-localised severity field (V, always after S) is FATAL or PANIC, in any
+    lc_messages. A field value cannot hold a NUL, so the match is exact."""
+    return (buf.find(b"\0VFATAL\0", start + 5, stop) >= 0
+            or buf.find(b"\0VPANIC\0", start + 5, stop) >= 0)
+
+
 class Session(asyncio.Protocol):
     """A client connection: startup, auth relay, then the message relay."""
 
@@ -679,6 +687,8 @@ class Session(asyncio.Protocol):
                     self.gate.ready(self, self.txn_status)
             elif kind == _E:
                 self._count_error(msg, 0, len(msg))
+                if _fatal(msg, 0, len(msg)) and (replacement is None or replacement == msg):
+                    self.server_fatal = True  # passed on: no proxy-made FATAL after it
                 if self.watch_ready:  # the failed transaction takes its SETs with it
                     self.gate.server_error(self)
             elif kind == _PS:
@@ -746,7 +756,7 @@ class Session(asyncio.Protocol):
                         self.server_params[name] = value
                     else:  # ErrorResponse
                         self._count_error(data, pos, stop)
-                        if data[pos + 5 : pos + 13] == b"SFATAL\0V":
+                        if _fatal(data, pos, stop):
                             self.server_fatal = True
                         if self.watch_ready:  # the failed transaction takes its SETs too
                             self.gate.server_error(self)

@@ -274,3 +274,25 @@ def test_unsupported_comparisons_name_the_column(rproxy, sql, column, words) -> 
         assert info.value.diag.sqlstate == "0A000"
         assert column in msg and words in msg and "possible:" in msg, msg
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_server_fatal_reaches_the_client_once_in_tracking_mode(pg_aux) -> None:
+    """With `protect:` the proxy follows every reply (tracking mode); a FATAL from the
+    server (here pg_terminate_backend) must reach the client as PostgreSQL sent it, and
+    alone: no proxy-made FATAL after it, as in plain relay mode."""
+    from tests.conftest import APP_DB, PW_PASSWORD, PW_USER, RawPG, query_msg
+
+    setup_sql(pg_aux, "CREATE TABLE f_cards (id int, pan bytea); GRANT ALL ON f_cards TO PUBLIC")
+    p = start_encrypted(pg_aux, {"public.f_cards.pan": {"type": "text"}})
+    try:
+        with RawPG(p.port) as raw:
+            raw.login(PW_USER, PW_PASSWORD, database=APP_DB)
+            raw.send(query_msg("SELECT pg_backend_pid()"))
+            pid = int(next(b for k, b in raw.read_until(b"Z") if k == b"D")[6:])
+            assert pg_aux.psql(f"SELECT pg_terminate_backend({pid})").strip() == "t"
+            errors = [b for k, b in raw.read_to_close() if k == b"E"]
+        assert len(errors) == 1, errors
+        assert b"SFATAL\0" in errors[0] and b"C57P01\0" in errors[0]
+    finally:
+        p.stop()
+        setup_sql(pg_aux, "DROP TABLE f_cards")
