@@ -1,7 +1,8 @@
 """Micro benchmark of the session relay per transaction, in process (prints numbers only).
 
-    .venv/bin/python bench/session_hotpath.py [--n 200000] [--baseline REV]
+    .venv/bin/python bench/session_hotpath.py [--n 200000] [--baseline REV] [--tracking]
                                               [--shapes select1,simple,extended,prepared]
+                                              [--root DIR]
 
 One "transaction" is one client read in and one server read out, through
 `Session.data_received` / `Session.server_data` with in-memory transports and the real
@@ -13,6 +14,16 @@ Gate and Metrics, in the shape of a `pgbench -S` transaction per protocol mode:
   level hits after a `pglast` normalise) -> T, D, C, Z;
 * `extended`: Parse (unnamed) + Bind + Describe + Execute + Sync -> 1, 2, T, D, C, Z;
 * `prepared`: Bind + Execute + Sync -> 2, D, C, Z.
+
+With `--tracking` the session runs in tracking mode (as when `protect:` is configured):
+a `Tracker` is attached whose protector plans every statement as `tracking.AS_SENT`
+(touching nothing protected) and knows no protected column, like the real
+`SessionProtector` for such statements (its real `drain_crypto_counts` runs over a few
+idle protected columns). That is the floor every statement pays in tracking mode.
+`--relay-too` prints the relay numbers next to them.
+
+`--root DIR` imports `proxy` from another checkout (e.g. `git archive HEAD | tar -x -C
+/tmp/base`): a before/after of several files under the same interpreter and load.
 
 With `--baseline REV` the same loops also run against `proxy/session.py` as of git
 revision REV (the rest of the tree is the working tree's) and the difference is printed.
@@ -66,10 +77,48 @@ SHAPES: dict[str, tuple[list[bytes], bytes]] = {
 }
 
 
-def run(mod: ModuleType, n: int, rounds: int = 5, shape: str = "select1") -> float:
+def _tracking_protector(session: object) -> object:
+    """A `SessionProtector` for a database whose protected columns this workload never
+    touches: every statement is planned `AS_SENT`, no result column is protected, the
+    catalog never changes. Only the crypto counter drain is the real one (over four idle
+    columns), so that its per-request cost is measured too."""
+    from proxy.encryption import RoleColumn, SessionProtector
+    from proxy.tracking import AS_SENT
+
+    class Protector(SessionProtector):
+        def __init__(self) -> None:  # (none of the real setup: no catalog, no keys)
+            self.session = session
+            self._role = {}
+            for i in range(4):
+                rc = object.__new__(RoleColumn)
+                rc.n_encrypt = rc.n_decrypt = rc.n_bidx = rc.n_failed = 0
+                self._role[("public", "t", f"c{i}")] = rc
+            self._generation = (object(), ("$user", "public"), 0)
+
+        def plan_query(self, sql: str) -> object:
+            return AS_SENT
+
+        def column_at(self, table_oid: int, attnum: int) -> None:
+            return None
+
+        def generation(self) -> tuple[object, tuple[str, ...], int]:
+            return self._generation
+
+        def after_statement(self) -> bytes:
+            return b""
+
+    return Protector()
+
+
+def run(mod: ModuleType, n: int, rounds: int = 5, shape: str = "select1",
+        tracking: bool = False) -> float:
     """Best-of-`rounds` microseconds per transaction (the minimum: other load on the
     machine only ever adds time)."""
     s = ready_session(mod)
+    if tracking:
+        from proxy.tracking import Tracker
+
+        s.tracker = Tracker(_tracking_protector(s))
     client, server = s.data_received, s.server_data
     requests, reply = SHAPES[shape]
     feed = itertools.cycle(requests)
@@ -103,26 +152,39 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--baseline", help="git revision of proxy/session.py to compare with")
+    ap.add_argument("--tracking", action="store_true",
+                    help="tracking mode (protect: configured), statements touching nothing "
+                    "protected")
+    ap.add_argument("--relay-too", action="store_true",
+                    help="with --tracking: also print the relay-mode numbers")
+    ap.add_argument("--root", help="import proxy from this checkout instead")
     ap.add_argument("--shapes", default=",".join(SHAPES),
                     help=f"transaction shapes, from {', '.join(SHAPES)}")
     args = ap.parse_args()
+    if args.root:
+        sys.path.insert(0, str(Path(args.root).resolve()))
     from proxy import session
 
     shapes = [x.strip() for x in args.shapes.split(",") if x.strip()]
     unknown = set(shapes) - set(SHAPES)
     if unknown:
         ap.error(f"unknown shape(s): {', '.join(sorted(unknown))}")
+    mode = "tracking" if args.tracking else "relay"
     if not args.baseline:
         for shape in shapes:
-            print(f"{shape:9} session.py (working tree): "
-                  f"{run(session, args.n, shape=shape):.3f} us/transaction")
+            if args.tracking and args.relay_too:
+                print(f"{shape:9} relay:    {run(session, args.n, shape=shape):.3f} "
+                      "us/transaction")
+            print(f"{shape:9} {mode + ':':9} "
+                  f"{run(session, args.n, shape=shape, tracking=args.tracking):.3f} "
+                  "us/transaction")
         return
     baseline = load_revision(args.baseline)
     for shape in shapes:
         now = base = float("inf")
         for _ in range(20):  # interleaved short runs: load and frequency drift hit both alike
-            base = min(base, run(baseline, args.n // 20, 3, shape))
-            now = min(now, run(session, args.n // 20, 3, shape))
+            base = min(base, run(baseline, args.n // 20, 3, shape, args.tracking))
+            now = min(now, run(session, args.n // 20, 3, shape, args.tracking))
         print(f"{shape:9} session.py (working tree): {now:.3f} us/transaction")
         print(f"{shape:9} session.py ({args.baseline}):      {base:.3f} us/transaction")
         print(f"{shape:9} added: {now - base:+.3f} us/transaction "

@@ -27,6 +27,7 @@ from proxy.protocol import messages as m
 from proxy.protocol.framing import Framer, unpack_head
 from proxy.protocol.messages import ProtocolViolation
 from proxy.protocol.rows import decode_data_row
+from proxy.tracking import CLIENT_HANDLERS as _TRACKER_CLIENT
 from proxy.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("strongroom.session")
 
 _U32 = struct.Struct("!I")
+_U32_unpack_from = _U32.unpack_from
 
 # Type bytes as ints (framing yields ints).
 _Q, _P, _S, _X, _F, _H, _B = (ord(c) for c in "QPSXFHB")
@@ -187,7 +189,6 @@ class Session(asyncio.Protocol):
         metrics = server.metrics
         self._m_in, self._m_out = metrics.byte_cells()  # `cell[0] += n`: no call at all
         self._m_hist = metrics.query_seconds.child()
-        self._m_done = self._m_hist.observe
         self._count_kind = server.query_kinds.count
         self._t0 = 0.0  # when the current request (first Query/Sync after idle) was sent
         self.close_reason = "client_eof"  # metrics label when the session ends
@@ -574,49 +575,109 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ relay
 
     def _client_tracked(self, data: bytes) -> None:
-        """READY in tracking mode: frames go through `_client_tracking`."""
+        """READY in tracking mode: every message goes through the outstanding-request
+        queue (`Tracker.client`, through its per-type table).
+
+        The header walk is inline, as in the relay (`data_received`): no list of frames,
+        and the chunk itself is written when the tracker replaced nothing. What the
+        client sees is what the Framer-based loop gave, message for message: a bad
+        length after whole messages is found before any of them is handled (they are
+        handled, then the session refuses), and a bad type or a message the tracker
+        calls malformed refuses the session with nothing of the chunk forwarded."""
         framer = self._cframer
-        try:
-            buf, frames = framer.feed(data)
-        except ProtocolViolation as exc:
-            self._violation(str(exc))
-            return
-        if frames:
-            self._client_tracking(buf, frames)
+        if framer._tail:
+            try:
+                joined = framer.join(data)  # raises once an invalid length was seen
+            except ProtocolViolation as exc:
+                self._violation(str(exc))
+                return
+            if joined is None:
+                if not self.outstanding:
+                    self.last_active = _now()
+                return
+            data = joined
+        end = len(data)
+        max_len = framer.max_len
+        # Find where the whole messages end (and a bad length, if any) before handling
+        # any: a Terminate or a refusal among them must not hide a bad length after it.
+        last = 0
+        bad: str | None = None
+        while end - last >= 5:
+            n = _U32_unpack_from(data, last + 1)[0]
+            if n < 4 or n > max_len:
+                bad = f"invalid message length {n}"
+                if not last:
+                    self._violation(bad)
+                    return
+                framer.fail(data, last, bad)
+                break
+            stop = last + 1 + n
+            if stop > end:
+                framer.hold(data, last, stop - last)
+                break
+            last = stop
+        else:
+            if last < end:
+                framer.hold(data, last, 5)
+        if last:
+            self._client_tracking(data, last)
         if not self.outstanding:
             self.last_active = _now()
-        if framer.error is not None and self.state is _READY:
+        if bad is not None and self.state is _READY:
             # Whole messages before the bad one were handled; now refuse.
-            self._violation(framer.error)
+            self._violation(bad)
 
-    def _client_tracking(self, buf: bytes, frames: list) -> None:
-        """Tracking mode: every message goes through the outstanding-request queue."""
+    def _client_tracking(self, data: bytes, end: int) -> None:
+        """Tracking mode: the whole messages of `data[:end]`, each through the tracker;
+        one write of what they became."""
         tracker = self.tracker
         assert tracker is not None
-        out: list[bytes] = []
-        for kind, start, stop in frames:
-            msg = buf[start:stop]
+        handlers = _TRACKER_CLIENT
+        pos = run = 0  # data[run:pos]: messages forwarded as they are, not yet copied
+        out: list[bytes] | None = None
+        while pos < end:
+            kind = data[pos]
+            stop = pos + 1 + _U32_unpack_from(data, pos + 1)[0]
+            msg = data[pos:stop]
             if kind == _Q or kind == _S or kind == _F:
                 if not self.outstanding:
                     self._t0 = _now()
                 self.outstanding += 1
             elif kind == _X:
-                if out:
-                    self.upstream.transport.write(b"".join(out))  # type: ignore[union-attr]
+                if out is None:
+                    before = data[:pos]
+                else:
+                    out.append(data[run:pos])
+                    before = b"".join(out)
+                if before:
+                    self.upstream.transport.write(before)  # type: ignore[union-attr]
                 self._terminate(msg)
                 return
             elif kind not in _FRONTEND:
                 self._violation(f"invalid frontend message type {kind}")
                 return
             try:
-                replacement = tracker.client(kind, msg)
+                replacement = handlers[kind](tracker, kind, msg)
             except ProtocolViolation as exc:
                 self._violation(str(exc))
                 return
             if kind == _Q or kind == _P:
                 self._count_kind()
-            out.append(msg if replacement is None else replacement)
-        self.upstream.transport.write(b"".join(out))  # type: ignore[union-attr]
+            if replacement is not None:
+                if out is None:
+                    out = []
+                if run < pos:
+                    out.append(data[run:pos])
+                out.append(replacement)
+                run = stop
+            pos = stop
+        up = self.upstream.transport  # type: ignore[union-attr]
+        if out is None:
+            up.write(data if end == len(data) else data[:end])
+        else:
+            if run < end:
+                out.append(data[run:end])
+            up.write(b"".join(out))
 
     def _server_tracking(self, data: bytes) -> None:
         """Tracking mode: every server message goes through the tracker, except the
@@ -681,8 +742,12 @@ class Session(asyncio.Protocol):
                 self.outstanding -= 1
                 if not self.outstanding:
                     now = self.last_active = _now()
-                    self._m_done(now - self._t0)
-                    self._flush_crypto()
+                    # _Hist.observe, inline (as in `server_data`).
+                    hist = self._m_hist
+                    spent = now - self._t0
+                    hist.counts[bisect_left(hist.bounds, spent)] += 1
+                    hist.sum += spent
+                    flush_crypto(tracker, self.server.metrics.crypto_done)
                 if self.watch_ready:
                     self.gate.ready(self, self.txn_status)
             elif kind == _E:
@@ -841,10 +906,6 @@ class Session(asyncio.Protocol):
         else:
             code = buf[i + 2 : i + 7]
         self.server.metrics.error_sent(bytes(code))
-
-    def _flush_crypto(self) -> None:
-        if self.tracker is not None:
-            flush_crypto(self.tracker, self.server.metrics.crypto_done)
 
     # ------------------------------------------------------------------ endings
 

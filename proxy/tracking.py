@@ -154,6 +154,18 @@ class Entry:
     result: int = 0  # QUERY: index of the statement whose replies are coming
 
 
+# The entries of requests that carry nothing of their own (no target, no plan, not
+# skipped): nothing ever writes to a PARSE, BIND, CLOSE, SYNC or FUNC entry once queued
+# (only QUERY and INJECTED_QUERY entries are updated in place), and entries of one kind
+# with the same fields were already interchangeable (`Entry` compares by value), so one
+# shared object per kind stands for all of them: the common case allocates nothing.
+_PARSE_ENTRY = Entry(PARSE)
+_BIND_ENTRY = Entry(BIND)
+_CLOSE_ENTRY = Entry(CLOSE)
+_SYNC_ENTRY = Entry(SYNC)
+_FUNC_ENTRY = Entry(FUNC)
+
+
 class RowPlan(list[tuple[int, "ColumnCrypto", int]]):
     """(column index, crypto, format) per revealed result column, in column order. The
     list is what the audit hook sees; `revealer` is the DataRow path compiled from it."""
@@ -382,117 +394,170 @@ class Tracker:
             self._set_data_plan(self._current_plan(entry))
 
     def client(self, kind: int, msg: bytes) -> bytes | None:
-        """One frontend message. Returns the bytes to send instead (None: as is)."""
-        if kind == 0x51:  # Q
-            entry = Entry(QUERY)
-            self._push(entry)
-            self.row_plan = self.row_filter = None
-            sql = m.query_text(msg[5:])
-            plan = self.protector.plan_query(sql)
-            entry.plan = plan
-            if plan.refusal is not None:
-                return m.message(b"Q", refusal_sql(plan.refusal) + b"\0") + self._refresh()
+        """One frontend message. Returns the bytes to send instead (None: as is).
+
+        Dispatched through a table by type byte (`CLIENT_HANDLERS`): one index instead
+        of a chain of comparisons, on every message of every request. The session's
+        tracking loop indexes the table itself and saves this call too."""
+        return CLIENT_HANDLERS[kind](self, kind, msg)
+
+    def _client_query(self, kind: int, msg: bytes) -> bytes | None:
+        entry = Entry(QUERY)
+        self._push(entry)
+        self.row_plan = self.row_filter = None
+        sql = m.query_text(msg[5:])
+        plan = self.protector.plan_query(sql)
+        entry.plan = plan
+        if plan.refusal is not None:
+            return m.message(b"Q", refusal_sql(plan.refusal) + b"\0") + self._refresh()
+        self.pending_copy = plan.copy
+        if plan.sql is not None and plan.sql != msg[5:-1]:
+            return m.message(b"Q", plan.sql + b"\0") + self._refresh()
+        extra = self._refresh()
+        return msg + extra if extra else None
+
+    def _client_parse(self, kind: int, msg: bytes) -> bytes | None:
+        name, query, oids = rows.decode_parse(msg[5:])
+        plan = self.protector.plan_query(query.decode(errors="surrogateescape"))
+        stmt = Statement(plan, declared=list(oids))
+        prev = self.statements.get(name)
+        self.statements[name] = stmt
+        if plan.copy is not None:
             self.pending_copy = plan.copy
-            if plan.sql is not None and plan.sql != msg[5:-1]:
-                return m.message(b"Q", plan.sql + b"\0") + self._refresh()
-            extra = self._refresh()
-            return msg + extra if extra else None
-        if kind == 0x50:  # P
-            name, query, oids = rows.decode_parse(msg[5:])
-            plan = self.protector.plan_query(query.decode(errors="surrogateescape"))
-            stmt = Statement(plan, declared=list(oids))
-            prev = self.statements.get(name)
-            self.statements[name] = stmt
-            if plan.copy is not None:
-                self.pending_copy = plan.copy
-            self._push(Entry(PARSE))
-            if plan.refusal is not None:
-                return rows.encode_parse(name, refusal_sql(plan.refusal), [])
-            out = None
-            if plan.sql is not None and (plan.params or plan.sql != query):
-                for i in plan.params:
-                    if i < len(oids):
-                        oids[i] = 0  # let the server infer bytea from the column
-                out = rows.encode_parse(name, plan.sql, oids)
-            if plan.touches_protected:
-                # Learn the statement's result columns now, whether or not the client
-                # asks: a later Bind/Execute carries no RowDescription. A driver that
-                # re-sends the same unnamed Parse for every execution (pgbench -M
-                # extended, many ORMs) has them learnt already under the same catalog
-                # view and search_path: no second Describe.
-                gen = getattr(self.protector, "generation", None)
-                learnt = (query, *gen()) if gen is not None else None
-                was = prev.learnt if prev is not None else None
-                if (learnt is not None and was is not None and prev is not None
-                        and prev.fields is not None and was[1] is learnt[1]
-                        and was[0] == query and was[2:] == learnt[2:]
-                        and prev.declared == stmt.declared):
-                    stmt.fields = prev.fields
-                    stmt.learnt = learnt
-                else:
-                    stmt.learnt = learnt
-                    self._push(Entry(DESCRIBE, skip=True, target=stmt,
-                                     describe_statement=True))
-                    out = (out or msg) + m.message(b"D", b"S" + name + b"\0")
-            return out
-        if kind == 0x42:  # B
-            bind = rows.decode_bind(msg[5:])
-            stmt = self.statements.get(bind.statement)
-            self.portals[bind.portal] = Portal(stmt, bind.result_formats)
-            self._push(Entry(BIND))
-            if stmt is None:
-                return None
-            if stmt.plan.refusal is not None:
-                bind.params = []
-                bind.param_formats = []
-                return rows.encode_bind(bind)
-            widened = False
-            specs = stmt.plan.rechecks.get(0) if stmt.plan.rechecks else None
-            if specs:
-                portal = self.portals[bind.portal]
-                try:
-                    portal.checks = self._expected(bind, stmt, specs)
-                except ValueError_ as exc:
-                    return self._failing_bind(bind, ClientRefusal(exc.sqlstate, exc.text))
-                if len(bind.result_formats) > 1:  # one code per column: hidden ones too
-                    bind.result_formats = [*bind.result_formats, *([1] * len(specs))]
-                    portal.result_formats = bind.result_formats
-                    widened = True
-            if stmt.plan.params or stmt.plan.derived:
-                try:
-                    started = time.perf_counter()
-                    sealed = rows.encode_bind(self._encrypt_bind(bind, stmt))
-                    self.encrypt_seconds += time.perf_counter() - started
-                    return sealed
-                except ValueError_ as exc:
-                    return self._failing_bind(bind, ClientRefusal(exc.sqlstate, exc.text))
-            return rows.encode_bind(bind) if widened else None
-        if kind == 0x44:  # D
-            which = msg[5:6]
-            name = msg[6:-1]
-            if which == b"S":
-                self._push(Entry(DESCRIBE, target=self.statements.get(name),
-                                 describe_statement=True))
+        if not self.discarding:  # (`_push`, inline)
+            queue = self.queue
+            queue.append(_PARSE_ENTRY)
+            if len(queue) == 1:
+                self._set_data_plan(self._current_plan(_PARSE_ENTRY))
+        if plan.refusal is not None:
+            return rows.encode_parse(name, refusal_sql(plan.refusal), [])
+        out = None
+        if plan.sql is not None and (plan.params or plan.sql != query):
+            for i in plan.params:
+                if i < len(oids):
+                    oids[i] = 0  # let the server infer bytea from the column
+            out = rows.encode_parse(name, plan.sql, oids)
+        if plan.touches_protected:
+            # Learn the statement's result columns now, whether or not the client
+            # asks: a later Bind/Execute carries no RowDescription. A driver that
+            # re-sends the same unnamed Parse for every execution (pgbench -M
+            # extended, many ORMs) has them learnt already under the same catalog
+            # view and search_path: no second Describe.
+            gen = getattr(self.protector, "generation", None)
+            learnt = (query, *gen()) if gen is not None else None
+            was = prev.learnt if prev is not None else None
+            if (learnt is not None and was is not None and prev is not None
+                    and prev.fields is not None and was[1] is learnt[1]
+                    and was[0] == query and was[2:] == learnt[2:]
+                    and prev.declared == stmt.declared):
+                stmt.fields = prev.fields
+                stmt.learnt = learnt
             else:
-                self._push(Entry(DESCRIBE, target=self.portals.get(name)))
+                stmt.learnt = learnt
+                self._push(Entry(DESCRIBE, skip=True, target=stmt,
+                                 describe_statement=True))
+                out = (out or msg) + m.message(b"D", b"S" + name + b"\0")
+        return out
+
+    def _client_bind(self, kind: int, msg: bytes) -> bytes | None:
+        """Bind. A statement with nothing to do to its parameters (no protected one, no
+        proxy-made parameter, no recheck, no refusal: every statement that touches
+        nothing protected) needs only the portal's name and result formats, so only the
+        message's head is decoded (`rows.bind_head`, which still validates the whole
+        message as `decode_bind` does). Anything else goes the full way."""
+        portal, name, result_formats = rows.bind_head(msg)
+        stmt = self.statements.get(name)
+        if stmt is not None:
+            plan = stmt.plan
+            if (plan.refusal is not None or plan.params or plan.derived
+                    or plan.rechecks):
+                return self._client_bind_full(msg)
+        self.portals[portal] = Portal(stmt, result_formats)
+        if not self.discarding:  # (`_push`, inline)
+            queue = self.queue
+            queue.append(_BIND_ENTRY)
+            if len(queue) == 1:
+                self._set_data_plan(self._current_plan(_BIND_ENTRY))
+        return None
+
+    def _client_bind_full(self, msg: bytes) -> bytes | None:
+        """Bind of a statement whose parameters the proxy seals, derives or rechecks, or
+        that was refused."""
+        bind = rows.decode_bind(msg[5:])
+        stmt = self.statements.get(bind.statement)
+        self.portals[bind.portal] = Portal(stmt, bind.result_formats)
+        self._push(_BIND_ENTRY)
+        if stmt is None:
             return None
-        if kind == 0x45:  # E
-            portal = self.portals.get(msg[5 : msg.index(b"\0", 5)])
-            self._push(Entry(EXECUTE, target=portal))
+        if stmt.plan.refusal is not None:
+            bind.params = []
+            bind.param_formats = []
+            return rows.encode_bind(bind)
+        widened = False
+        specs = stmt.plan.rechecks.get(0) if stmt.plan.rechecks else None
+        if specs:
+            portal = self.portals[bind.portal]
+            try:
+                portal.checks = self._expected(bind, stmt, specs)
+            except ValueError_ as exc:
+                return self._failing_bind(bind, ClientRefusal(exc.sqlstate, exc.text))
+            if len(bind.result_formats) > 1:  # one code per column: hidden ones too
+                bind.result_formats = [*bind.result_formats, *([1] * len(specs))]
+                portal.result_formats = bind.result_formats
+                widened = True
+        if stmt.plan.params or stmt.plan.derived:
+            try:
+                started = time.perf_counter()
+                sealed = rows.encode_bind(self._encrypt_bind(bind, stmt))
+                self.encrypt_seconds += time.perf_counter() - started
+                return sealed
+            except ValueError_ as exc:
+                return self._failing_bind(bind, ClientRefusal(exc.sqlstate, exc.text))
+        return rows.encode_bind(bind) if widened else None
+
+    def _client_describe(self, kind: int, msg: bytes) -> bytes | None:
+        which = msg[5:6]
+        name = msg[6:-1]
+        if which == b"S":
+            self._push(Entry(DESCRIBE, target=self.statements.get(name),
+                             describe_statement=True))
+        else:
+            self._push(Entry(DESCRIBE, target=self.portals.get(name)))
+        return None
+
+    def _client_execute(self, kind: int, msg: bytes) -> bytes | None:
+        portal = self.portals.get(msg[5 : msg.index(b"\0", 5)])
+        if self.discarding:  # (`_push`, inline: once per request)
             return None
-        if kind == 0x43:  # C
-            which = msg[5:6]
-            name = msg[6:-1]
-            (self.statements if which == b"S" else self.portals).pop(name, None)
-            self._push(Entry(CLOSE))
-            return None
-        if kind == 0x53:  # S
-            self._push(Entry(SYNC))
-            extra = self._refresh()
-            return msg + extra if extra else None
-        if kind == 0x46:  # F
-            self._push(Entry(FUNC))
-            return None
+        queue = self.queue
+        entry = Entry(EXECUTE, target=portal)
+        queue.append(entry)
+        if len(queue) == 1:
+            self._set_data_plan(self._current_plan(entry))
+        return None
+
+    def _client_close(self, kind: int, msg: bytes) -> bytes | None:
+        which = msg[5:6]
+        name = msg[6:-1]
+        (self.statements if which == b"S" else self.portals).pop(name, None)
+        self._push(_CLOSE_ENTRY)
+        return None
+
+    def _client_sync(self, kind: int, msg: bytes) -> bytes | None:
+        self.discarding = False  # (`_push`, inline: once per request)
+        queue = self.queue
+        queue.append(_SYNC_ENTRY)
+        if len(queue) == 1:
+            self._set_data_plan(self._current_plan(_SYNC_ENTRY))
+        extra = self._refresh()
+        return msg + extra if extra else None
+
+    def _client_func(self, kind: int, msg: bytes) -> bytes | None:
+        self._push(_FUNC_ENTRY)
+        return None
+
+    def _client_copy(self, kind: int, msg: bytes) -> bytes | None:
+        """COPY data from the client, and every other type: forwarded as is."""
         if kind == 0x64 and (self.copy_in is not None or self.copy_in_failed):
             if self.copy_in_failed:
                 return b""
@@ -652,12 +717,27 @@ class Tracker:
                 return bytes(out)
             # Not for the fast path: the row is done again the one reference way.
             return self._reveal_row(msg, plan.plan)  # type: ignore[attr-defined]
-        out = self._server(kind, msg)
-        head = self.queue[0] if self.queue else None
-        if head is not None and head.kind == INJECTED_QUERY:
-            self._set_data_plan(_COLLECT)
+        queue = self.queue
+        if self.consume_to_ready and kind != 0x5A:  # (`_server`, inline)
+            # Only asynchronous messages still reach the client after a proxy-made error.
+            out = None if kind in (0x4E, 0x41, 0x53) else b""
         else:
-            self._set_data_plan(self._current_plan(head))
+            out = _SERVER_HANDLERS[kind](self, kind, queue[0] if queue else None, msg)
+        # `_set_data_plan(_current_plan(head))` (or _COLLECT), inline: this runs after
+        # every message that is not a DataRow, and mostly finds nothing to reveal.
+        if queue:
+            head = queue[0]
+            k = head.kind
+            if k == INJECTED_QUERY:
+                plan: RowPlan | RecheckFilter | object | None = _COLLECT
+            elif k == EXECUTE:
+                plan = self._current_plan(head)
+            else:
+                plan = self.row_filter if self.row_filter is not None else self.row_plan
+        else:
+            plan = None
+        if plan is not None or self.data_plan is not None:
+            self._set_data_plan(plan)
         return out
 
     def data_row(self, buf: bytes, start: int, stop: int) -> bytes | None:
@@ -737,122 +817,153 @@ class Tracker:
         if self.consume_to_ready and kind != 0x5A:
             # Only asynchronous messages still reach the client after a proxy-made error.
             return None if kind in (0x4E, 0x41, 0x53) else b""
-        head = self.queue[0] if self.queue else None
-        if kind == 0x44:  # DataRow
-            plan = self._current_plan(head)
-            if head is not None and head.kind == INJECTED_QUERY:
-                head.collected.append(rows.decode_data_row(msg[5:]))  # type: ignore[union-attr]
+        queue = self.queue
+        return _SERVER_HANDLERS[kind](self, kind, queue[0] if queue else None, msg)
+
+    # One handler per backend type (`_SERVER_HANDLERS`), called as
+    # `handler(tracker, kind, queue head, msg)`: one index instead of a chain of
+    # comparisons, for every message of every reply. Types with no handler: forwarded.
+
+    def _server_data_row(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
+        plan = self._current_plan(head)
+        if head is not None and head.kind == INJECTED_QUERY:
+            head.collected.append(rows.decode_data_row(msg[5:]))  # type: ignore[union-attr]
+            return b""
+        return self._reveal_row(msg, plan) if plan else None  # (the reference path)
+
+    def _server_ready(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
+        proxy_error = self.consume_to_ready
+        self.consume_to_ready = False
+        self.row_plan = self.row_filter = None
+        # Pop through the request this ReadyForQuery answers; replies to anything
+        # before it (dropped after an error) are not coming.
+        while self.queue:
+            entry = self.queue.popleft()
+            if entry.kind == INJECTED_QUERY:
+                if entry.on_done:
+                    entry.on_done(entry.collected or [])
+                return None if entry.forward_ready else b""
+            if entry.kind in (SYNC, QUERY, FUNC):
+                break
+        if proxy_error and msg[5:6] == b"T" and not self.queue:
+            return self._abort_transaction()
+        return None
+
+    def _server_row_description(self, kind: int, head: Entry | None,
+                                msg: bytes) -> bytes | None:
+        fields = rows.decode_row_description(msg[5:])
+        # The plan's hidden recheck columns and the parse tree's protected result
+        # columns for this statement of it (one `_head_plan` for both).
+        splan, index = self._head_plan(head)
+        specs = splan.rechecks.get(index) if splan is not None and splan.rechecks else None
+        hidden = len(specs) if specs and len(fields) > len(specs) else 0
+        if hidden:
+            del fields[-hidden:]  # the proxy's own columns: never seen by the client
+        outputs = (splan.outputs[index]
+                   if splan is not None and index < len(splan.outputs) else None)
+        plan, changed = self._plan_fields(fields, outputs)
+        changed = changed or bool(hidden)
+        if head is not None and head.kind == DESCRIBE:
+            self.queue.popleft()
+            target = head.target
+            if target is not None:
+                target.fields = fields
+            if head.skip:
                 return b""
-            return self._reveal_row(msg, plan) if plan else None  # (the reference path)
-        if kind == 0x5A:  # ReadyForQuery
-            proxy_error = self.consume_to_ready
-            self.consume_to_ready = False
-            self.row_plan = self.row_filter = None
-            # Pop through the request this ReadyForQuery answers; replies to anything
-            # before it (dropped after an error) are not coming.
-            while self.queue:
-                entry = self.queue.popleft()
-                if entry.kind == INJECTED_QUERY:
-                    if entry.on_done:
-                        entry.on_done(entry.collected or [])
-                    return None if entry.forward_ready else b""
-                if entry.kind in (SYNC, QUERY, FUNC):
-                    break
-            if proxy_error and msg[5:6] == b"T" and not self.queue:
-                return self._abort_transaction()
-            return None
-        if kind == 0x54:  # RowDescription
-            fields = rows.decode_row_description(msg[5:])
-            specs = self._rechecks(head)
-            hidden = len(specs) if specs and len(fields) > len(specs) else 0
-            if hidden:
-                del fields[-hidden:]  # the proxy's own columns: never seen by the client
-            plan, changed = self._plan_fields(fields, self._outputs(head))
-            changed = changed or bool(hidden)
-            if head is not None and head.kind == DESCRIBE:
-                self.queue.popleft()
-                target = head.target
-                if target is not None:
-                    target.fields = fields
-                if head.skip:
-                    return b""
-            elif head is not None and head.kind in (QUERY, FUNC, EXECUTE):
-                self.row_plan = plan
-                if hidden and head.kind == QUERY and specs is not None:
-                    self.row_filter = RecheckFilter(
-                        plan, len(fields), [(s.crypto, 0, s.keys) for s in specs]
-                    )
-            elif head is not None and head.kind == INJECTED_QUERY:
-                return b""
-            return rows.encode_row_description(fields) if changed else None
-        if kind == 0x74:  # ParameterDescription
-            skip = head is not None and head.skip
-            if head is not None and head.kind == DESCRIBE and isinstance(head.target, Statement):
-                stmt = head.target
-                if stmt.plan.params or stmt.plan.derived:
-                    oids = rows.decode_parameter_description(msg[5:])
-                    for i, (_action, crypto) in stmt.plan.params.items():
-                        if i < len(oids) and oids[i] == BYTEA_OID:
-                            declared = stmt.declared[i] if i < len(stmt.declared) else 0
-                            oids[i] = declared or crypto.logical_oid
-                    if stmt.plan.derived:  # the client never sees the proxy's own params
-                        oids = oids[: min(d[0] for d in stmt.plan.derived)]
-                    return b"" if skip else rows.encode_parameter_description(oids)
-            return b"" if skip else None
-        if kind == 0x6E:  # NoData
-            if head is not None and head.kind == DESCRIBE:
-                self.queue.popleft()
-                if head.target is not None:
-                    head.target.fields = []
-                return b"" if head.skip else None
-            return None
-        if kind in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
-            if head is not None and head.kind in (PARSE, BIND, CLOSE):
-                self.queue.popleft()
-                return b"" if head.skip else None
-            return None
-        if kind in (0x43, 0x73, 0x49):  # CommandComplete, PortalSuspended, EmptyQuery
-            out: bytes | None = None
-            f = self.data_plan
-            if type(f) is RecheckFilter and f.dropped:
-                if kind == 0x43:
-                    out = msg = _fewer_rows(msg, f.dropped)
-                f.dropped = 0
-            if kind == 0x43 and self.on_statement is not None and head is not None:
-                self._completed(head, msg)
-            if head is not None and head.kind == EXECUTE:
-                self.queue.popleft()
-            elif head is not None and head.kind == INJECTED_QUERY:
-                return b""
-            elif head is not None and head.kind == QUERY:
-                head.result += 1
-            self.row_plan = self.row_filter = None
-            self.copy_out = None
-            return out
-        if kind == 0x45:  # ErrorResponse
-            if head is not None and head.kind == INJECTED_QUERY:
-                return b""
-            self.row_plan = self.row_filter = None
-            if head is not None and head.kind not in (QUERY, FUNC):
-                self._discard_to_sync()
-            return None
-        if kind == 0x48 or kind == 0x47:  # CopyOutResponse / CopyInResponse
-            pending, self.pending_copy = self.pending_copy, None
-            if pending is not None:
-                direction, factory = pending
-                if direction == "out" and kind == 0x48:
-                    self.copy_out = factory()
-                elif direction == "in" and kind == 0x47:
-                    self.copy_in = factory()
-            return None
-        if kind == 0x64 and self.copy_out is not None:
+        elif head is not None and head.kind in (QUERY, FUNC, EXECUTE):
+            self.row_plan = plan
+            if hidden and head.kind == QUERY and specs is not None:
+                self.row_filter = RecheckFilter(
+                    plan, len(fields), [(s.crypto, 0, s.keys) for s in specs]
+                )
+        elif head is not None and head.kind == INJECTED_QUERY:
+            return b""
+        return rows.encode_row_description(fields) if changed else None
+
+    def _server_parameter_description(self, kind: int, head: Entry | None,
+                                      msg: bytes) -> bytes | None:
+        skip = head is not None and head.skip
+        if head is not None and head.kind == DESCRIBE and isinstance(head.target, Statement):
+            stmt = head.target
+            if stmt.plan.params or stmt.plan.derived:
+                oids = rows.decode_parameter_description(msg[5:])
+                for i, (_action, crypto) in stmt.plan.params.items():
+                    if i < len(oids) and oids[i] == BYTEA_OID:
+                        declared = stmt.declared[i] if i < len(stmt.declared) else 0
+                        oids[i] = declared or crypto.logical_oid
+                if stmt.plan.derived:  # the client never sees the proxy's own params
+                    oids = oids[: min(d[0] for d in stmt.plan.derived)]
+                return b"" if skip else rows.encode_parameter_description(oids)
+        return b"" if skip else None
+
+    def _server_no_data(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
+        if head is not None and head.kind == DESCRIBE:
+            self.queue.popleft()
+            if head.target is not None:
+                head.target.fields = []
+            return b"" if head.skip else None
+        return None
+
+    def _server_complete(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
+        """ParseComplete, BindComplete, CloseComplete."""
+        if head is not None and head.kind in (PARSE, BIND, CLOSE):
+            self.queue.popleft()
+            return b"" if head.skip else None
+        return None
+
+    def _server_command_complete(self, kind: int, head: Entry | None,
+                                 msg: bytes) -> bytes | None:
+        """CommandComplete, PortalSuspended, EmptyQueryResponse."""
+        out: bytes | None = None
+        f = self.data_plan
+        if type(f) is RecheckFilter and f.dropped:
+            if kind == 0x43:
+                out = msg = _fewer_rows(msg, f.dropped)
+            f.dropped = 0
+        if kind == 0x43 and self.on_statement is not None and head is not None:
+            self._completed(head, msg)
+        if head is not None and head.kind == EXECUTE:
+            self.queue.popleft()
+        elif head is not None and head.kind == INJECTED_QUERY:
+            return b""
+        elif head is not None and head.kind == QUERY:
+            head.result += 1
+        self.row_plan = self.row_filter = None
+        self.copy_out = None
+        return out
+
+    def _server_error(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
+        if head is not None and head.kind == INJECTED_QUERY:
+            return b""
+        self.row_plan = self.row_filter = None
+        if head is not None and head.kind not in (QUERY, FUNC):
+            self._discard_to_sync()
+        return None
+
+    def _server_copy_response(self, kind: int, head: Entry | None,
+                              msg: bytes) -> bytes | None:
+        """CopyOutResponse / CopyInResponse."""
+        pending, self.pending_copy = self.pending_copy, None
+        if pending is not None:
+            direction, factory = pending
+            if direction == "out" and kind == 0x48:
+                self.copy_out = factory()
+            elif direction == "in" and kind == 0x47:
+                self.copy_in = factory()
+        return None
+
+    def _server_copy_data(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
+        if self.copy_out is not None:
             try:
                 return self.copy_out.server_data(msg[5:])
             except ValueError_ as exc:
                 self.copy_out = None
                 self.consume_to_ready = True
                 return m.error_response(exc.sqlstate, exc.text)
-        if kind == 0x63 and self.copy_out is not None:  # CopyDone from server
+        return None
+
+    def _server_copy_done(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
+        if self.copy_out is not None:  # CopyDone from server
             copy_out, self.copy_out = self.copy_out, None
             try:
                 tail = copy_out.server_done()
@@ -860,6 +971,9 @@ class Tracker:
                 self.consume_to_ready = True
                 return m.error_response(exc.sqlstate, exc.text)
             return tail + msg if tail else None
+        return None
+
+    def _server_other(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
         return None
 
     def _completed(self, head: Entry, msg: bytes) -> None:
@@ -918,20 +1032,6 @@ class Tracker:
         if isinstance(head.target, Portal) and head.target.statement is not None:
             return head.target.statement.plan, 0
         return None, 0
-
-    def _rechecks(self, head: Entry | None) -> list[RecheckSpec] | None:
-        """The hidden recheck columns of the reply at the queue head."""
-        plan, index = self._head_plan(head)
-        if plan is None or not plan.rechecks:
-            return None
-        return plan.rechecks.get(index)
-
-    def _outputs(self, head: Entry | None) -> list[ColumnCrypto | None] | None:
-        """The parse tree's protected result columns for the reply at the queue head."""
-        plan, index = self._head_plan(head)
-        if plan is None or index >= len(plan.outputs):
-            return None
-        return plan.outputs[index]
 
     def _crypto_for(self, i: int, f: rows.Field,
                     outputs: list[ColumnCrypto | None] | None,
@@ -1013,6 +1113,48 @@ class Tracker:
         return rows.encode_data_row(values)
 
 
+def _client_handlers() -> tuple[Callable[[Tracker, int, bytes], bytes | None], ...]:
+    table: list[Callable[[Tracker, int, bytes], bytes | None]] = [Tracker._client_copy] * 256
+    table[0x51] = Tracker._client_query  # Q
+    table[0x50] = Tracker._client_parse  # P
+    table[0x42] = Tracker._client_bind  # B
+    table[0x44] = Tracker._client_describe  # D
+    table[0x45] = Tracker._client_execute  # E
+    table[0x43] = Tracker._client_close  # C
+    table[0x53] = Tracker._client_sync  # S
+    table[0x46] = Tracker._client_func  # F
+    return tuple(table)
+
+
+CLIENT_HANDLERS = _client_handlers()
+"""`Tracker.client` by frontend type byte: called as `handler(tracker, kind, msg)`."""
+
+
+def _server_handlers() -> tuple[Callable[[Tracker, int, Entry | None, bytes], bytes | None],
+                                ...]:
+    table: list[Callable[[Tracker, int, Entry | None, bytes], bytes | None]] = (
+        [Tracker._server_other] * 256
+    )
+    table[0x44] = Tracker._server_data_row  # D
+    table[0x5A] = Tracker._server_ready  # Z
+    table[0x54] = Tracker._server_row_description  # T
+    table[0x74] = Tracker._server_parameter_description  # t
+    table[0x6E] = Tracker._server_no_data  # n
+    for t in (0x31, 0x32, 0x33):  # 1, 2, 3
+        table[t] = Tracker._server_complete
+    for t in (0x43, 0x73, 0x49):  # C, s, I
+        table[t] = Tracker._server_command_complete
+    table[0x45] = Tracker._server_error  # E
+    table[0x48] = table[0x47] = Tracker._server_copy_response  # H, G
+    table[0x64] = Tracker._server_copy_data  # d
+    table[0x63] = Tracker._server_copy_done  # c
+    return tuple(table)
+
+
+_SERVER_HANDLERS = _server_handlers()
+"""`Tracker._server` by backend type byte (the queue head already looked up)."""
+
+
 def _portal_fields(portal: Portal) -> list[rows.Field] | None:
     """The result columns of a portal: its own Describe's, else its statement's."""
     if portal.fields is None and portal.statement is not None:
@@ -1038,6 +1180,7 @@ def _result_format(formats: list[int], i: int) -> int:
 
 
 __all__ = [
+    "CLIENT_HANDLERS",
     "ClientRefusal",
     "ColumnCrypto",
     "Protector",

@@ -154,6 +154,41 @@ def decode_bind(body: bytes | memoryview) -> Bind:
     return Bind(portal, stmt, pformats, params, rformats)
 
 
+def bind_head(msg: bytes) -> tuple[bytes, bytes, list[int]]:
+    """(portal, statement name, result format codes) of a whole Bind message (type byte
+    and length included), without copying it or building the parameter lists.
+
+    For a statement with no protected parameter the tracker needs no more than this, on
+    every execution. The message is validated exactly as `decode_bind` validates it (the
+    same ProtocolViolation, with the same text, for the same malformed messages): every
+    parameter's length word is still walked, only the values are not sliced out.
+    """
+    try:
+        end = msg.index(b"\0", 5)
+        end2 = msg.index(b"\0", end + 1)
+        pos = end2 + 1
+        (nf,) = _HH.unpack_from(msg, pos)
+        # (the format codes themselves are not needed: a message too short for them
+        # fails at the next read below, as `decode_bind` fails reading them)
+        pos += 2 + 2 * nf
+        (np_,) = _HH.unpack_from(msg, pos)
+        pos += 2
+        size = len(msg)
+        unpack = _I.unpack_from
+        for _ in range(np_):
+            (n,) = unpack(msg, pos)
+            pos += 4
+            if n > 0:
+                if pos + n > size:
+                    raise ProtocolViolation("invalid Bind message: parameter overruns message")
+                pos += n
+        (nr,) = _HH.unpack_from(msg, pos)
+        rformats = list(struct.unpack_from(f"!{nr}h", msg, pos + 2))
+    except (ValueError, struct.error) as exc:
+        raise ProtocolViolation("invalid Bind message") from exc
+    return msg[5:end], msg[end + 1 : end2], rformats
+
+
 def encode_bind(b: Bind) -> bytes:
     parts = [b.portal, b"\0", b.statement, b"\0"]
     parts.append(_HH.pack(len(b.param_formats)))
