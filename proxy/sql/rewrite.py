@@ -306,6 +306,23 @@ def _aggregates(obj: Any) -> bool:
     return False
 
 
+def _values_width(sel: Node) -> int | None:
+    """How many columns an INSERT's VALUES rows or SELECT list give, when the tree says
+    (None: a `*` or another shape it does not). Without a column list PostgreSQL fills
+    the table's first columns and defaults the rest; a written-out list must be as
+    short, or the server would refuse a valid statement."""
+    _k, body = _kind(sel)
+    while body.get("op", "SETOP_NONE") != "SETOP_NONE":  # UNION ...: its first arm
+        body = body.get("larg") or {}
+    values = body.get("valuesLists")
+    if values:
+        return len(_kind(values[0])[1].get("items") or [])
+    targets = body.get("targetList")
+    if not targets or "A_Star" in json.dumps(targets):
+        return None
+    return len(targets)
+
+
 @dataclass(slots=True)
 class _Fed:
     """A value written into a protected column; ``companion`` is how to derive the
@@ -1420,7 +1437,9 @@ class _Planner:
                     )
                 )
             feeds = [tcols.get(n) for n in order]
-            self._name_columns(b["relation"], order, pc0)
+            width = _values_width(sel)  # fewer values than columns: the rest default
+            self._name_columns(b["relation"],
+                               order[:width] if width is not None else order, pc0)
         if sel:
             self._select(sel, scope, feeds)
         oc = b.get("onConflictClause")

@@ -687,6 +687,13 @@ def test_insert_without_columns_uses_catalog_order() -> None:
     # The order the proxy assumed is written out: a table changed since the catalog
     # snapshot then gets each sealed value in the column it was sealed for (or an error).
     assert render(sql, p) == "INSERT INTO accounts (id, iban, balance) VALUES (1, E[A], E[2])"
+    # Fewer values than columns (legal without a list: the rest take their defaults).
+    sql = "INSERT INTO accounts VALUES (1, 'A'), (2, 'B')"
+    p = plan(sql, column_order=lambda s, t: order.get((s, t)))
+    assert render(sql, p) == "INSERT INTO accounts (id, iban) VALUES (1, E[A]), (2, E[B])"
+    sql = "INSERT INTO accounts SELECT 1, 'A'"
+    p = plan(sql, column_order=lambda s, t: order.get((s, t)))
+    assert render(sql, p) == "INSERT INTO accounts (id, iban) SELECT 1, E[A]"
     sql = "INSERT INTO public.accounts AS a SELECT 1, 'A', 2 ON CONFLICT DO NOTHING"
     p = plan(sql, column_order=lambda s, t: order.get((s, t)))
     assert render(sql, p) == ("INSERT INTO public.accounts AS a (id, iban, balance) "
