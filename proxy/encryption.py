@@ -25,6 +25,7 @@ from proxy.crypto.envelope import ColumnCipher, DecryptError
 from proxy.crypto.masking import MaskConfigError, make_masker
 from proxy.protocol.rows import NULL_CELL, bytea_from_text, bytea_to_text, cell_length
 from proxy.settings import ConfigError
+from proxy.sql.positions import Shift
 from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
 from proxy.tracking import (
@@ -537,7 +538,7 @@ class SessionProtector:
         if self.catalog.due(self.enc.catalog_max_age):  # DDL done elsewhere shows up
             self.wants_refresh = True
         try:
-            text = self._apply_splices(raw, rplan)
+            text, shifts = self._apply_splices(raw, rplan)
         except ValueError_ as exc:
             return StatementPlan(sql=raw, touches_protected=True,
                                  refusal=ClientRefusal(exc.sqlstate, exc.text))
@@ -566,7 +567,7 @@ class SessionProtector:
                                  refusal=ClientRefusal(exc.sqlstate, exc.text))
         return StatementPlan(sql=text, params=params, touches_protected=True, copy=copy,
                              derived=derived, outputs=outputs, source=sql, tables=tables,
-                             literals=literals, rechecks=rechecks)
+                             literals=literals, rechecks=rechecks, shifts=shifts)
 
     def _rechecks(self, rplan: Any) -> dict[int, list[RecheckSpec]]:
         """Per statement, its hidden recheck columns: the column and the equality keys of
@@ -613,24 +614,28 @@ class SessionProtector:
     def _role_of(self, col: ProtectedColumn) -> RoleColumn:
         return self._role[(col.schema, col.table, col.column)]
 
-    def _apply_splices(self, raw: bytes, rplan: Any) -> bytes:
+    def _apply_splices(self, raw: bytes, rplan: Any) -> tuple[bytes, tuple[Shift, ...]]:
+        """The text to send, and where it differs from `raw` (for error positions)."""
         out = []
+        shifts: list[Shift] = []
         pos = 0
         for sp in sorted(rplan.splices, key=lambda s: (s.start, s.end)):
             out.append(raw[pos : sp.start])
-            out.append(sp.prefix.encode())
+            piece = sp.prefix.encode()
             if sp.action == "rename":
-                out.append((sp.replacement or "").encode())
+                piece += (sp.replacement or "").encode()
             else:
                 rc = self._role_of(sp.column)
                 value = (sp.literal or "").encode()
                 if sp.action == "blind_index":
-                    out.append(literal_bytea(rc.blind_index_param(value, 0)))
+                    piece += literal_bytea(rc.blind_index_param(value, 0))
                 else:
-                    out.append(literal_bytea(rc.encrypt_param(value, 0)))
+                    piece += literal_bytea(rc.encrypt_param(value, 0))
+            out.append(piece)
+            shifts.append((sp.start, sp.end, len(piece)))
             pos = sp.end
         out.append(raw[pos:])
-        return b"".join(out)
+        return b"".join(out), tuple(shifts)
 
 
 # ---------------------------------------------------------------------------- service

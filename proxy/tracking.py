@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from proxy.protocol import messages as m
 from proxy.protocol import rows
 from proxy.protocol.messages import ProtocolViolation
+from proxy.sql.positions import original_position
 
 BYTEA_OID = 17
 
@@ -104,6 +105,9 @@ class StatementPlan:
     # Per statement in the text: its blind-index lookups to recheck, one hidden result
     # column each, appended after the client's columns.
     rechecks: dict[int, list[RecheckSpec]] = field(default_factory=dict)
+    # Where `sql` differs from the client's text: (start, end, new length) in bytes, so an
+    # error position can be mapped back (proxy.sql.positions).
+    shifts: tuple[tuple[int, int, int], ...] = ()
 
 
 AS_SENT = StatementPlan(sql=None)
@@ -426,9 +430,12 @@ class Tracker:
             self.pending_copy = plan.copy
         if not self.discarding:  # (`_push`, inline)
             queue = self.queue
-            queue.append(_PARSE_ENTRY)
+            # A rewritten text keeps its statement at hand: the server's error positions
+            # refer to what it was sent (`_server_error`).
+            entry = Entry(PARSE, target=stmt) if plan.shifts else _PARSE_ENTRY
+            queue.append(entry)
             if len(queue) == 1:
-                self._set_data_plan(self._current_plan(_PARSE_ENTRY))
+                self._set_data_plan(self._current_plan(entry))
         if plan.refusal is not None:
             return rows.encode_parse(name, refusal_sql(plan.refusal), [])
         out = None
@@ -936,9 +943,16 @@ class Tracker:
         if head is not None and head.kind == INJECTED_QUERY:
             return b""
         self.row_plan = self.row_filter = None
-        if head is not None and head.kind not in (QUERY, FUNC):
-            self._discard_to_sync()
-        return None
+        out = None
+        if head is not None:
+            plan = head.plan if head.kind == QUERY else (
+                head.target.plan if head.kind == PARSE and type(head.target) is Statement
+                else None)
+            if plan is not None and plan.shifts and plan.sql is not None:
+                out = _error_at_source(msg, plan)
+            if head.kind not in (QUERY, FUNC):
+                self._discard_to_sync()
+        return out
 
     def _server_copy_response(self, kind: int, head: Entry | None,
                               msg: bytes) -> bytes | None:
@@ -1153,6 +1167,30 @@ def _server_handlers() -> tuple[Callable[[Tracker, int, Entry | None, bytes], by
 
 _SERVER_HANDLERS = _server_handlers()
 """`Tracker._server` by backend type byte (the queue head already looked up)."""
+
+
+def _error_at_source(msg: bytes, plan: StatementPlan) -> bytes | None:
+    """The ErrorResponse with its position (`P`) mapped from the rewritten text the
+    server saw back to the client's own; None when it has none or it did not move.
+    Every other field is kept byte for byte, in its order."""
+    body = msg[5:]
+    if body.startswith(b"P"):
+        at = 0
+    else:
+        at = body.find(b"\0P") + 1  # a field starts after each NUL: this is its type
+        if not at:
+            return None
+    stop = body.find(b"\0", at)
+    try:
+        position = int(body[at + 1 : stop])
+    except ValueError:
+        return None
+    assert plan.sql is not None
+    mapped = original_position(plan.sql, plan.source.encode("utf-8", "surrogateescape"),
+                               plan.shifts, position)
+    if mapped == position:
+        return None
+    return m.message(b"E", body[: at + 1] + str(mapped).encode() + body[stop:])
 
 
 def _portal_fields(portal: Portal) -> list[rows.Field] | None:

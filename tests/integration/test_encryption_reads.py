@@ -276,6 +276,23 @@ def test_unsupported_comparisons_name_the_column(rproxy, sql, column, words) -> 
         assert c.execute("SELECT 1").fetchone() == (1,)
 
 
+@pytest.mark.parametrize("sql", [
+    "SELECT id FROM r_cards WHERE pan = '4000000000000002' AND nonexist = 1",  # simple
+    "SELECT id, holder FROM r_cards WHERE pan = %s AND nonexist = 1",  # Parse, recheck col
+    "INSERT INTO r_cards (id, pan) VALUES (99, '4000000000000099') RETURNING nonexist",
+])
+def test_error_positions_point_into_the_clients_text(rproxy, sql) -> None:
+    """The server saw the rewritten text (ciphertext literals, blind-index and recheck
+    columns); the position it reports is mapped back, so psql's caret marks the client's
+    own token, as PostgreSQL itself would."""
+    params = ("4000000000000002",) if "%s" in sql else None
+    with psycopg.connect(rproxy.conninfo(), autocommit=True) as c:
+        with pytest.raises(psycopg.errors.UndefinedColumn) as info:
+            c.execute(sql, params)
+    sent = sql.replace("%s", "$1")  # what psycopg sends for a bound parameter
+    assert info.value.diag.statement_position == str(sent.index("nonexist") + 1)
+
+
 def test_server_fatal_reaches_the_client_once_in_tracking_mode(pg_aux) -> None:
     """With `protect:` the proxy follows every reply (tracking mode); a FATAL from the
     server (here pg_terminate_backend) must reach the client as PostgreSQL sent it, and
