@@ -286,7 +286,8 @@ class _Checker:
         for rel, cols in info.columns_read.items():
             for schema, name in self.resolve(rel, path):
                 self.columns(schema, name, cols)
-        for fn in sorted(info.functions):
+        # (schema is None for an unqualified name: sorted by text, never None < str)
+        for fn in sorted(info.functions, key=lambda f: (f.schema or "", f.name, f.catalog or "")):
             self.function(fn, path)
         for call in info.config_calls:
             if call.param is None:

@@ -90,6 +90,9 @@ def test_demo_runs_the_example_topology() -> None:
         assert "permission denied by strongroom" in denied.stderr
         envelope = _psql(port, "etl_backup", "etl-secret", "SELECT pan FROM cards")
         assert envelope.stdout.strip().startswith("\\x01"), envelope.stdout
+        # psql's own catalog queries (\d mixes qualified and unqualified functions)
+        described = _psql(port, "app", "app-secret", "\\d cards")
+        assert described.returncode == 0 and "pan_bidx" in described.stdout, described.stderr
 
         at_rest = subprocess.run(
             ["psql", "-XAtq", "-h", direct.group(1), "-p", direct.group(2), "-U", "postgres",

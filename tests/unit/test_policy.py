@@ -906,3 +906,16 @@ def test_expand_views_config_is_checked_with_line() -> None:
     assert "p.yaml:2" in str(info.value) and "expand_views" in str(info.value)
     # On its own it is no policy (a policy needs roles or a default).
     assert Gate(parse_text("expand_views: true\n", "<t>")).policy is None
+
+
+def test_qualified_and_unqualified_functions_in_one_statement() -> None:
+    """psql's `\\d table` sends a query calling both `pg_get_expr(...)` and
+    `pg_catalog.generate_series(...)`: deciding it must not fail (it did, comparing the
+    unqualified name's missing schema with a schema, and the session was closed)."""
+    sql = ("SELECT pg_get_expr(pr.prqual, c.oid), (SELECT string_agg(attname, ', ') FROM "
+           "pg_catalog.generate_series(0, 3) s, pg_catalog.pg_attribute) "
+           "FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_class c "
+           "ON c.oid = pr.prrelid")
+    for role in (SA, OPS):
+        decision = decide(POLICY, role, analyze(sql), PATH, DB, env=ENV)
+        assert decision.allowed, decision.reason
