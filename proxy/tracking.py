@@ -565,6 +565,14 @@ class Tracker:
 
     def _client_copy(self, kind: int, msg: bytes) -> bytes | None:
         """COPY data from the client, and every other type: forwarded as is."""
+        if (kind in (0x64, 0x63, 0x66) and self.copy_in is None and not self.copy_in_failed
+                and self.pending_copy is not None and self.pending_copy[0] == "in"):
+            # The client sends its rows before the server's CopyInResponse (asyncpg's
+            # copy_records_to_table does): seal them from the first byte, never forward
+            # one as sent. (If the server refuses the COPY, it ignores the data.)
+            factory = self.pending_copy[1]
+            self.pending_copy = None
+            self.copy_in = factory()
         if kind == 0x64 and (self.copy_in is not None or self.copy_in_failed):
             if self.copy_in_failed:
                 return b""

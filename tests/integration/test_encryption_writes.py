@@ -323,3 +323,47 @@ def test_outside_ddl_is_seen_within_catalog_max_age(pg_aux) -> None:
     finally:
         p.stop()
         setup_sql(pg_aux, "DROP TABLE IF EXISTS s_cards, s_old")
+
+
+def test_asyncpg_copy_records_is_sealed_before_the_servers_reply(pg_aux) -> None:
+    """asyncpg's copy_records_to_table sends its binary rows right behind the COPY
+    statement, before PostgreSQL's CopyInResponse arrives. The rows must be sealed all
+    the same (without a blind index they were stored as sent), and read back."""
+    setup_sql(pg_aux, "CREATE TABLE a_cards (id int, pan bytea, balance bytea); "
+                      "CREATE TABLE a_indexed (id int, pan bytea, pan_bidx bytea); "
+                      "GRANT ALL ON a_cards, a_indexed TO PUBLIC")
+    p = start_encrypted(pg_aux, {
+        "public.a_cards.pan": {"type": "text"},
+        "public.a_cards.balance": {"type": "numeric"},
+        "public.a_indexed.pan": {"type": "text", "search": "blind_index"},
+    })
+    pans = ["4111000000007001", "4111000000007002", "4111000000007003"]
+
+    async def copy_and_read() -> tuple[list, list, list]:
+        c = await asyncpg.connect(p.dsn())
+        try:
+            await c.copy_records_to_table(
+                "a_cards", columns=["id", "pan", "balance"],
+                records=[(1, pans[0], decimal.Decimal("70.01")), (2, None, None)])
+            await c.copy_records_to_table(
+                "a_indexed", columns=["id", "pan"], records=[(1, pans[1]), (2, pans[2])])
+            return (await c.fetch("SELECT id, pan, balance FROM a_cards ORDER BY id"),
+                    await c.fetch("SELECT id FROM a_indexed WHERE pan = $1", pans[2]),
+                    await c.fetch("SELECT pan FROM a_indexed ORDER BY id"))
+        finally:
+            await c.close()
+
+    try:
+        cards, found, indexed = asyncio.run(copy_and_read())
+        assert [tuple(r) for r in cards] == [(1, pans[0], decimal.Decimal("70.01")),
+                                            (2, None, None)]
+        assert [r["id"] for r in found] == [2]
+        assert [r["pan"] for r in indexed] == pans[1:]
+        with direct(pg_aux) as d:
+            cells = [bytes(v) for row in d.execute(
+                "SELECT pan, balance FROM a_cards UNION ALL SELECT pan, pan_bidx "
+                "FROM a_indexed").fetchall() for v in row if v is not None]
+        assert len(cells) == 2 + 4 and leaks(cells, [*pans, "70.01"]) == []
+    finally:
+        p.stop()
+        setup_sql(pg_aux, "DROP TABLE a_cards, a_indexed")
