@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import decimal
+import io
 import time
 
 import asyncpg
@@ -367,3 +368,50 @@ def test_asyncpg_copy_records_is_sealed_before_the_servers_reply(pg_aux) -> None
     finally:
         p.stop()
         setup_sql(pg_aux, "DROP TABLE a_cards, a_indexed")
+
+
+def test_pipelined_writes_asyncpg_copy_text_and_psycopg_pipeline(pg_aux) -> None:
+    """Other clients that do not wait: asyncpg's copy_to_table (csv and text, sent right
+    behind the COPY) and psycopg's pipeline mode (many Parse/Bind/Execute before one
+    Sync, in autocommit and in a transaction). Everything is sealed and reads back."""
+    setup_sql(pg_aux, "CREATE TABLE z_cards (id int, pan bytea, pan_bidx bytea, bal bytea); "
+                      "GRANT ALL ON z_cards TO PUBLIC")
+    p = start_encrypted(pg_aux, {"public.z_cards.pan": {"type": "text", "search": "blind_index"},
+                                 "public.z_cards.bal": {"type": "numeric"}})
+    pans = {i: f"41110000000091{i:02d}" for i in range(1, 9)}
+
+    async def copy() -> list:
+        c = await asyncpg.connect(p.dsn())
+        try:
+            await c.copy_to_table("z_cards", columns=["id", "pan", "bal"], format="csv",
+                                  source=io.BytesIO(f"1,{pans[1]},1.5\n2,{pans[2]},\n".encode()))
+            await c.copy_to_table("z_cards", columns=["id", "pan", "bal"],
+                                  source=io.BytesIO(f"3\t{pans[3]}\t2.5\n".encode()))
+            return await c.fetch("SELECT id, pan, bal FROM z_cards ORDER BY id")
+        finally:
+            await c.close()
+
+    try:
+        assert [tuple(r) for r in asyncio.run(copy())] == [
+            (1, pans[1], decimal.Decimal("1.5")), (2, pans[2], None),
+            (3, pans[3], decimal.Decimal("2.5"))]
+        with psycopg.connect(p.conninfo(), autocommit=True) as c:
+            with c.pipeline():
+                c.execute("INSERT INTO z_cards (id, pan, bal) VALUES (%s, %s, %s)",
+                          (4, pans[4], decimal.Decimal("4")))
+                c.execute("INSERT INTO z_cards (id, pan, bal) VALUES (%s, %s, %s)",
+                          (5, pans[5], None))
+                cur = c.execute("SELECT id, pan, bal FROM z_cards WHERE pan = %s", (pans[4],))
+            assert cur.fetchall() == [(4, pans[4], decimal.Decimal("4"))]
+            with c.transaction(), c.pipeline():
+                for i in range(6, 9):
+                    c.execute("INSERT INTO z_cards (id, pan) VALUES (%s, %s)", (i, pans[i]))
+            assert c.execute("SELECT count(*) FROM z_cards WHERE pan IN (%s, %s)",
+                             (pans[6], pans[8])).fetchone() == (2,)
+        with direct(pg_aux) as d:
+            cells = [bytes(v) for row in d.execute(
+                "SELECT pan, pan_bidx, bal FROM z_cards").fetchall() for v in row if v is not None]
+        assert len(cells) == 8 * 2 + 3 and leaks(cells, [*pans.values(), "1.5", "2.5"]) == []
+    finally:
+        p.stop()
+        setup_sql(pg_aux, "DROP TABLE z_cards")
