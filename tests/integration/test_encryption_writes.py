@@ -415,3 +415,65 @@ def test_pipelined_writes_asyncpg_copy_text_and_psycopg_pipeline(pg_aux) -> None
     finally:
         p.stop()
         setup_sql(pg_aux, "DROP TABLE z_cards")
+
+
+def test_sqlalchemy_orm_bulk_insert(pg_aux) -> None:
+    """SQLAlchemy 2.0 ORM `add_all` + commit. Its default "insertmanyvalues" form feeds
+    the row values through `SELECT p0::VARCHAR FROM (VALUES ($1, ...)) AS imp_sen(...)`,
+    which the proxy cannot map to the protected column: refused, nothing stored (fail
+    closed; README, Limitations). With `use_insertmanyvalues=False` (one INSERT per row)
+    both the psycopg and the asyncpg dialects insert and look up through the proxy."""
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+    from sqlalchemy.orm import DeclarativeBase, Session
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Card(Base):  # (no Mapped[] annotations: this module has lazy annotations)
+        __tablename__ = "o_cards"
+        id = sa.Column(sa.Integer, primary_key=True)
+        pan = sa.Column(sa.String)
+
+    setup_sql(pg_aux, "CREATE TABLE o_cards (id serial PRIMARY KEY, pan bytea, pan_bidx bytea); "
+                      "GRANT ALL ON o_cards TO PUBLIC; "
+                      "GRANT ALL ON SEQUENCE o_cards_id_seq TO PUBLIC")
+    p = start_encrypted(pg_aux, {"public.o_cards.pan": {"type": "text", "search": "blind_index"}})
+    url = p.dsn().replace("postgresql://", "postgresql+psycopg://")
+    try:
+        eng = sa.create_engine(url)
+        with Session(eng) as s, pytest.raises(sa.exc.NotSupportedError, match=r"o_cards\.pan"):
+            s.add_all([Card(pan="4111000000008001"), Card(pan="4111000000008002")])
+            s.commit()
+        eng.dispose()
+        eng = sa.create_engine(url, use_insertmanyvalues=False)
+        with Session(eng) as s:
+            s.add_all([Card(pan="4111000000008011"), Card(pan="4111000000008012")])
+            s.commit()
+            found = s.scalars(sa.select(Card).where(Card.pan == "4111000000008012")).all()
+            assert [c.pan for c in found] == ["4111000000008012"]
+        eng.dispose()
+
+        async def with_asyncpg() -> list[str | None]:
+            aeng = create_async_engine(url.replace("+psycopg", "+asyncpg")
+                                       .replace("?sslmode=disable", ""),
+                                       use_insertmanyvalues=False)
+            try:
+                async with AsyncSession(aeng) as s:
+                    s.add_all([Card(pan="4111000000008021"), Card(pan="4111000000008022")])
+                    await s.commit()
+                    rows = await s.scalars(sa.select(Card).order_by(Card.id))
+                    return [c.pan for c in rows]
+            finally:
+                await aeng.dispose()
+
+        assert asyncio.run(with_asyncpg()) == ["4111000000008011", "4111000000008012",
+                                               "4111000000008021", "4111000000008022"]
+        with direct(pg_aux) as d:
+            cells = [bytes(v) for row in d.execute("SELECT pan, pan_bidx FROM o_cards")
+                     for v in row]
+        assert len(cells) == 8 and leaks(cells, ["4111000000008001", "4111000000008012",
+                                                  "4111000000008022"]) == []
+    finally:
+        p.stop()
+        setup_sql(pg_aux, "DROP TABLE o_cards")
