@@ -1456,6 +1456,11 @@ class _Planner:
         scope.rels = [target]
         return self._returning(b, scope, target)
 
+    def _relation_last_token(self, rv: Node) -> int:
+        """Index of the last token of a RangeVar's (possibly qualified) name."""
+        nparts = 1 + (rv.get("schemaname") is not None) + (rv.get("catalogname") is not None)
+        return self.tok.ident_path_last(self.tok.at(rv.get("location", 0)), nparts)
+
     def _name_columns(self, rv: Node, order: tuple[str, ...] | list[str],
                       pc: ProtectedColumn) -> None:
         """Write out the column list the proxy assumed (`INSERT INTO t (a, b, c) ...`,
@@ -1468,8 +1473,7 @@ class _Planner:
         the list, a protected column only ever gets what the proxy sealed for it, and a
         column dropped or renamed meanwhile makes the server refuse the statement."""
         tok = self.tok
-        nparts = 1 + (rv.get("schemaname") is not None) + (rv.get("catalogname") is not None)
-        last = tok.ident_path_last(tok.at(rv.get("location", 0)), nparts)
+        last = self._relation_last_token(rv)
         if rv.get("alias"):  # INSERT INTO t AS x: the grammar requires the AS
             if tok.name(last + 1) != "AS":
                 raise TokenError("expected AS before the INSERT alias")
@@ -1575,11 +1579,7 @@ class _Planner:
                     index_cols.append((pc.bidx_column or "", pc))
             if index_cols:
                 tok = self.tok
-                nparts = (
-                    1 + (rv.get("schemaname") is not None) + (rv.get("catalogname") is not None)
-                )
-                last = tok.ident_path_last(tok.at(rv.get("location", 0)), nparts)
-                close = tok.close(last + 1)
+                close = tok.close(self._relation_last_token(rv) + 1)
                 at = tok.starts[close]
                 self._splice(
                     at,
