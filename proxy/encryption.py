@@ -183,6 +183,10 @@ class RoleColumn:
             ) from None
 
     def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
+        if self.view == "deny":
+            raise ValueError_("42501", f"permission denied by strongroom: column "
+                              f"{self.runtime.qualified} is denied to a role this request "
+                              "ran as")
         return self._convert(self._open(envelope), fmt)
 
     def _convert(self, canonical: bytes, fmt: int) -> bytes | None:
@@ -214,6 +218,11 @@ class RoleColumn:
         TimeZone (timestamptz as text, or masked), the slot holds the decrypted canonical
         value and the conversion runs on every cell, with the TimeZone of the moment."""
         rt = self.runtime
+        if self.view == "deny":
+            def refuse(cell: bytes) -> bytes:
+                raise ValueError_("42501", "denied column")  # the row path says which
+
+            return refuse
         codec = rt.codec
         decrypt = rt.cipher.opener()
         if fmt == 1:
@@ -419,6 +428,10 @@ def literal_bytea(envelope: bytes) -> bytes:
     return b"'" + bytea_to_text(envelope) + b"'::bytea"
 
 
+# Column views from most to least revealing: combining views keeps the strictest.
+_STRICTNESS = {"plaintext": 0, "masked": 1, "ciphertext": 2, "deny": 3}
+
+
 class SessionProtector:
     """Per-session answers for the tracker: column views and statement plans."""
 
@@ -426,17 +439,52 @@ class SessionProtector:
         self.enc = enc
         self.catalog = catalog
         self.session = session
-        views = enc.views_for(session)
-        self._role: dict[tuple[str, str, str], RoleColumn] = {
-            key: RoleColumn(rt, *views.get(key, ("plaintext", None)), tz=self.timezone)
-            for key, rt in enc.columns.items()
-        }
+        # Column views follow the role in effect when rows are revealed (SET ROLE), and
+        # the strictest of several when a request ran under more than one (a cursor
+        # declared by another role, SET ROLE inside a string): one set of columns per
+        # such tuple of roles, `viewer` the one the tracker reveals with now.
+        self._viewers: dict[tuple[str, ...], dict[tuple[str, str, str], RoleColumn]] = {}
+        self.viewer: tuple[str, ...] = (self._current_role(),)
+        self.base_viewer = self.viewer
+        self._role = self._columns_for(self.viewer)
         self._by_attr: dict[tuple[int, int], RoleColumn | Untraceable] = {}
         self._attr_snapshot: object = None
+        self._attr_viewer: tuple[str, ...] = self.viewer
         self._tz_name: str | None = None
         self._tz: datetime.tzinfo = datetime.UTC
         self.wants_refresh = False
         self.ddl_sent = 0
+
+    def _current_role(self) -> str:
+        st = self.session.policy_state
+        return st.role if st is not None else self.session.user
+
+    def request_viewer(self) -> tuple[str, ...]:
+        """The roles the request just planned runs under (see SessionPolicy.request_roles)."""
+        st = self.session.policy_state
+        if st is None:
+            return self.viewer
+        roles = st.request_roles or (st.role,)
+        return roles if roles == self.viewer else tuple(roles)
+
+    def _columns_for(self, roles: tuple[str, ...]) -> dict[tuple[str, str, str], RoleColumn]:
+        cols = self._viewers.get(roles)
+        if cols is None:
+            views = self.enc.views_for_roles(roles)
+            cols = {key: RoleColumn(rt, *views.get(key, ("plaintext", None)), tz=self.timezone)
+                    for key, rt in self.enc.columns.items()}
+            if len(self._viewers) >= 64:
+                self._viewers.pop(next(iter(self._viewers)))
+            self._viewers[roles] = cols
+        return cols
+
+    def viewed(self, crypto: Any) -> Any:
+        """The same protected column as the current viewer sees it."""
+        if not isinstance(crypto, RoleColumn):
+            return crypto
+        cols = self._columns_for(self.viewer)
+        spec = crypto.runtime.spec
+        return cols.get((spec.schema, spec.table, spec.column), crypto)
 
     def timezone(self) -> datetime.tzinfo:
         name = self.session.server_params.get("TimeZone", "UTC")
@@ -456,7 +504,7 @@ class SessionProtector:
         if tracker is not None:  # cells revealed in a result set still being read
             tracker.flush_counts()
         out: list[tuple[str, str, int, int]] = []
-        for rc in self._role.values():
+        for rc in (rc for cols in self._viewers.values() for rc in cols.values()):
             if rc.n_encrypt or rc.n_decrypt or rc.n_bidx or rc.n_failed:
                 col = rc.runtime.qualified
                 if rc.n_decrypt or rc.n_failed:
@@ -470,17 +518,20 @@ class SessionProtector:
 
     def column_at(self, table_oid: int, attnum: int) -> RoleColumn | Untraceable | None:
         snap = self.catalog.snapshot
-        if snap is not self._attr_snapshot:
+        if snap is not self._attr_snapshot or self.viewer is not self._attr_viewer:
             self._by_attr = {}
+            self._attr_viewer = self.viewer
+            cols = self._columns_for(self.viewer)
             if snap is not None:
-                for (schema, table, column), rc in self._role.items():
+                for (schema, table, column), rc in cols.items():
                     info = snap.table(schema, table)
                     if info is not None and column in info.attnums:
                         self._by_attr[(info.oid, info.attnums[column])] = rc
                 _schema, views = self.enc.views_of(snap)
                 for attr, target in views.items():
                     self._by_attr[attr] = (
-                        Untraceable(target) if isinstance(target, str) else self._role_of(target)
+                        Untraceable(target) if isinstance(target, str)
+                        else cols[(target.schema, target.table, target.column)]
                     )
             self._attr_snapshot = snap
         return self._by_attr.get((table_oid, attnum))
@@ -503,9 +554,44 @@ class SessionProtector:
         info = snap.table(schema, table) if snap is not None else None
         return info.columns if info is not None else None
 
-    def plan_query(self, sql: str) -> StatementPlan:
+    def viewer_now(self) -> tuple[str, ...] | None:
+        """The roles the request decided last runs as, None when just the usual one."""
+        st = self.session.policy_state
+        if st is None:
+            return None
+        roles = st.request_roles or (st.role,)
+        return None if roles == self.base_viewer else roles
+
+    def use_viewer(self, roles: tuple[str, ...] | None) -> None:
+        """Reveal as ``roles`` (None: the session's usual role) from now on."""
+        want = roles or self.base_viewer
+        if want != self.viewer:
+            self._columns_for(want)
+            self.viewer = next(k for k in self._viewers if k == want)  # one object each
+
+    def plan_parsed(self, sql: str) -> tuple[StatementPlan, Any, str | None]:
+        """A Parse: decided and planned now, its session effects staged for Execute."""
+        plan = self.plan_query(sql, apply=False)
+        st = self.session.policy_state
+        if st is None or plan.refusal is not None:
+            return plan, None, None
+        return plan, self.session.gate.staged_effects(sql), st.role
+
+    def apply_effects(self, effects: Any) -> None:
+        self.session.gate.apply_staged(self.session, effects)
+
+    def recheck_role(self, stmt: Any) -> ClientRefusal | None:
+        """A statement parsed as one role, bound as another (SET ROLE since)."""
+        if stmt.sql is None:
+            return None
+        refusal = self.session.gate.decide(self.session, stmt.sql, apply=False)
+        if refusal is None:
+            stmt.role = self.session.policy_state.role
+        return refusal
+
+    def plan_query(self, sql: str, apply: bool = True) -> StatementPlan:
         raw = sql.encode(errors="surrogateescape")
-        refusal = self.session.gate.decide(self.session, sql)
+        refusal = self.session.gate.decide(self.session, sql, apply=apply)
         if refusal is not None:
             return StatementPlan(sql=raw, touches_protected=True, refusal=refusal)
         path = self.search_path()
@@ -602,7 +688,8 @@ class SessionProtector:
         if names is None:
             raise ValueError_("0A000", f"COPY of protected table {schema}.{table}: "
                               "its columns are not known yet; name them")
-        cols = [self._role.get((schema, table, n)) for n in names]
+        viewer = self.viewer_now() or self.base_viewer
+        cols = [self._columns_for(viewer).get((schema, table, n)) for n in names]
         if cp.direction == "out":
             return ("out", lambda: copy_stream.CopyOut(cp.format, cp.options, cols))
         # index_columns: (blind-index column appended by the rewriter, its source column)
@@ -727,21 +814,26 @@ class Encryption:
             self._views.popitem(last=False)
         return schema, attrs
 
-    def views_for(self, session: Any) -> dict[tuple[str, str, str], tuple[str, Any]]:
-        """Column view per protected column for the session's role (plaintext without a
-        policy). `deny` never reaches decryption: the policy refuses the statement."""
+    def views_for_roles(self, roles: tuple[str, ...],
+                        ) -> dict[tuple[str, str, str], tuple[str, Any]]:
+        """Column view per protected column: the strictest of ``roles``' views
+        (plaintext without a policy). A role the policy does not know sees ciphertext;
+        `deny` normally never reaches decryption (the policy refuses the statement), and
+        where it does (rows of a cursor fetched after SET ROLE) no value is revealed."""
         policy = self.gate.policy
         masks = self.masks
         if policy is None:
             return {k: ("plaintext", None) for k in self.columns}
-        st = session.policy_state
-        rp = policy.role(st.role if st is not None else session.user)
         out = {}
         for key in self.columns:
             schema, table, column = key
-            view = "ciphertext"  # a role the policy does not know sees no plaintext
-            if rp is not None:
-                view = rp.columns.get((schema, table), {}).get(column, "plaintext")
+            view = "plaintext"
+            for role in roles:
+                rp = policy.role(role)
+                seen = ("ciphertext" if rp is None
+                        else rp.columns.get((schema, table), {}).get(column, "plaintext"))
+                if _STRICTNESS.get(seen, 3) > _STRICTNESS[view]:
+                    view = seen
             out[key] = (view, masks[key])
         return out
 

@@ -36,7 +36,8 @@ _ALLOWED = Decision(True, "allowed")  # what a memoised allowed Parse is counted
 
 _EFFECT_KINDS = frozenset(
     {"set", "set_role", "prepare", "deallocate", "discard", "begin", "commit", "rollback",
-     "savepoint", "release", "rollback_to", "prepare_transaction", "explain"}
+     "savepoint", "release", "rollback_to", "prepare_transaction", "explain",
+     "declare", "fetch", "move", "close"}
 )
 _ROLE_PARAMS = frozenset({"role", "session_authorization"})
 _UNKNOWN_OID = 25  # text
@@ -136,6 +137,15 @@ class SessionPolicy:
     # under (role, search_path, decision cache): a driver that re-sends the same Parse
     # every transaction (libpq's extended mode) then costs one comparison.
     unnamed_ok: tuple[bytes, str, tuple[str, ...], object, Any] | None = None
+    # SQL cursors declared through the proxy: name -> (query, search_path, the roles in
+    # effect when it was declared). A FETCH is decided and revealed under the stricter
+    # of the declaring and the fetching role.
+    cursors: dict[str, tuple[StatementInfo, tuple[str, ...], tuple[str, ...]]] = field(
+        default_factory=dict)
+    # Every role in effect while the last applied request ran (SET ROLE in the middle
+    # of a string, a cursor declared by another role): its rows are revealed under the
+    # strictest view of them (SessionProtector.viewer).
+    request_roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.session_role:
@@ -339,6 +349,7 @@ class Gate:
                                 "loaded; reconnect")
         if st.refuse_all is not None:
             return self._refuse(session, st.role, st.refuse_all)
+        st.request_roles = ()
         cache = self._cache_for(session.database, st.reset_path)
         effects = self._effects.get(sql)
         decision: Decision | None = None
@@ -378,6 +389,32 @@ class Gate:
 
     def _decide_effects(self, cache: PolicyCache, session: Session, st: SessionPolicy,
                         sql: str) -> Decision:
+        decision = self._decide_effects_text(cache, session, st, sql)
+        if decision.allowed:
+            return self._decide_fetches(cache, session, st, sql) or decision
+        return decision
+
+    def _decide_fetches(self, cache: PolicyCache, session: Session, st: SessionPolicy,
+                        sql: str) -> Decision | None:
+        """FETCH / MOVE run the cursor's query as the role in effect now: it must be
+        allowed to that role too (PostgreSQL checked it for the declaring role only)."""
+        from proxy.policy import Decision, decide
+
+        assert self.policy is not None
+        for info in self.analyses.analyze(sql).statements:
+            if info.kind in ("fetch", "move") and info.name is not None:
+                cursor = st.cursors.get(info.name)
+                if cursor is None:
+                    continue  # a protocol-level portal: decided at its Parse and Bind
+                query, path, _roles = cursor
+                found = decide(self.policy, st.role, query, path, session.database,
+                               env=cache.env, prepared=st.prepared)
+                if not found.allowed:
+                    return Decision(False, f"cursor {info.name}: {found.reason}")
+        return None
+
+    def _decide_effects_text(self, cache: PolicyCache, session: Session, st: SessionPolicy,
+                             sql: str) -> Decision:
         """Statements with session effects need what the per-text cache cannot see: the
         PREPAREs earlier in the same string, the search_path a prepared statement was
         planned with (PostgreSQL keeps it), role changes the proxy could not follow."""
@@ -471,8 +508,13 @@ class Gate:
 
     def _apply_effects(self, session: Session, st: SessionPolicy, analysis: Analysis) -> None:
         before = (st.role, st.path)
+        roles = [st.role]
         for info in analysis.statements:
+            if info.kind in ("fetch", "move") and info.name in st.cursors:
+                roles.extend(st.cursors[info.name][2])
             self._apply_one(session, st, info)
+            roles.append(st.role)
+        st.request_roles = tuple(dict.fromkeys(roles))
         if (st.role, st.path) != before:
             self._watch_named(session, st)
 
@@ -502,10 +544,20 @@ class Gate:
             # SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; ... (no block)
             st.prepared.clear()
             st.prepared_path.clear()
+            st.cursors.clear()
             self._set(st, "session_authorization", None, False)
             self._set(st, "search_path", None, False)
         elif kind == "begin":
             st.savepoints.clear()
+        elif kind == "declare" and info.name and info.inner is not None:
+            if len(st.cursors) >= 1000 and info.name not in st.cursors:
+                st.cursors.pop(next(iter(st.cursors)))
+            st.cursors[info.name] = (info.inner, st.path, (st.role,))
+        elif kind == "close":
+            if info.name:
+                st.cursors.pop(info.name, None)
+            else:
+                st.cursors.clear()
         elif kind in ("commit", "prepare_transaction"):
             if st.aborted:  # COMMIT of a failed block is a ROLLBACK
                 st.put(st.committed)
@@ -716,6 +768,8 @@ class Gate:
         every value becomes NULL: no input function runs, so no type or encoding error
         (or 08P01) can come before the refusal, and no value reaches the server."""
         bind = rows.decode_bind(body)
+        if session.effect_portals:
+            session.effect_portals.pop(bind.portal, None)  # a new Bind replaces the portal
         if bind.statement not in session.denied:
             return None
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
@@ -733,9 +787,31 @@ class Gate:
                 st.named[bind.statement] = (named[0], st.role, st.path)
             staged = st.staged.get(bind.statement)
             if staged is not None:
-                self._apply_effects(session, st, staged)
+                # Effects happen when the portal runs, not when it is bound: a Bind
+                # without an Execute changes nothing on the server (`execute`).
+                session.effect_portals[bind.portal] = staged
             else:
                 session.denied.discard(bind.statement)  # back on the fast path
             return None
         bind.params = [None] * len(bind.params)
         return rows.encode_bind(bind)
+
+    def execute(self, session: Session, portal: bytes) -> None:
+        """Execute of a portal whose statement has session effects (SET, set_config,
+        PREPARE...): the server applies them now, so the gate does too. Only an Execute
+        makes a statement run; Parse and Bind alone change nothing on the server."""
+        staged = session.effect_portals.get(portal)
+        st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        if staged is not None and st is not None:
+            self._apply_effects(session, st, staged)
+
+    def staged_effects(self, sql: str) -> Analysis | None:
+        """The analysis of a parsed statement whose session effects wait for Execute."""
+        if self._effects.get(sql) is None:
+            self._has_effects(sql)
+        return self.analyses.analyze(sql) if self._effects.get(sql) else None
+
+    def apply_staged(self, session: Session, analysis: Analysis) -> None:
+        st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        if st is not None:
+            self._apply_effects(session, st, analysis)

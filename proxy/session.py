@@ -48,7 +48,7 @@ _SERVER_MAX = 1 << 30  # longest backend message accepted (the server is trusted
 
 # What the relay does with each frontend message type (index: the type byte); 0 is
 # "forward untouched", the common case (Bind without a refused statement aside).
-_A_QUERY, _A_PARSE, _A_SYNC, _A_BIND, _A_TERMINATE, _A_INVALID = range(1, 7)
+_A_QUERY, _A_PARSE, _A_SYNC, _A_BIND, _A_TERMINATE, _A_INVALID, _A_EXECUTE = range(1, 8)
 
 
 def _client_actions() -> tuple[int, ...]:
@@ -56,7 +56,7 @@ def _client_actions() -> tuple[int, ...]:
     for t in m.FRONTEND_TYPES:
         acts[t] = 0
     acts[_Q], acts[_P], acts[_S], acts[_F] = _A_QUERY, _A_PARSE, _A_SYNC, _A_SYNC
-    acts[_B], acts[_X] = _A_BIND, _A_TERMINATE
+    acts[_B], acts[_X], acts[_E] = _A_BIND, _A_TERMINATE, _A_EXECUTE
     return tuple(acts)
 
 
@@ -180,6 +180,8 @@ class Session(asyncio.Protocol):
         # Set by the gate when policy or encryption applies to this session.
         self.tracker: Tracker | None = None  # tracking mode (encryption): see tracking.py
         self.denied: set[bytes] = set()  # statement names substituted by a refusal
+        # Portals bound to a statement with session effects: applied at their Execute.
+        self.effect_portals: dict[bytes, object] = {}
         self.last_parse: bytes | None = None  # Parse body the gate last analysed (no policy)
         self.watch_ready = False  # gate.ready() wants every ReadyForQuery status
         self.policy_state: object | None = None
@@ -258,8 +260,11 @@ class Session(asyncio.Protocol):
                             self._t0 = _now()
                         self.outstanding += 1
                     elif act == _A_BIND:
-                        if self.denied:
+                        if self.denied or self.effect_portals:
                             replacement = self.gate.bind(self, data[pos + 5 : stop])
+                    elif act == _A_EXECUTE:
+                        if self.effect_portals:
+                            self.gate.execute(self, m.execute_portal(data[pos + 5 : stop]))
                     elif act == _A_QUERY:
                         if not self.outstanding:
                             self._t0 = _now()

@@ -127,6 +127,11 @@ class Statement:
     # What the fields were learnt for: (client's query text, catalog snapshot object,
     # search_path, DDL count); a Parse of the same text under the same view reuses them.
     learnt: tuple[Any, ...] | None = None
+    # Session effects (SET, set_config, PREPARE, DECLARE, FETCH...) that happen when a
+    # portal of it is executed, and the role it was decided for at Parse.
+    effects: Any = None
+    role: str | None = None
+    sql: str | None = None  # the client's text, to decide again for another role
 
 
 @dataclass(slots=True)
@@ -135,7 +140,7 @@ class Portal:
     result_formats: list[int]
     fields: list[rows.Field] | None = None
     # (the fields list it was computed from, the plan): a portal's rows all share it
-    cached_plan: tuple[object, RowPlan | None] | None = None
+    cached_plan: tuple[object, RowPlan | None, object] | None = None
     # Blind-index recheck: per hidden column, the accepted equality keys (this Bind's)
     checks: list[tuple[ColumnCrypto, frozenset[bytes | None]]] | None = None
     cached_filter: tuple[object, RecheckFilter] | None = None
@@ -156,6 +161,9 @@ class Entry:
     collected: list[list[bytes | None]] | None = None
     plan: StatementPlan | None = None  # QUERY: the plan of its text
     result: int = 0  # QUERY: index of the statement whose replies are coming
+    # QUERY / EXECUTE: the roles its rows are revealed as, when not the session's usual
+    # one (SET ROLE, a cursor declared by another role): see SessionProtector.viewer.
+    viewer: tuple[str, ...] | None = None
 
 
 # The entries of requests that carry nothing of their own (no target, no plan, not
@@ -361,6 +369,11 @@ class Tracker:
 
     def __init__(self, protector: Protector) -> None:
         self.protector = protector
+        # The session's policy state (gate.SessionPolicy), when a policy is configured:
+        # the role in effect now, read on Bind and Execute of a statement parsed as
+        # another role.
+        self._state: Any = getattr(getattr(protector, "session", None), "policy_state", None)
+        self._login_role: Any = self._state.role if self._state is not None else None
         self.queue: deque[Entry] = deque()
         self.statements: dict[bytes, Statement] = {}
         self.portals: dict[bytes, Portal] = {}
@@ -412,6 +425,9 @@ class Tracker:
         sql = m.query_text(msg[5:])
         plan = self.protector.plan_query(sql)
         entry.plan = plan
+        viewer_now = getattr(self.protector, "viewer_now", None)
+        if viewer_now is not None:
+            entry.viewer = viewer_now()
         if plan.refusal is not None:
             return m.message(b"Q", refusal_sql(plan.refusal) + b"\0") + self._refresh()
         self.pending_copy = plan.copy
@@ -422,8 +438,16 @@ class Tracker:
 
     def _client_parse(self, kind: int, msg: bytes) -> bytes | None:
         name, query, oids = rows.decode_parse(msg[5:])
-        plan = self.protector.plan_query(query.decode(errors="surrogateescape"))
-        stmt = Statement(plan, declared=list(oids))
+        sql = query.decode(errors="surrogateescape")
+        plan_parsed = getattr(self.protector, "plan_parsed", None)
+        if plan_parsed is None:
+            plan = self.protector.plan_query(sql)
+            stmt = Statement(plan, declared=list(oids))
+        else:
+            # Decided now, but its session effects wait for an Execute (`_client_execute`):
+            # a Parse or Bind alone runs nothing on the server.
+            plan, effects, role = plan_parsed(sql)
+            stmt = Statement(plan, declared=list(oids), effects=effects, role=role, sql=sql)
         prev = self.statements.get(name)
         self.statements[name] = stmt
         if plan.copy is not None:
@@ -477,7 +501,8 @@ class Tracker:
         if stmt is not None:
             plan = stmt.plan
             if (plan.refusal is not None or plan.params or plan.derived
-                    or plan.rechecks):
+                    or plan.rechecks or (stmt.role is not None and self._state is not None
+                                         and stmt.role is not self._state.role)):
                 return self._client_bind_full(msg)
         self.portals[portal] = Portal(stmt, result_formats)
         if not self.discarding:  # (`_push`, inline)
@@ -496,6 +521,13 @@ class Tracker:
         self._push(_BIND_ENTRY)
         if stmt is None:
             return None
+        if (stmt.role is not None and stmt.plan.refusal is None and self._state is not None
+                and stmt.role != self._state.role):
+            refusal = self.protector.recheck_role(stmt)  # type: ignore[attr-defined]
+            if refusal is not None:
+                # Parsed as another role (SET ROLE since): refused for the role it would
+                # run as now. The portal is bound to a statement raising the error.
+                return self._failing_bind(bind, refusal)
         if stmt.plan.refusal is not None:
             bind.params = []
             bind.param_formats = []
@@ -538,6 +570,14 @@ class Tracker:
             return None
         queue = self.queue
         entry = Entry(EXECUTE, target=portal)
+        if portal is not None and portal.statement is not None:
+            stmt = portal.statement
+            if stmt.effects is not None:
+                # The server applies them now, so the proxy does (SessionPolicy).
+                self.protector.apply_effects(stmt.effects)  # type: ignore[attr-defined]
+                entry.viewer = self.protector.viewer_now()  # type: ignore[attr-defined]
+            elif self._state is not None and self._state.role is not self._login_role:
+                entry.viewer = (self._state.role,)
         queue.append(entry)
         if len(queue) == 1:
             self._set_data_plan(self._current_plan(entry))
@@ -867,6 +907,7 @@ class Tracker:
     def _server_row_description(self, kind: int, head: Entry | None,
                                 msg: bytes) -> bytes | None:
         fields = rows.decode_row_description(msg[5:])
+        self._view_as(head)
         # The plan's hidden recheck columns and the parse tree's protected result
         # columns for this statement of it (one `_head_plan` for both).
         splan, index = self._head_plan(head)
@@ -1016,9 +1057,16 @@ class Tracker:
         if not q:
             self.discarding = True
 
+    def _view_as(self, head: Entry | None) -> None:
+        """Reveal the head request's rows as the roles it ran as (Entry.viewer)."""
+        use = getattr(self.protector, "use_viewer", None)
+        if use is not None:
+            use(head.viewer if head is not None else None)
+
     def _current_plan(self, head: Entry | None) -> RowPlan | None:
         if head is None:
             return None
+        self._view_as(head)
         if head.kind == EXECUTE:
             portal = head.target
             if not isinstance(portal, Portal):
@@ -1071,6 +1119,9 @@ class Tracker:
                 return crypto
         if outputs is not None and len(outputs) == nfields:
             crypto = outputs[i]
+            viewed = getattr(self.protector, "viewed", None)
+            if crypto is not None and viewed is not None:
+                crypto = viewed(crypto)  # as the roles the rows are revealed to
             # (fields kept for a later Execute already carry the logical type)
             if crypto is not None and f.type_oid in (BYTEA_OID, crypto.logical_oid):
                 return crypto
@@ -1081,10 +1132,11 @@ class Tracker:
         if not fields:
             return None
         cached = portal.cached_plan
-        if cached is not None and cached[0] is fields:
+        viewer = getattr(self.protector, "viewer", None)
+        if cached is not None and cached[0] is fields and cached[2] is viewer:
             return cached[1]
         plan = self._compute_portal_plan(portal, fields)
-        portal.cached_plan = (fields, plan)
+        portal.cached_plan = (fields, plan, viewer)
         return plan
 
     def _compute_portal_plan(self, portal: Portal, fields: list[rows.Field]) -> RowPlan | None:

@@ -206,6 +206,10 @@ def decide(
     return Decision(True, "allowed", None, tuple(dict.fromkeys(checker.views)))
 
 
+TRACKED_PARAMS = frozenset({"search_path", "role", "session_authorization"})
+"""Settings the policy follows; set_config of them must be exact (ConfigCall.exact)."""
+
+
 def search_path_after(
     info: StatementInfo, path: tuple[str, ...], reset_to: tuple[str, ...]
 ) -> tuple[str, ...]:
@@ -255,6 +259,13 @@ class _Checker:
         if kind in ("explain", "prepare", "declare"):
             if info.inner is None:
                 raise self.deny(f"{kind} without a statement")
+            tracked = sorted({c.param for c in info.inner.config_calls
+                              if c.param in TRACKED_PARAMS})
+            if tracked and not (kind == "explain" and info.explain_analyze):
+                # A PREPAREd statement or a cursor runs the call later (EXECUTE, FETCH),
+                # possibly never or many times; a plain EXPLAIN never runs it.
+                raise self.deny(f"set_config('{tracked[0]}') inside {kind.upper()} "
+                                "is not allowed")
             self.statement(info.inner, path)
             return
         if kind == "execute":
@@ -292,6 +303,15 @@ class _Checker:
         for call in info.config_calls:
             if call.param is None:
                 raise self.deny("set_config with a parameter name that is not a constant")
+            if call.param in TRACKED_PARAMS and not call.exact:
+                # Observe or force: the proxy follows these settings statement by
+                # statement, so it must know whether the call ran. Only a statement that
+                # is the call alone runs it exactly when the statement runs (not under
+                # WHERE false, a CASE, a LIMIT, a cursor or a PREPARE run later).
+                raise self.deny(
+                    f"set_config('{call.param}') is only allowed as a statement of its own "
+                    f"(SELECT set_config('{call.param}', '...', false))"
+                )
             if call.param in ("role", "session_authorization"):
                 if "set_role" not in self.rp.allow:
                     raise self.deny(f"set_config('{call.param}') is set_role, not allowed")

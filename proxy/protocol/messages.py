@@ -186,3 +186,12 @@ def parameter_status(body: bytes | memoryview) -> tuple[str, str]:
 def backend_key(body: bytes | memoryview) -> tuple[int, int]:
     pid, secret = struct.unpack_from("!II", body)
     return pid, secret
+
+
+def execute_portal(body: bytes | memoryview) -> bytes:
+    """The portal name of an Execute body (name, NUL, max rows)."""
+    data = bytes(body)
+    end = data.find(b"\0")
+    if end < 0:
+        raise ProtocolViolation("malformed Execute message")
+    return data[:end]

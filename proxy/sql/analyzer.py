@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
@@ -75,12 +76,37 @@ def _describe(node_type: str, body: Node) -> StatementInfo:
         kind = _QUERY_KINDS[node_type]
         if node_type == "SelectStmt" and body.get("intoClause"):
             kind = "ddl"
+        if node_type == "SelectStmt" and len(c.config_calls) == 1 and _sole_call(body):
+            c.config_calls[0] = replace(c.config_calls[0], exact=True)
         return _info(kind, c, detail=node_type)
     if node_type in _ADMIN:
         return _info("admin", _walked(body), detail=node_type)
     if node_type in _DDL or node_type.startswith(_DDL_PREFIXES):
         return _info("ddl", _walked(body), detail=node_type)
     return StatementInfo("unknown", detail=node_type)
+
+
+_SOLE_SELECT_KEYS = frozenset({"targetList", "limitOption", "op"})
+
+
+def _sole_call(body: Node) -> bool:
+    """``SELECT [pg_catalog.]set_config(a, b, c) [AS x]`` and nothing else: the one form in
+    which the call runs exactly when the statement does (see ConfigCall.exact)."""
+    if not set(body) <= _SOLE_SELECT_KEYS or body.get("op", "SETOP_NONE") != "SETOP_NONE":
+        return False
+    if body.get("limitOption", "LIMIT_OPTION_DEFAULT") != "LIMIT_OPTION_DEFAULT":
+        return False
+    targets = body.get("targetList") or []
+    if len(targets) != 1:
+        return False
+    call = (targets[0].get("ResTarget") or {}).get("val", {}).get("FuncCall")
+    if not call or not set(call) <= {"funcname", "args", "funcformat", "location"}:
+        return False
+    names = [n.get("String", {}).get("sval") for n in call.get("funcname", [])]
+    args = call.get("args") or []
+    return names in (["set_config"], ["pg_catalog", "set_config"]) and len(args) == 3 and all(
+        set(a) == {"A_Const"} for a in args
+    )
 
 
 def _walked(body: Node) -> Collector:

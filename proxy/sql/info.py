@@ -108,11 +108,17 @@ class ConfigCall:
     ``param`` is None when the name is not a constant (the policy denies it). ``values``
     is the parsed schema list for search_path, the text for other parameters, None when
     not a constant; ``is_local`` None when not a constant.
+
+    ``exact`` is True only for the one form whose execution the proxy can know from the
+    protocol alone: the call is the whole statement (``SELECT set_config(c, c, c)``, no
+    FROM, WHERE, LIMIT, set operation, CTE or second output column), so it runs exactly
+    once when the statement runs, and not at all when it does not.
     """
 
     param: str | None
     values: tuple[str, ...] | None
     is_local: bool | None
+    exact: bool = False
 
 
 @dataclass(frozen=True, slots=True)
