@@ -428,6 +428,14 @@ def literal_bytea(envelope: bytes) -> bytes:
     return b"'" + bytea_to_text(envelope) + b"'::bytea"
 
 
+def _sealing(plan: StatementPlan) -> tuple[Any, ...]:
+    """What a plan does to protected values, without its fresh ciphertexts."""
+    return (plan.touches_protected, plan.tables,
+            sorted((i, a, id(c.runtime)) for i, (a, c) in plan.params.items()),
+            sorted((n, src, a, id(c.runtime)) for n, src, a, c in plan.derived),
+            plan.copy is None, bool(plan.rechecks))
+
+
 # Column views from most to least revealing: combining views keeps the strictest.
 _STRICTNESS = {"plaintext": 0, "masked": 1, "ciphertext": 2, "deny": 3}
 
@@ -581,13 +589,23 @@ class SessionProtector:
         self.session.gate.apply_staged(self.session, effects)
 
     def recheck_role(self, stmt: Any) -> ClientRefusal | None:
-        """A statement parsed as one role, bound as another (SET ROLE since)."""
+        """A statement parsed under one role and search_path, bound under others (SET
+        ROLE or SET search_path since). The server re-analyses it under the path of this
+        execution, so it must pass the policy again, and it must seal exactly what it
+        was rewritten to seal at Parse, or it is refused (prepare it again)."""
         if stmt.sql is None:
             return None
-        refusal = self.session.gate.decide(self.session, stmt.sql, apply=False)
-        if refusal is None:
-            stmt.role = self.session.policy_state.role
-        return refusal
+        plan = self.plan_query(stmt.sql, apply=False)
+        if plan.refusal is not None:
+            return plan.refusal
+        old = stmt.plan
+        if _sealing(plan) != _sealing(old):
+            return ClientRefusal(
+                "0A000", "prepared statement would now resolve to other protected columns "
+                "(search_path or role changed since it was prepared); prepare it again")
+        st = self.session.policy_state
+        stmt.role, stmt.path = st.role, st.path
+        return None
 
     def plan_query(self, sql: str, apply: bool = True) -> StatementPlan:
         raw = sql.encode(errors="surrogateescape")

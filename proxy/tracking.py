@@ -131,6 +131,7 @@ class Statement:
     # portal of it is executed, and the role it was decided for at Parse.
     effects: Any = None
     role: str | None = None
+    path: Any = None  # the search_path it was planned under
     sql: str | None = None  # the client's text, to decide again for another role
 
 
@@ -447,7 +448,8 @@ class Tracker:
             # Decided now, but its session effects wait for an Execute (`_client_execute`):
             # a Parse or Bind alone runs nothing on the server.
             plan, effects, role = plan_parsed(sql)
-            stmt = Statement(plan, declared=list(oids), effects=effects, role=role, sql=sql)
+            stmt = Statement(plan, declared=list(oids), effects=effects, role=role, sql=sql,
+                             path=self._state.path if self._state is not None else None)
         prev = self.statements.get(name)
         self.statements[name] = stmt
         if plan.copy is not None:
@@ -502,7 +504,8 @@ class Tracker:
             plan = stmt.plan
             if (plan.refusal is not None or plan.params or plan.derived
                     or plan.rechecks or (stmt.role is not None and self._state is not None
-                                         and stmt.role is not self._state.role)):
+                                         and (stmt.role is not self._state.role
+                                              or stmt.path is not self._state.path))):
                 return self._client_bind_full(msg)
         self.portals[portal] = Portal(stmt, result_formats)
         if not self.discarding:  # (`_push`, inline)
@@ -522,7 +525,9 @@ class Tracker:
         if stmt is None:
             return None
         if (stmt.role is not None and stmt.plan.refusal is None and self._state is not None
-                and stmt.role != self._state.role):
+                and (stmt.role != self._state.role or stmt.path != self._state.path)):
+            # PostgreSQL re-analyses a prepared statement under the search_path of each
+            # execution (since 9.3), and checks rights as the role of the moment.
             refusal = self.protector.recheck_role(stmt)  # type: ignore[attr-defined]
             if refusal is not None:
                 # Parsed as another role (SET ROLE since): refused for the role it would

@@ -41,6 +41,11 @@ CREATE TABLE public.st_cards (id int, pan bytea);
 INSERT INTO public.st_open VALUES (1);
 INSERT INTO public.st_secret VALUES (1, 'top secret');
 GRANT ALL ON public.st_open, public.st_secret, public.st_cards TO PUBLIC;
+DROP SCHEMA IF EXISTS st_c CASCADE;
+CREATE SCHEMA st_c;
+CREATE TABLE st_c.st_cards (id int, pan bytea);
+GRANT USAGE ON SCHEMA st_c TO PUBLIC;
+GRANT ALL ON st_c.st_cards TO PUBLIC;
 """
 
 POLICY: dict[str, Any] = {
@@ -50,7 +55,8 @@ POLICY: dict[str, Any] = {
         "st_peon": {"tables": {"public.st_open": ["select"], "public.st_secret": ["select"],
                                "public.st_cards": ["select", "insert"]},
                     "columns": {"public.st_cards.pan": "masked"}},
-        "st_boss": {"tables": {"public.st_cards": ["select", "insert"]},
+        "st_boss": {"tables": {"public.st_cards": ["select", "insert"],
+                               "st_c.st_cards": ["select", "insert"]},
                     "allow": ["set_role"]},
     },
     "default": "deny",
@@ -189,6 +195,24 @@ def test_bound_set_config_applies_at_execute(proxy_of: ProxyProcess) -> None:
         secret_denied(conn)
 
 
+def test_prepared_insert_replanned_by_the_server_is_not_sent_plaintext(
+        proxies: dict[str, ProxyProcess], pg: Any) -> None:
+    """PostgreSQL re-analyses a prepared statement under the search_path of each
+    execution: an INSERT prepared where `st_cards` is a plain table and executed after
+    SET search_path = public would store into the protected public.st_cards as sent."""
+    p = proxies["tracking"]
+    with connect(p, "st_boss") as conn:
+        conn.execute("SET search_path = st_c")
+        conn.pgconn.prepare(b"ins", b"INSERT INTO st_cards VALUES ($1, $2)")
+        conn.execute("SET search_path = public")
+        res = conn.pgconn.exec_prepared(b"ins", [b"77", b"4111000077770000"])
+        assert res.status == psycopg.pq.ExecStatus.FATAL_ERROR
+        assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"0A000"
+    with direct(pg) as conn:
+        rows = conn.execute("SELECT pan FROM public.st_cards WHERE id = 77").fetchall()
+        assert rows == []
+
+
 # -- route 5: SET ROLE and cursors ------------------------------------------------------
 
 
@@ -266,3 +290,105 @@ def test_stored_value_is_ciphertext(proxies: dict[str, ProxyProcess], pg: Any) -
     with direct(pg) as conn:
         (raw,) = conn.execute("SELECT pan FROM st_cards WHERE id = 1").fetchone()
         assert SECRET.encode() not in bytes(raw)
+
+
+# -- the class: a property test over random sequences of state changes -------------------
+
+PROBE_SETUP = """
+DROP SCHEMA IF EXISTS st_a CASCADE;
+DROP SCHEMA IF EXISTS st_b CASCADE;
+CREATE SCHEMA st_a;
+CREATE SCHEMA st_b;
+CREATE TABLE st_a.probe_t (v text);
+CREATE TABLE st_b.probe_t (v text);
+INSERT INTO st_a.probe_t VALUES ('a');
+INSERT INTO st_b.probe_t VALUES ('b');
+GRANT USAGE ON SCHEMA st_a, st_b TO PUBLIC;
+GRANT ALL ON st_a.probe_t, st_b.probe_t TO PUBLIC;
+"""
+
+# Statements that change (or try to change) search_path and the current role, in every
+# position the issue names; some are refused, some fail on the server, some do nothing.
+STEPS = [
+    "SET search_path = st_a", "SET search_path = st_b", "SET LOCAL search_path = st_b",
+    "RESET search_path", "SET search_path TO DEFAULT", "RESET ALL", "DISCARD ALL",
+    "SELECT set_config('search_path', 'st_b', false)",
+    "SELECT set_config('search_path', 'st_a', true)",
+    "SELECT set_config('search_path', 'st_b', false) WHERE false",
+    "SET ROLE st_peon", "RESET ROLE", "SET ROLE NONE",
+    "SELECT set_config('role', 'st_peon', false)",
+    "BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT s1", "ROLLBACK TO SAVEPOINT s1",
+    "RELEASE SAVEPOINT s1", "SELECT 1 / 0", "PREPARE pp AS SELECT v FROM probe_t",
+    "EXECUTE pp", "DEALLOCATE ALL", "SET search_path = st_a; SELECT 1 / 0",
+    "SET search_path = st_b; SET ROLE st_peon",
+]
+STATE_POLICY: dict[str, Any] = {
+    "roles": {
+        "st_login": {"tables": {"st_a.probe_t": ["select"]}, "allow": ["set_role"]},
+        "st_peon": {"tables": {"st_b.probe_t": ["select"]}},
+    },
+    "default": "deny",
+}
+
+
+def _server_truth(conn: psycopg.Connection) -> tuple[str | None, str]:
+    """(the table probe_t resolves to on the server, current_user), or None if none."""
+    row = conn.execute(
+        "SELECT (SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = pg_catalog.to_regclass('probe_t')), current_user").fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def _expected(where: str | None, role: str) -> str:
+    if where is None:
+        return "denied"  # the proxy cannot resolve it either: it fails closed
+    allowed = {("st_login", "st_a.probe_t"), ("st_peon", "st_b.probe_t")}
+    return "ok" if (role, where) in allowed else "denied"
+
+
+def _probe(conn: psycopg.Connection, prepare: bool) -> str:
+    try:
+        conn.execute("SELECT v FROM probe_t", prepare=prepare).fetchall()
+        return "ok"
+    except psycopg.Error as exc:
+        if exc.sqlstate in ("42501", "26000") and "strongroom" in str(exc):
+            return "denied"  # (26000: a named statement re-decided for a new role)
+        return "denied" if exc.sqlstate == "42P01" else f"error {exc.sqlstate}"
+
+
+@pytest.mark.parametrize("prepare", [False, True], ids=["simple", "extended"])
+def test_random_state_sequences_match_the_server(
+        proxies: dict[str, ProxyProcess], pg: Any, prepare: bool) -> None:
+    """After every step of random sequences, the proxy's decision on an unqualified
+    name equals what the server's own search_path and current_user make of it."""
+    import random
+
+    pg.psql(PROBE_SETUP, db="app")
+    rng = random.Random(1100 + prepare)
+    for mode in ("relay", "tracking"):
+        p = ProxyProcess(pg, STATE_POLICY) if mode == "relay" else start_encrypted(
+            pg, PROTECT, STATE_POLICY, start=False)
+        p.start()
+        try:
+            for _seq in range(12):
+                with connect(p) as conn:
+                    conn.execute("SET search_path = st_a")
+                    for _ in range(10):
+                        step = rng.choice(STEPS)
+                        try:
+                            conn.execute(step, prepare=prepare and ";" not in step)
+                        except psycopg.Error:
+                            pass
+                        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                            conn.execute("ROLLBACK")
+                        where, role = _server_truth(conn)
+                        got = _probe(conn, prepare)
+                        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                            conn.execute("ROLLBACK")
+                            where, role = _server_truth(conn)
+                            got = _probe(conn, prepare)
+                        assert got == _expected(where, role), (mode, step, where, role)
+        finally:
+            p.stop()
