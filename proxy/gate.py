@@ -399,6 +399,11 @@ class Gate:
             return None
         return self.decide(session, sql, apply=False)
 
+    def functions_changed(self, database: str) -> None:
+        """Functions may have appeared, moved or gone (DDL, or a DO that may run it, was
+        sent): the next session of this database loads pg_proc again."""
+        self._ddl_seen[database] = self._ddl_seen.get(database, 0) + 1
+
     def _refuse_call(self, session: Session, role: str, reason: str,
                      sql: str = "") -> ClientRefusal:
         """A refusal of a FunctionCall the engine did not decide, counted and audited
@@ -626,9 +631,7 @@ class Gate:
                 # A schema appeared or moved: stop trusting the list read at session
                 # start (None: every schema of the path may hold a name; fail closed).
                 self._set_schemas(session.database, None)
-            # Functions may have appeared, moved or gone (any DDL, or a DO running it):
-            # the next session of this database loads pg_proc again.
-            self._ddl_seen[session.database] = self._ddl_seen.get(session.database, 0) + 1
+            self.functions_changed(session.database)
         setting = info.setting
         if setting is not None and kind in ("set", "set_role"):
             param = setting.param

@@ -29,6 +29,8 @@ from proxy.devcluster import free_port
 from proxy.protocol import messages as m
 from tests.conftest import (
     APP_DB,
+    APP_PASSWORD,
+    APP_USER,
     FLUSH,
     SYNC,
     TERMINATE,
@@ -413,3 +415,27 @@ def test_message_type_rule(pg, fc_proxy, kind: int) -> None:
                 direct.send(script)
                 theirs = direct.read_to_close()
                 assert [error_fields(b)["C"] for _, b in theirs] == ["08P01"]
+
+
+def test_encryption_without_policy(pg) -> None:
+    """Tracking mode with no policy: nothing decides on functions, but the proxy still
+    follows search_path for its planner, so set_config by OID is refused; the OID map
+    follows DDL sent through the proxy there too."""
+    setup_sql(pg, "CREATE TABLE IF NOT EXISTS fc_secrets (id int PRIMARY KEY, secret bytea)")
+    p = start_encrypted(pg, PROTECT)
+    try:
+        with login(p, APP_USER, APP_PASSWORD) as raw:
+            assert denied(call(raw, oid_of(pg, "set_config(text,text,boolean)"),
+                               b"search_path", b"information_schema", b"false"), "set_config")
+            assert result(call(raw, oid_of(pg, "int4pl(integer,integer)"), b"2", b"40")) \
+                == b"42"
+            raw.send(query_msg("DROP FUNCTION IF EXISTS fc_plain(int); CREATE FUNCTION "
+                               "fc_plain(int) RETURNS int LANGUAGE sql AS 'SELECT $1 + 1'"))
+            raw.read_until(b"Z")
+            assert denied(call(raw, oid_of(pg, "public.fc_plain(integer)"), b"1"),
+                          "not known")
+        with login(p, APP_USER, APP_PASSWORD) as raw:
+            assert result(call(raw, oid_of(pg, "public.fc_plain(integer)"), b"1")) == b"2"
+    finally:
+        p.stop()
+        pg.psql("DROP FUNCTION IF EXISTS public.fc_plain(int)", db=APP_DB)
