@@ -626,6 +626,7 @@ class SessionProtector:
             # Tables may have appeared, vanished or changed: learn their oids/attnums.
             self.wants_refresh = True
             self.ddl_sent += 1
+            self.session.gate.functions_changed(self.session.database)  # also without policy
         if not rplan.touches_protected:
             return AS_SENT
         tables = tuple(sorted(f"{s}.{t}" for s, t in getattr(rplan, "tables_referenced", ())))

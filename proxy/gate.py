@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.policy.engine import Decision
 from proxy.protocol import messages as m
 from proxy.protocol import rows
+from proxy.protocol.messages import ProtocolViolation
 from proxy.sql.cache import AnalysisCache
 from proxy.sql.info import ALL, Analysis, StatementInfo
 from proxy.sql.names import parse_search_path
@@ -42,11 +43,20 @@ _EFFECT_KINDS = frozenset(
 _ROLE_PARAMS = frozenset({"role", "session_authorization"})
 _UNKNOWN_OID = 25  # text
 _SCHEMA_DDL = frozenset({"CreateSchemaStmt", "RenameStmt", "AlterObjectSchemaStmt"})
+_CATALOG_CHANGES = frozenset({"ddl", "do"})  # may create, rename or drop functions
 
 PRELUDE_SQL = (
     "SELECT nspname FROM pg_catalog.pg_namespace; "
     "SELECT pg_catalog.current_setting('search_path'), pg_catalog.current_setting('role'), "
     "session_user"
+)
+
+# pg_proc by OID, for FunctionCall messages (which name a function by OID only): loaded
+# by the prelude of the first session of a database in this process, and again by the
+# first one after this process saw DDL there (`Gate._functions`).
+FUNCTIONS_SQL = (
+    "SELECT p.oid, n.nspname, p.proname FROM pg_catalog.pg_proc p "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
 )
 
 # With `expand_views`: what every view's query reads, one row per (view, referenced
@@ -77,6 +87,20 @@ _ViewMap = tuple[
     dict[tuple[str, str], frozenset[tuple[str, str]]],
     dict[tuple[str, str], dict[tuple[str, str], frozenset[str]]],
 ]
+
+
+def function_map(rows: list[list[bytes | None]]) -> dict[int, tuple[str, str]]:
+    """FUNCTIONS_SQL rows -> {oid: (schema, name)}."""
+    out: dict[int, tuple[str, str]] = {}
+    for row in rows:
+        oid, schema, name = ((v or b"").decode() for v in row[:3])
+        out[int(oid)] = (schema, name)
+    return out
+
+
+def _quoted(ident: str) -> str:
+    """Always quoted: a function named like a keyword (``left``) still parses."""
+    return '"' + ident.replace('"', '""') + '"'
 
 
 def view_map(rows: list[list[bytes | None]]) -> _ViewMap:
@@ -192,10 +216,15 @@ class Gate:
         self._caches: dict[tuple[str, tuple[str, ...]], PolicyCache] = {}
         self._schemas: dict[str, frozenset[str] | None] = {}
         self._views: dict[str, _ViewMap] = {}  # per database, with expand_views
-        # What each session's prelude asked for (the config may be reloaded meanwhile).
-        self._preludes: weakref.WeakKeyDictionary[Session, tuple[bool, bool]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Per database: pg_proc by OID and the DDL generation it was loaded at; it is
+        # stale once `_ddl_seen` of the database moved past that (see FUNCTIONS_SQL).
+        self._functions: dict[str, tuple[dict[int, tuple[str, str]], int]] = {}
+        self._ddl_seen: dict[str, int] = {}
+        # What each session's prelude asked for (the config may be reloaded meanwhile):
+        # (catalog, views, functions: the DDL generation they are loaded at, or None).
+        self._preludes: weakref.WeakKeyDictionary[
+            Session, tuple[bool, bool, int | None]
+        ] = weakref.WeakKeyDictionary()
         self._effects: dict[str, bool] = {}
         self.encryption: Any = None  # proxy.encryption wiring, when `protect:` is configured
         if settings is not None:
@@ -294,14 +323,26 @@ class Gate:
             sql += "; " + self.encryption.catalog_sql()
         if views:
             sql += "; " + VIEWS_SQL
-        self._preludes[session] = (catalog, views)
+        # Last: its results follow the others'. One query per database per process (and
+        # per DDL seen), not per session.
+        generation = self._ddl_seen.get(session.database, 0)
+        loaded = self._functions.get(session.database)
+        functions = None
+        if loaded is None or loaded[1] != generation:
+            sql += "; " + FUNCTIONS_SQL
+            functions = generation
+        self._preludes[session] = (catalog, views, functions)
         return sql
 
     def prelude_done(self, session: Session, results: list[list[list[bytes | None]]]) -> None:
-        catalog, views = self._preludes.pop(session, (False, False))
+        catalog, views, functions = self._preludes.pop(session, (False, False, None))
         index = 3 if catalog else 2
         if views and len(results) > index:
             self._set_views(session.database, view_map(results[index]))
+        if functions is not None:
+            at = 2 + catalog + views
+            if len(results) > at:
+                self._functions[session.database] = (function_map(results[at]), functions)
         schemas = frozenset((r[0] or b"").decode() for r in results[0])
         row = [(v or b"").decode() for v in results[1][0]]
         path = parse_search_path(row[0])
@@ -327,6 +368,60 @@ class Gate:
             session.watch_ready = True
         if self.encryption is not None:
             self.encryption.attach(session, results[2] if catalog and len(results) > 2 else [])
+
+    # ------------------------------------------------------------------ function calls
+
+    def function_call(self, session: Session, body: bytes) -> bytes | None:
+        """A FunctionCall message: None to forward it, or the Query to send instead,
+        which makes the server raise the refusal (ErrorResponse then ReadyForQuery, as
+        for a failed call, with the transaction state the server's own)."""
+        if self.policy is None and self.encryption is None:
+            return None  # nothing is checked or tracked: the plain relay
+        refusal = self._function_refusal(session, body)
+        if refusal is None:
+            return None
+        return m.message(b"Q", refusal_sql(refusal) + b"\0")
+
+    def _function_refusal(self, session: Session, body: bytes) -> ClientRefusal | None:
+        """The same rules as a call written in SQL (POLICY-SEMANTICS "Functions"): the
+        OID is resolved to ``schema.name`` through pg_proc as loaded from this server,
+        then decided as ``SELECT schema.name()`` would be. An OID the proxy does not know
+        (a function created since the map was loaded, or none at all) is denied, and so
+        is ``set_config``: the proxy could not follow the setting it changes."""
+        if len(body) < 4:
+            raise ProtocolViolation("invalid FunctionCall message")
+        oid = int.from_bytes(body[:4], "big")
+        st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        role = st.role if st is not None else session.user
+        loaded = self._functions.get(session.database)
+        target = loaded[0].get(oid) if loaded is not None else None
+        if target is None:
+            return self._refuse_call(
+                session, role, f"function with OID {oid} is not known to the proxy "
+                "(FunctionCall message); call it by name in SQL")
+        schema, name = target
+        sql = f"SELECT {_quoted(schema)}.{_quoted(name)}()"  # what the call amounts to
+        if schema == "pg_catalog" and name == "set_config":
+            return self._refuse_call(
+                session, role, "set_config in a FunctionCall message (the proxy cannot "
+                "follow the setting it changes); use SET or SELECT set_config(...)", sql)
+        if self.policy is None:
+            return None
+        return self.decide(session, sql, apply=False)
+
+    def functions_changed(self, database: str) -> None:
+        """Functions may have appeared, moved or gone (DDL, or a DO that may run it, was
+        sent): the next session of this database loads pg_proc again."""
+        self._ddl_seen[database] = self._ddl_seen.get(database, 0) + 1
+
+    def _refuse_call(self, session: Session, role: str, reason: str,
+                     sql: str = "") -> ClientRefusal:
+        """A refusal of a FunctionCall the engine did not decide, counted and audited
+        as every other denial."""
+        reason = f'role "{role}": {reason}'
+        if self.metrics is not None:
+            self.metrics.policy_decision(role, Decision(False, reason))
+        return self._refuse(session, role, reason, sql)
 
     # ------------------------------------------------------------------ statements
 
@@ -498,7 +593,7 @@ class Gate:
             return False
         result = any(
             s.kind in _EFFECT_KINDS or s.config_calls or s.kind == "execute"
-            or (s.kind == "ddl" and s.detail in _SCHEMA_DDL)
+            or s.kind in _CATALOG_CHANGES
             for s in analysis.statements
         )
         if len(self._effects) > 10_000:
@@ -583,10 +678,12 @@ class Gate:
                     else:
                         del st.savepoints[i:]
                     break
-        elif kind == "ddl" and info.detail in _SCHEMA_DDL and not scratch:
-            # A schema appeared or moved: stop trusting the list read at session start
-            # (None: every schema of the path may hold a name; fail closed).
-            self._set_schemas(session.database, None)
+        elif kind in _CATALOG_CHANGES and not scratch:
+            if kind == "ddl" and info.detail in _SCHEMA_DDL:
+                # A schema appeared or moved: stop trusting the list read at session
+                # start (None: every schema of the path may hold a name; fail closed).
+                self._set_schemas(session.database, None)
+            self.functions_changed(session.database)
         setting = info.setting
         if setting is not None and kind in ("set", "set_role"):
             param = setting.param

@@ -42,21 +42,31 @@ _U32_unpack_from = _U32.unpack_from
 _Q, _P, _S, _X, _F, _H, _B = (ord(c) for c in "QPSXFHB")
 _T, _D, _C = (ord(c) for c in "TDC")
 _Z, _R, _K, _E, _PS = (ord(c) for c in "ZRKES")
-_FRONTEND = frozenset(m.FRONTEND_TYPES)
+_ACCEPTED = frozenset(
+    t for t, rule in m.FRONTEND_RULES.items() if rule in (m.CHECKED, m.HARMLESS)
+)  # tracking mode: types that reach the tracker (the rest end the session, 08P01)
 _now = time.perf_counter
 _SERVER_MAX = 1 << 30  # longest backend message accepted (the server is trusted)
 
-# What the relay does with each frontend message type (index: the type byte); 0 is
-# "forward untouched", the common case (Bind without a refused statement aside).
-_A_QUERY, _A_PARSE, _A_SYNC, _A_BIND, _A_TERMINATE, _A_INVALID, _A_EXECUTE = range(1, 8)
+# What the relay does with each frontend message type (index: the type byte), from the
+# rule table `messages.FRONTEND_RULES`; 0 is "forward untouched", the common case.
+# (Execute is harmless, but applies the session effects of a portal bound to a statement
+# with effects: `Gate.execute`.)
+_A_QUERY, _A_PARSE, _A_SYNC, _A_BIND, _A_TERMINATE, _A_INVALID, _A_FUNC, _A_EXECUTE = (
+    range(1, 9))
+_CHECKED_ACTS = {_Q: _A_QUERY, _P: _A_PARSE, _B: _A_BIND, _F: _A_FUNC}
+_HARMLESS_ACTS = {_S: _A_SYNC, _X: _A_TERMINATE, ord("E"): _A_EXECUTE}
 
 
 def _client_actions() -> tuple[int, ...]:
+    """The relay's action per type byte. A CHECKED type must have a gate action here:
+    a new one without it fails loudly at import, never forwarded unchecked."""
     acts = [_A_INVALID] * 256
-    for t in m.FRONTEND_TYPES:
-        acts[t] = 0
-    acts[_Q], acts[_P], acts[_S], acts[_F] = _A_QUERY, _A_PARSE, _A_SYNC, _A_SYNC
-    acts[_B], acts[_X], acts[_E] = _A_BIND, _A_TERMINATE, _A_EXECUTE
+    for t, rule in m.FRONTEND_RULES.items():
+        if rule == m.CHECKED:
+            acts[t] = _CHECKED_ACTS[t]
+        elif rule == m.HARMLESS:
+            acts[t] = _HARMLESS_ACTS.get(t, 0)
     return tuple(acts)
 
 
@@ -274,6 +284,11 @@ class Session(asyncio.Protocol):
                     elif act == _A_PARSE:
                         replacement = self.gate.parse(self, data[pos + 5 : stop])
                         self._count_kind()
+                    elif act == _A_FUNC:
+                        if not self.outstanding:
+                            self._t0 = _now()
+                        self.outstanding += 1
+                        replacement = self.gate.function_call(self, data[pos + 5 : stop])
                     elif act == _A_TERMINATE:
                         if out is None:
                             self._terminate(data[:stop])
@@ -658,11 +673,15 @@ class Session(asyncio.Protocol):
                     self.upstream.transport.write(before)  # type: ignore[union-attr]
                 self._terminate(msg)
                 return
-            elif kind not in _FRONTEND:
+            elif kind not in _ACCEPTED:
                 self._violation(f"invalid frontend message type {kind}")
                 return
             try:
                 replacement = handlers[kind](tracker, kind, msg)
+                if kind == _F:
+                    # Queued as a FunctionCall either way: a refusal's ErrorResponse and
+                    # ReadyForQuery answer it as the call's own would.
+                    replacement = self.gate.function_call(self, msg[5:])
             except ProtocolViolation as exc:
                 self._violation(str(exc))
                 return

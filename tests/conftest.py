@@ -7,7 +7,9 @@ so tests exercise exactly what ops run. Server and proxy logs are printed on fai
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import os
 import signal
 import socket
@@ -324,8 +326,7 @@ class RawPG:
 
     Drivers hide exactly what these tests need to see (message order, exact bytes,
     what happens after a malformed message), so this speaks the wire protocol itself.
-    It only does the auth methods a raw client can do without a SCRAM library:
-    trust, cleartext password and md5.
+    It does trust, cleartext password, md5 and SCRAM-SHA-256 (without channel binding).
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
@@ -400,6 +401,9 @@ class RawPG:
                     inner = hashlib.md5((password + user).encode()).hexdigest()
                     outer = hashlib.md5(inner.encode() + body[4:8]).hexdigest()
                     self.send(msg(b"p", cstr("md5" + outer)))
+                elif code == 10:
+                    assert password is not None
+                    self._scram(password)
                 elif code != 0:
                     raise AssertionError(f"auth method {code} not supported by RawPG")
             elif kind == b"K":
@@ -411,6 +415,33 @@ class RawPG:
                 raise AssertionError(f"login failed: {error_fields(body)}")
             elif kind == b"Z":
                 return out
+
+    def _scram(self, password: str) -> None:
+        """SCRAM-SHA-256 without channel binding (RFC 5802/7677), as libpq does it when
+        the server offers no -PLUS mechanism: enough to log in as any role of the main
+        cluster with raw messages."""
+        nonce = base64.b64encode(os.urandom(18)).decode()
+        first_bare = f"n=,r={nonce}"
+        initial = f"n,,{first_bare}".encode()
+        self.send(msg(b"p", cstr("SCRAM-SHA-256") + struct.pack("!i", len(initial)) + initial))
+        kind, body = self.read_msg()
+        assert kind == b"R" and struct.unpack("!I", body[:4])[0] == 11, (kind, body)
+        server_first = body[4:].decode()
+        attrs = dict(part.split("=", 1) for part in server_first.split(","))
+        salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(attrs["s"]),
+                                     int(attrs["i"]))
+        client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+        stored_key = hashlib.sha256(client_key).digest()
+        final_bare = f"c=biws,r={attrs['r']}"
+        auth_message = f"{first_bare},{server_first},{final_bare}".encode()
+        signature = hmac.new(stored_key, auth_message, "sha256").digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        final = f"{final_bare},p={base64.b64encode(proof).decode()}".encode()
+        self.send(msg(b"p", final))
+        kind, body = self.read_msg()
+        if kind == b"E":
+            raise AssertionError(f"login failed: {error_fields(body)}")
+        assert kind == b"R" and struct.unpack("!I", body[:4])[0] == 12, (kind, body)
 
     def close(self) -> None:
         self.sock.close()

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from proxy.policy.functions import is_admin_function
+from proxy.policy.functions import is_admin_function, is_large_object_function
 from proxy.policy.model import Policy, RolePolicy
 from proxy.policy.pg_builtins import (
     INFORMATION_SCHEMA_RELATIONS,
@@ -452,6 +452,11 @@ class _Checker:
             raise self.deny(f"function {fn} does not resolve in search_path")
 
     def builtin(self, name: str) -> None:
+        if is_large_object_function(name):
+            if "large_objects" not in self.rp.allow and "admin" not in self.rp.allow:
+                raise self.deny(f"large-object function pg_catalog.{name} is not allowed "
+                                "(needs allow: large_objects)")
+            return
         if is_admin_function(name) and "admin" not in self.rp.allow:
             raise self.deny(f"admin function pg_catalog.{name} is not allowed (needs allow: admin)")
         if name == "pg_notify" and "notify" not in self.rp.allow:

@@ -1,9 +1,14 @@
 """Which built-in functions are admin-only, per POLICY-SEMANTICS.md "Functions".
 
-Read files, list directories, touch large objects, signal backends, reload config, or run
-SQL text the proxy cannot see: each of these bypasses table policy, so each needs
-``allow: [admin]``.  Beyond the spec's list we also treat WAL, backup, replication-slot
-and statistics-reset functions as admin (they change server state for everyone).
+Read files, list directories, signal backends, reload config, or run SQL text the proxy
+cannot see: each of these bypasses table policy, so each needs ``allow: [admin]``.  Beyond
+the spec's list we also treat WAL, backup, replication-slot and statistics-reset functions
+as admin (they change server state for everyone).
+
+Large objects are data outside every table the policy names (``pg_largeobject``), readable
+and writable by OID: they need ``allow: [large_objects]`` (or ``admin``). ``lo_import`` and
+``lo_export`` read and write *server files*, so they stay admin; so does any other ``lo_*``
+name (fail closed: a function PostgreSQL adds later is admin until listed here).
 """
 
 from __future__ import annotations
@@ -20,8 +25,6 @@ ADMIN_FUNCTIONS: Final = frozenset(
         "pg_cancel_backend",
         "pg_reload_conf",
         "pg_rotate_logfile",
-        "loread",
-        "lowrite",
         # spec: run SQL text
         "ts_stat",
         "ts_rewrite",
@@ -49,7 +52,7 @@ ADMIN_FUNCTIONS: Final = frozenset(
 )
 
 ADMIN_PREFIXES: Final = (
-    "lo_",  # every large-object function: lo_import, lo_export, lo_get, lo_put, ...
+    "lo_",  # every other lo_* (lo_import, lo_export: server files)
     "pg_ls_",  # pg_ls_dir and every pg_ls_*dir
     "query_to_xml",
     "table_to_xml",
@@ -63,6 +66,25 @@ ADMIN_PREFIXES: Final = (
 )
 
 
+LARGE_OBJECT_FUNCTIONS: Final = frozenset(
+    {
+        "lo_creat", "lo_create", "lo_open", "lo_close", "loread", "lowrite", "lo_lseek",
+        "lo_lseek64", "lo_tell", "lo_tell64", "lo_truncate", "lo_truncate64", "lo_unlink",
+        "lo_get", "lo_put", "lo_from_bytea",
+    }
+)  # fmt: skip
+"""The pg_catalog functions of the large-object interface that touch no server file:
+``allow: [large_objects]``. libpq's client-side lo_* calls reach them by OID
+(FunctionCall messages), which the gate checks by the same rules."""
+
+
+def is_large_object_function(name: str) -> bool:
+    """True for a pg_catalog function that needs ``allow: [large_objects]`` (or admin)."""
+    return name in LARGE_OBJECT_FUNCTIONS
+
+
 def is_admin_function(name: str) -> bool:
     """True for a pg_catalog function that needs ``allow: [admin]``."""
+    if name in LARGE_OBJECT_FUNCTIONS:
+        return False
     return name in ADMIN_FUNCTIONS or name.startswith(ADMIN_PREFIXES)

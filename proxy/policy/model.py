@@ -19,7 +19,8 @@ COLUMN_VIEWS: Final = ("plaintext", "masked", "ciphertext", "deny")
 """Least to most restrictive; among parents the most restrictive view wins."""
 
 ALLOW_KINDS: Final = frozenset(
-    {"ddl", "do", "call", "set_role", "listen", "notify", "admin", "prepare_transaction"}
+    {"ddl", "do", "call", "set_role", "listen", "notify", "admin", "prepare_transaction",
+     "large_objects"}
 )
 POLICY_KEYS: Final = ("roles", "default", "default_column_view", "expand_views")
 """Top-level config keys that belong to the policy (settings and the gate pass these)."""

@@ -27,6 +27,35 @@ _CANCEL = struct.Struct("!IIII")
 
 FRONTEND_TYPES = frozenset(b"BCdcfDEHFPpQSX")
 
+# What a session in READY does with each frontend message type: the one place that says
+# it, so a type without a rule is refused (and the message-type table test fails).
+CHECKED = "checked"  # decided by the gate before it goes up (statements, function calls)
+HARMLESS = "harmless"  # forwarded: names only what a checked message created, or nothing
+REFUSED = "refused"  # the session ends with 08P01, as PostgreSQL itself would end it
+
+FRONTEND_RULES: dict[int, str] = {
+    ord("Q"): CHECKED,  # Query: the statement text
+    ord("P"): CHECKED,  # Parse: the statement text
+    ord("B"): CHECKED,  # Bind: runs a statement again (role or search_path may differ)
+    ord("F"): CHECKED,  # FunctionCall: the function, resolved by OID
+    ord("D"): HARMLESS,  # Describe: of a checked statement or portal
+    ord("E"): HARMLESS,  # Execute: of a portal a checked Bind made
+    ord("C"): HARMLESS,  # Close
+    ord("S"): HARMLESS,  # Sync
+    ord("H"): HARMLESS,  # Flush
+    ord("X"): HARMLESS,  # Terminate
+    ord("d"): HARMLESS,  # CopyData: belongs to a checked COPY (sealed in tracking mode)
+    ord("c"): HARMLESS,  # CopyDone
+    ord("f"): HARMLESS,  # CopyFail
+    ord("p"): REFUSED,  # PasswordMessage / SASL: only during authentication
+}
+"""Rules after authentication; a type not listed is REFUSED."""
+
+
+def frontend_rule(kind: int) -> str:
+    """The rule of a frontend message type byte once the session is READY."""
+    return FRONTEND_RULES.get(kind, REFUSED)
+
 
 class ProtocolViolation(Exception):
     """The peer sent something the protocol does not allow; the session answers 08P01."""

@@ -79,6 +79,7 @@ POLICY_DICT = {
             "columns": {"public.customers.tax_id": "deny"},
         },
         "mixed": {"tables": {"public.orders": ["select"], "secret.orders": ["select"]}},
+        "lobs": {"allow": ["large_objects"]},
     },
     "default": "deny",
 }
@@ -298,6 +299,16 @@ CASES: list[tuple[str, str, bool]] = [
     ("SELECT public.dblink_exec('x')", SA, N),
     ("SELECT pg_read_file('x')", OPS, Y),  # admin may
     ("SELECT lo_import('/tmp/x')", OPS, Y),
+    # large objects: allow large_objects (or admin); server files stay admin
+    ("SELECT lo_creat(-1)", SA, N),
+    ("SELECT lo_creat(-1)", "lobs", Y),
+    ("SELECT lo_open(1, 262144), loread(0, 1), lowrite(0, 'x'), lo_close(0)", "lobs", Y),
+    ("SELECT lo_get(1), lo_put(1, 0, 'x'), lo_from_bytea(0, 'x'), lo_unlink(1)", "lobs", Y),
+    ("SELECT pg_catalog.lo_lseek64(0, 0, 0), lo_tell(0), lo_truncate(0, 1)", "lobs", Y),
+    ("SELECT lo_import('/etc/passwd')", "lobs", N),
+    ("SELECT lo_export(1, '/tmp/x')", "lobs", N),
+    ("SELECT pg_read_file('x')", "lobs", N),
+    ("SELECT loread(0, 1)", OPS, Y),
     ("SELECT 1 OPERATOR(public.+) 2", SA, N),
     ("SELECT 1 OPERATOR(pg_catalog.+) 2", SA, Y),
     ("SELECT * FROM generate_series(1, 3)", SA, Y),
