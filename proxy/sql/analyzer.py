@@ -79,7 +79,9 @@ def _describe(node_type: str, body: Node) -> StatementInfo:
         return simple(body)
     if node_type in _QUERY_KINDS:
         c = Collector()
-        c.sink = TOP  # its bare result columns go to the client
+        # Its bare result columns go to the client; SELECT INTO stores them in a new table
+        # instead, which is a use (the copy would not carry the column's view).
+        c.sink = None if body.get("intoClause") else TOP
         c.query({node_type: body}, None)
         kind = _QUERY_KINDS[node_type]
         if node_type == "SelectStmt" and body.get("intoClause"):

@@ -33,6 +33,7 @@ POLICY = Policy.from_dict(
             role: {
                 "tables": {"public.cards": KINDS, "public.other": KINDS},
                 "columns": {"public.cards.pan": view},
+                "allow": ["ddl"],
             }
             for role, view in VIEWS.items()
         },
@@ -170,6 +171,9 @@ CONSTRUCTS: list[tuple[str, str]] = [
     ("MERGE INTO other o USING cards c ON o.id = c.id WHEN MATCHED AND c.pan > 'x' "
      "THEN DELETE", USE),
     ("SELECT id FROM cards ORDER BY pan LIMIT 1", USE),
+    ("SELECT id, pan INTO copied FROM cards", USE),
+    ("CREATE TABLE copied AS SELECT id, pan FROM cards", USE),
+    ("CREATE VIEW shown AS SELECT id, pan FROM cards", USE),
     ("SELECT id FROM cards c, LATERAL (SELECT c.pan) s(p) WHERE s.p = 'x'", EQ),
 ]
 
