@@ -25,6 +25,17 @@ a base when the definition has a whole-row reference): a ``deny`` column there d
 statement, whichever view columns the statement names (fail closed: the dependencies say
 which base columns a view uses, not which output column uses which). Views in
 ``pg_catalog`` / ``information_schema`` are not expanded.
+
+Oracles: a ``masked`` or ``ciphertext`` column may only be shown, as a bare result column
+(select list, RETURNING, ``*``). Any other read (a predicate, join, ``IN``, comparison,
+``CASE``, grouping, ordering, ``DISTINCT``, window, aggregate or function argument, a
+non-ALL set operation, ``ON CONFLICT``, ``MERGE`` condition, the output of a subquery
+that is itself used) lets the role ask the server questions about the value and learn it
+(bisection over an ``IN`` list of candidates), so it is denied; the analysis records per
+column whether it is shown, compared by equality or otherwise used. ``lookup`` on the
+column allows equality comparisons only. With ``expand_views``, any comparison or use of
+a view's columns counts as one of every masked/ciphertext base column it references (the
+dependencies do not say which view column comes from which base column).
 """
 
 from __future__ import annotations
@@ -49,6 +60,8 @@ from proxy.sql.info import (
 from proxy.sql.names import FunctionName, RelationName, quote_ident
 
 CATALOG_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+ORACLE_VIEWS = frozenset({"masked", "ciphertext"})
+"""Views that show a column but must not answer questions about its value."""
 SECRET_CATALOG_RELATIONS = frozenset(
     {
         # spec
@@ -290,13 +303,16 @@ class _Checker:
     def touches(self, info: StatementInfo, path: tuple[str, ...]) -> None:
         """Relations, columns, functions and set_config calls of one statement."""
         for rel, access in sorted(info.accesses, key=lambda a: (str(a[0]), a[1])):
+            how = _how(rel, info)
             for schema, name in self.resolve(rel, path):
                 self.access(schema, name, access)
             if self.policy.expand_views and schema not in CATALOG_SCHEMAS:
-                self.expand(schema, name, access, ())
+                self.expand(schema, name, access, (), how)
         for rel, cols in info.columns_read.items():
+            compared = info.columns_compared.get(rel, frozenset())
+            used = info.columns_used.get(rel, frozenset())
             for schema, name in self.resolve(rel, path):
-                self.columns(schema, name, cols)
+                self.columns(schema, name, cols, compared=compared, used=used)
         # (schema is None for an unqualified name: sorted by text, never None < str)
         for fn in sorted(info.functions, key=lambda f: (f.schema or "", f.name, f.catalog or "")):
             self.function(fn, path)
@@ -358,8 +374,11 @@ class _Checker:
             raise self.deny(f"relation {rel} does not resolve in search_path")
         return out
 
-    def expand(self, schema: str, name: str, access: str, chain: tuple[str, ...]) -> None:
-        """``access`` to (schema, name), if it is a view, is that access to its bases."""
+    def expand(
+        self, schema: str, name: str, access: str, chain: tuple[str, ...], how: str | None
+    ) -> None:
+        """``access`` to (schema, name), if it is a view, is that access to its bases.
+        ``how``: the statement compares ("equality") or uses ("use") the view's columns."""
         bases = self.env.view_bases
         if bases is None:
             raise self.deny(
@@ -382,9 +401,13 @@ class _Checker:
             if reads:
                 cols = columns.get((bschema, bname))
                 if cols:
-                    self.columns(bschema, bname, cols, note, record=False)
+                    self.columns(
+                        bschema, bname, cols, note, record=False,
+                        compared=cols if how == "equality" else frozenset(),
+                        used=cols if how == "use" else frozenset(),
+                    )
             if bschema not in CATALOG_SCHEMAS:
-                self.expand(bschema, bname, access, via)
+                self.expand(bschema, bname, access, via, how)
 
     def access(self, schema: str, name: str, access: str, note: str = "") -> None:
         needed = ACCESS_ALTERNATIVES.get(access)
@@ -402,12 +425,22 @@ class _Checker:
         raise self.deny(f"{what} on {_obj(schema, name)} is not allowed{note}")
 
     def columns(
-        self, schema: str, name: str, cols: frozenset[str], note: str = "", record: bool = True
+        self,
+        schema: str,
+        name: str,
+        cols: frozenset[str],
+        note: str = "",
+        record: bool = True,
+        *,
+        compared: frozenset[str] = frozenset(),
+        used: frozenset[str] = frozenset(),
     ) -> None:
+        """``cols`` read; of them ``compared`` by equality, ``used`` otherwise (ALL: any)."""
         protected = self.rp.columns.get((schema, name))
         if not protected:
             return
         whole = ALL in cols
+        lookups = self.rp.lookups.get((schema, name), frozenset())
         for col, view in protected.items():
             if not whole and col not in cols:
                 continue
@@ -417,6 +450,20 @@ class _Checker:
                     f"statement {how} denied column {_obj(schema, name)}.{quote_ident(col)}"
                     f"{note}"
                 )
+            if view in ORACLE_VIEWS:
+                column = f"{_obj(schema, name)}.{quote_ident(col)}"
+                if col in used or ALL in used:
+                    only = "lookup allows equality only" if col in lookups else "no lookup"
+                    raise self.deny(
+                        f"{view} column {column} used in an expression, predicate, join, "
+                        f"grouping, ordering or subquery; a {view} view may only be selected "
+                        f"as a bare result column ({only}){note}"
+                    )
+                if (col in compared or ALL in compared) and col not in lookups:
+                    raise self.deny(
+                        f"{view} column {column} compared by equality without lookup on it "
+                        f"(a {view} view may only be selected as a bare result column){note}"
+                    )
             if record:
                 self.views.append(ColumnView(schema, name, col, view))
 
@@ -461,6 +508,15 @@ class _Checker:
             raise self.deny(f"admin function pg_catalog.{name} is not allowed (needs allow: admin)")
         if name == "pg_notify" and "notify" not in self.rp.allow:
             raise self.deny("pg_notify is notify, not allowed (needs allow: notify)")
+
+
+def _how(rel: RelationName, info: StatementInfo) -> str | None:
+    """Whether the statement uses (``use``) or compares (``equality``) a relation's columns."""
+    if info.columns_used.get(rel):
+        return "use"
+    if info.columns_compared.get(rel):
+        return "equality"
+    return None
 
 
 def _obj(schema: str, name: str) -> str:

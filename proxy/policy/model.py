@@ -29,6 +29,10 @@ _ROLE_KEYS: Final = frozenset({"inherits", "tables", "columns", "allow", "functi
 
 TableKey = tuple[str, str]
 ColumnKey = tuple[str, str, str]
+ColumnRight = tuple[str, bool]
+"""(view, lookup): how the role sees a column and whether it may compare it by equality."""
+LOOKUP_VIEWS: Final = frozenset({"masked", "ciphertext"})
+"""Views ``lookup`` applies to: plaintext allows every use, deny none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,8 @@ class RolePolicy:
     """(schema, table) -> column -> view."""
     allow: frozenset[str]
     functions: frozenset[TableKey]
+    lookups: Mapping[TableKey, frozenset[str]] = field(default_factory=dict)
+    """(schema, table) -> masked/ciphertext columns the role may compare by equality."""
 
     def kinds_for(self, schema: str, name: str) -> frozenset[str]:
         """Granted kinds; exact entries and the schema wildcard add up."""
@@ -218,19 +224,40 @@ class _Builder:
             return None
         return parts
 
-    def columns(self, raw: Any, path: tuple[str, ...]) -> dict[ColumnKey, str]:
+    def columns(self, raw: Any, path: tuple[str, ...]) -> dict[ColumnKey, ColumnRight]:
+        """``schema.table.column: VIEW`` or ``schema.table.column: {view: VIEW, lookup: B}``."""
         if not isinstance(raw, Mapping):
             self.fail(path, "must be a mapping of schema.table.column to a view")
             return {}
-        out: dict[ColumnKey, str] = {}
-        for key, view in raw.items():
+        out: dict[ColumnKey, ColumnRight] = {}
+        for key, value in raw.items():
             kpath = (*path, str(key))
             parts = self.qualified(str(key), 3, kpath)
-            if view not in COLUMN_VIEWS:
-                self.fail(kpath, f"view must be one of {list(COLUMN_VIEWS)}, not {view!r}")
-            elif parts is not None:
-                out[parts] = view  # type: ignore[index]
+            right = self.column_right(value, kpath)
+            if right is not None and parts is not None:
+                out[parts] = right  # type: ignore[index]
         return out
+
+    def column_right(self, value: Any, path: tuple[str, ...]) -> ColumnRight | None:
+        lookup: Any = False
+        if isinstance(value, Mapping):
+            extra = sorted(str(k) for k in value if k not in ("view", "lookup"))
+            if extra:
+                self.fail(path, f"unknown key(s) {extra} (expected view, lookup)")
+                return None
+            view, lookup = value.get("view"), value.get("lookup", False)
+        else:
+            view = value
+        if view not in COLUMN_VIEWS:
+            self.fail(path, f"view must be one of {list(COLUMN_VIEWS)}, not {view!r}")
+            return None
+        if not isinstance(lookup, bool):
+            self.fail(path, f"lookup must be true or false, not {lookup!r}")
+            return None
+        if lookup and view not in LOOKUP_VIEWS:
+            self.fail(path, f"lookup applies to masked or ciphertext views, not {view}")
+            return None
+        return view, lookup
 
     # -- inheritance -------------------------------------------------------------------
 
@@ -238,7 +265,7 @@ class _Builder:
         self,
         name: str,
         parsed: dict[str, dict[str, Any]],
-        defaults: dict[ColumnKey, str],
+        defaults: dict[ColumnKey, ColumnRight],
         seen: tuple[str, ...],
     ) -> RolePolicy:
         if name in seen:
@@ -251,7 +278,7 @@ class _Builder:
         tables: dict[TableKey, frozenset[str]] = dict(own["tables"])
         schemas: dict[str, frozenset[str]] = dict(own["schemas"])
         allow, functions = set(own["allow"]), set(own["functions"])
-        inherited: dict[ColumnKey, str] = {}
+        inherited: dict[ColumnKey, ColumnRight] = {}
         for parent in parents:
             for key, kinds in parent.tables.items():
                 tables[key] = tables.get(key, frozenset()) | kinds
@@ -260,15 +287,17 @@ class _Builder:
             allow |= parent.allow
             functions |= parent.functions
             for table, cols in parent.columns.items():
+                lookups = parent.lookups.get(table, frozenset())
                 for col, view in cols.items():
                     k = (*table, col)
-                    if COLUMN_VIEWS.index(view) > COLUMN_VIEWS.index(inherited.get(k, view)):
-                        inherited[k] = view
-                    inherited.setdefault(k, view)
+                    inherited[k] = _stricter(inherited.get(k), (view, col in lookups))
         merged = {**defaults, **inherited, **own["columns"]}
         columns: dict[TableKey, dict[str, str]] = {}
-        for (schema, table, col), view in merged.items():
+        lookup: dict[TableKey, set[str]] = {}
+        for (schema, table, col), (view, may_look) in merged.items():
             columns.setdefault((schema, table), {})[col] = view
+            if may_look:
+                lookup.setdefault((schema, table), set()).add(col)
         return RolePolicy(
             name=name,
             tables=MappingProxyType(tables),
@@ -276,4 +305,16 @@ class _Builder:
             columns=MappingProxyType({k: MappingProxyType(v) for k, v in columns.items()}),
             allow=frozenset(allow),
             functions=frozenset(functions),
+            lookups=MappingProxyType({k: frozenset(v) for k, v in lookup.items()}),
         )
+
+
+def _stricter(have: ColumnRight | None, other: ColumnRight) -> ColumnRight:
+    """Of two parents' rights on a column: the more restrictive view wins; on the same
+    view, lookup only if both grant it."""
+    if have is None:
+        return other
+    rank_have, rank_other = COLUMN_VIEWS.index(have[0]), COLUMN_VIEWS.index(other[0])
+    if rank_other != rank_have:
+        return other if rank_other > rank_have else have
+    return have[0], have[1] and other[1]

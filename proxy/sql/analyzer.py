@@ -18,7 +18,15 @@ from pglast import parser as _pg
 
 from proxy.sql.info import Analysis, SetInfo, StatementInfo
 from proxy.sql.names import RelationName
-from proxy.sql.query import Collector, Level, const_bool, const_text, range_var_name, unwrap
+from proxy.sql.query import (
+    TOP,
+    Collector,
+    Level,
+    const_bool,
+    const_text,
+    range_var_name,
+    unwrap,
+)
 
 Node = dict[str, Any]
 
@@ -72,6 +80,9 @@ def _describe(node_type: str, body: Node) -> StatementInfo:
         return simple(body)
     if node_type in _QUERY_KINDS:
         c = Collector()
+        # Its bare result columns go to the client; SELECT INTO stores them in a new table
+        # instead, which is a use (the copy would not carry the column's view).
+        c.sink = None if body.get("intoClause") else TOP
         c.query({node_type: body}, None)
         kind = _QUERY_KINDS[node_type]
         if node_type == "SelectStmt" and body.get("intoClause"):
@@ -116,10 +127,14 @@ def _walked(body: Node) -> Collector:
 
 
 def _info(kind: str, c: Collector, **extra: Any) -> StatementInfo:
+    c.finish()
     return StatementInfo(
         kind,  # type: ignore[arg-type]
         accesses=frozenset(c.accesses),
         columns_read=MappingProxyType({r: frozenset(v) for r, v in c.reads.items()}),
+        columns_compared=MappingProxyType({r: frozenset(v) for r, v in c.compared.items()}),
+        columns_used=MappingProxyType({r: frozenset(v) for r, v in c.used.items()}),
+        by_position=c.by_position,
         columns_written=MappingProxyType({r: frozenset(v) for r, v in c.writes.items()}),
         functions=frozenset(c.functions),
         config_calls=tuple(c.config_calls),
@@ -201,6 +216,7 @@ def _copy(s: Node) -> StatementInfo:
     is_from = bool(s.get("is_from"))
     cols = [n["String"]["sval"] for n in s.get("attlist", [])]
     if "query" in s:
+        c.sink = TOP
         c.query(s["query"], None)
         for rel in [r for r, k in c.accesses if k == "select"]:
             c.access(rel, "copy_out")

@@ -36,7 +36,10 @@ MAX_SHAPES = 8  # tried in order on every miss of the exact-text levels: keep it
 def template_safe(analysis: Analysis) -> bool:
     """Whether any text with the same normalised form has the same analysis."""
     return all(
-        s.kind in _TEMPLATE_KINDS and not s.config_calls and s.setting is None
+        s.kind in _TEMPLATE_KINDS
+        and not s.config_calls
+        and s.setting is None
+        and not s.by_position  # ORDER BY 1 and ORDER BY 2 use different columns
         for s in analysis.statements
     )
 

@@ -127,13 +127,25 @@ class StatementInfo:
 
     ``accesses`` holds (relation as written, access kind); kinds are keys of
     ACCESS_ALTERNATIVES.  ``columns_read`` maps a relation to the columns read (ALL for a
-    whole-row read or a column that cannot be named without the catalog).
+    whole-row read or a column that cannot be named without the catalog), in any way.
+    Of those, ``columns_compared`` are also compared by equality (=, <>, IN, IS [NOT]
+    DISTINCT FROM, IS NULL, NULLIF, JOIN USING / NATURAL) and ``columns_used`` also used
+    any other way (an expression, predicate, join condition, grouping, ordering, window,
+    aggregate, the output of a subquery that is itself used...); a column in neither is
+    only shown, bare, as a result column of the statement (select list, RETURNING).
     """
 
     kind: StatementKind
     accesses: frozenset[tuple[RelationName, str]] = frozenset()
     columns_read: Mapping[RelationName, frozenset[str]] = field(default_factory=lambda: _EMPTY)
     columns_written: Mapping[RelationName, frozenset[str]] = field(default_factory=lambda: _EMPTY)
+    columns_compared: Mapping[RelationName, frozenset[str]] = field(
+        default_factory=lambda: _EMPTY
+    )
+    columns_used: Mapping[RelationName, frozenset[str]] = field(default_factory=lambda: _EMPTY)
+    by_position: bool = False
+    """A result column is named by number (``ORDER BY 2``): which column is used depends
+    on an integer constant, so the analysis must not be shared by a template."""
     functions: frozenset[FunctionName] = frozenset()
     config_calls: tuple[ConfigCall, ...] = ()
     setting: SetInfo | None = None

@@ -88,6 +88,13 @@ def test_demo_runs_the_example_topology() -> None:
         denied = _psql(port, "support_agent", "support-secret", "SELECT tax_id FROM customers")
         assert denied.returncode != 0 and denied.stdout == ""
         assert "permission denied by strongroom" in denied.stderr
+        # issue 11 route 6: the masked view is no equality oracle (no lookup in the example)
+        for oracle in (f"SELECT id FROM cards WHERE pan IN ('4111111111111129', '{PAN}')",
+                       f"SELECT pan = '{PAN}' FROM cards"):
+            asked = _psql(port, "support_agent", "support-secret", oracle)
+            assert asked.returncode != 0 and asked.stdout == "", asked.stdout
+            assert "masked column public.cards.pan" in asked.stderr, asked.stderr
+            assert "without lookup" in asked.stderr and PAN not in asked.stderr
         envelope = _psql(port, "etl_backup", "etl-secret", "SELECT pan FROM cards")
         assert envelope.stdout.strip().startswith("\\x01"), envelope.stdout
         # psql's own catalog queries (\d mixes qualified and unqualified functions)
