@@ -46,7 +46,8 @@ def test_every_type_byte_has_one_rule_in_both_paths() -> None:
             assert act in _GATE_ACTIONS, kind  # the relay asks the gate
             assert kind in s._ACCEPTED, kind  # tracking: the tracker (and the gate)
         elif rule == m.HARMLESS:
-            assert act in (0, s._A_SYNC, s._A_TERMINATE), kind  # forwarded as is
+            # forwarded as is (Execute: after applying its portal's session effects)
+            assert act in (0, s._A_SYNC, s._A_TERMINATE, s._A_EXECUTE), kind
             assert kind in s._ACCEPTED, kind
         else:
             assert act == s._A_INVALID, kind  # the relay refuses it (08P01)
