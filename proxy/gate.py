@@ -21,6 +21,7 @@ from proxy.policy.engine import Decision
 from proxy.protocol import messages as m
 from proxy.protocol import rows
 from proxy.protocol.messages import ProtocolViolation
+from proxy.sql import encoding
 from proxy.sql.cache import AnalysisCache
 from proxy.sql.info import ALL, Analysis, StatementInfo
 from proxy.sql.names import parse_search_path
@@ -436,7 +437,7 @@ class Gate:
         """
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
         if self.policy is None:
-            return None
+            return self.text_rules(session, sql)
         if st is None:
             # The policy was loaded after this session started without one: its
             # search_path and role were never read, so nothing can be decided.
@@ -465,6 +466,11 @@ class Gate:
                 effects = self._has_effects(sql)
         if decision is None:
             if effects:
+                # Statements that change how the server reads text have effects: the
+                # refusal comes first, whatever the policy says of them.
+                refusal = self.text_rules(session, sql)
+                if refusal is not None:
+                    return refusal
                 decision = self._decide_effects(cache, session, st, sql)
             else:
                 decision = cache.decide(sql, st.role, st.path, session.database, st.prepared)
@@ -475,6 +481,25 @@ class Gate:
         if effects and apply:
             self._apply_effects(session, st, self.analyses.analyze(sql))
         return None
+
+    def text_rules(self, session: Session, sql: str) -> ClientRefusal | None:
+        """Refuse a statement that would change how the server reads statement text
+        (client_encoding, standard_conforming_strings; see proxy.sql.encoding), with or
+        without a policy. Unparseable text is the server's to reject (or, with a policy,
+        denied by it)."""
+        try:
+            analysis = self.analyses.analyze(sql)
+        except Exception:
+            return None
+        reason = encoding.analysis_refusal(
+            analysis, session.server_params.get("server_encoding", "")
+        )
+        if reason is None:
+            return None
+        if self.audit is not None:
+            self.audit.denied(session, sql, reason)
+        log.info("session %s user=%s: refused: %s", session.id, session.user, reason)
+        return ClientRefusal(encoding.SQLSTATE, reason, hint=encoding.HINT)
 
     def _refuse(self, session: Session, role: str, reason: str, sql: str = "") -> ClientRefusal:
         if self.audit is not None:
@@ -595,7 +620,7 @@ class Gate:
             s.kind in _EFFECT_KINDS or s.config_calls or s.kind == "execute"
             or s.kind in _CATALOG_CHANGES
             for s in analysis.statements
-        )
+        ) or encoding.analysis_refusal(analysis, "") is not None
         if len(self._effects) > 10_000:
             self._effects.clear()
         self._effects[sql] = result
@@ -758,22 +783,20 @@ class Gate:
     def query(self, session: Session, body: bytes) -> bytes | None:
         sql = m.query_text(body)
         if self.policy is None:
-            # _analyze_quietly, inline: this runs for every simple-protocol statement.
+            # This runs for every simple-protocol statement: the analysis (cached) and,
+            # inline, the cheap text-rules check; only a refusal goes the long way.
             try:
-                self.analyses.analyze(sql)
+                analysis = self.analyses.analyze(sql)
             except Exception:  # unparseable text: the server will say so itself
-                pass
-            return None
+                return None
+            if encoding.analysis_refusal(
+                analysis, session.server_params.get("server_encoding", "")
+            ) is None:
+                return None
         refusal = self.decide(session, sql)
         if refusal is None:
             return None
         return m.message(b"Q", refusal_sql(refusal) + b"\0")
-
-    def _analyze_quietly(self, sql: str) -> None:
-        try:
-            self.analyses.analyze(sql)
-        except Exception:  # unparseable text: the server will say so itself
-            pass
 
     def parse(self, session: Session, body: bytes) -> bytes | None:
         st_fast: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
@@ -798,9 +821,15 @@ class Gate:
         name, query, _oids = rows.decode_parse(body)
         sql = query.decode(errors="surrogateescape")
         if self.policy is None:
-            self._analyze_quietly(sql)
-            session.last_parse = body
-            return None
+            refusal = self.text_rules(session, sql)
+            if refusal is None:
+                session.last_parse = body
+                if session.denied:
+                    session.denied.discard(name)
+                return None
+            session.last_parse = None
+            session.denied.add(name)
+            return rows.encode_parse(name, refusal_sql(refusal), self._refusal_oids(sql, _oids))
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
         refusal = self.decide(session, sql, apply=False)
         if st is not None:

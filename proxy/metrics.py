@@ -117,7 +117,8 @@ DISCONNECT_REASONS: frozenset[str] = frozenset(
     {
         "client_terminate", "client_eof", "server_closed", "server_fatal", "protocol_error",
         "auth_failure", "startup_timeout", "idle_timeout", "idle_in_transaction_timeout",
-        "shutdown", "tls_error", "upstream_connect_failed", "replication_refused", "other",
+        "shutdown", "tls_error", "upstream_connect_failed", "replication_refused",
+        "unsupported_encoding", "other",
     }
 )  # fmt: skip
 

@@ -27,6 +27,7 @@ from proxy.protocol import messages as m
 from proxy.protocol.framing import Framer, unpack_head
 from proxy.protocol.messages import ProtocolViolation
 from proxy.protocol.rows import decode_data_row
+from proxy.sql import encoding
 from proxy.tracking import CLIENT_HANDLERS as _TRACKER_CLIENT
 from proxy.tracking import Tracker
 
@@ -73,6 +74,7 @@ def _client_actions() -> tuple[int, ...]:
 _CLIENT_ACTS = _client_actions()
 # Backend types the relay must look at: ReadyForQuery, ParameterStatus, ErrorResponse.
 _SERVER_WATCH = tuple(t in (_Z, _PS, _E) for t in range(256))
+_TEXT_RULES = encoding.WATCHED  # ParameterStatus names that decide how text is parsed
 
 
 # Why a session ended, by the SQLSTATE of the FATAL the proxy sent (metrics label).
@@ -576,6 +578,14 @@ class Session(asyncio.Protocol):
                 if self._timer:
                     self._timer.cancel()
                     self._timer = None
+                reason = encoding.session_refusal(self.server_params)
+                if reason is not None:
+                    # Authenticated, but the session reads statement text in a way the
+                    # proxy cannot parse: it ends before any statement is forwarded.
+                    if out:
+                        self.transport.write(b"".join(out))  # type: ignore[union-attr]
+                    self._refuse_text_rules(reason)
+                    return
                 prelude = self.gate.session_started(self)
                 if prelude is not None:
                     # Hold the client's ReadyForQuery until the proxy's own query is
@@ -591,6 +601,25 @@ class Session(asyncio.Protocol):
             out.append(chunk)
         if out:
             self.transport.write(b"".join(out))  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ text rules
+
+    def _text_rules_broken(self, before: bytes, reason: str) -> None:
+        """The server reported (ParameterStatus) that the session now reads statement
+        text in a way the proxy does not parse: a function changed client_encoding or
+        standard_conforming_strings (the gate refuses every statement that would). The
+        server's replies before the report (`before`) go on, then a FATAL ends the
+        session: no further client statement is forwarded."""
+        if before:
+            self.transport.write(before)  # type: ignore[union-attr]
+        log.warning("session %s user=%s: the server reported settings the proxy cannot "
+                    "parse with; ending the session", self.id, self.user)
+        self._refuse_text_rules(reason)
+
+    def _refuse_text_rules(self, reason: str) -> None:
+        log.info("session %s user=%s: refused: %s", self.id, self.user, reason)
+        self.close_reason = "unsupported_encoding"
+        self._fatal(encoding.SQLSTATE, reason, hint=encoding.HINT)
 
     # ------------------------------------------------------------------ relay
 
@@ -754,6 +783,16 @@ class Session(asyncio.Protocol):
                 pos = stop
                 continue
             msg = data[pos:stop]
+            if kind == _PS:
+                name, value = m.parameter_status(msg[5:])
+                self.server_params[name] = value
+                if name in _TEXT_RULES:
+                    reason = encoding.session_refusal(self.server_params)
+                    if reason is not None:
+                        if run < pos:
+                            out.append(data[run:pos])
+                        self._text_rules_broken(b"".join(out), reason)
+                        return
             replacement = tracker.server(kind, msg)
             if replacement is not None:
                 if run < pos:
@@ -780,9 +819,6 @@ class Session(asyncio.Protocol):
                     self.server_fatal = True  # passed on: no proxy-made FATAL after it
                 if self.watch_ready:  # the failed transaction takes its SETs with it
                     self.gate.server_error(self)
-            elif kind == _PS:
-                name, value = m.parameter_status(msg[5:])
-                self.server_params[name] = value
             pos = stop
         else:
             if pos < end:
@@ -843,6 +879,11 @@ class Session(asyncio.Protocol):
                     elif kind == _PS:
                         name, value = m.parameter_status(data[pos + 5 : stop])
                         self.server_params[name] = value
+                        if name in _TEXT_RULES:
+                            reason = encoding.session_refusal(self.server_params)
+                            if reason is not None:
+                                self._text_rules_broken(data[:pos], reason)
+                                return
                     else:  # ErrorResponse
                         self._count_error(data, pos, stop)
                         if _fatal(data, pos, stop):
