@@ -414,8 +414,8 @@ class Tracker:
         self.copy_in_run: CopyRun | None = None  # the run of the client's current stream
         # This session's `CLIENT_HANDLERS` (the session indexes it per message): while a
         # COPY FROM STDIN may be waiting for the client's data, the types the server
-        # would swallow as a protocol violation refuse the session instead
-        # (`_copy_mode`); otherwise nothing of COPY costs anything per message.
+        # does not accept in copy-in mode refuse the session instead (`_copy_mode`);
+        # otherwise nothing of COPY costs anything per message.
         self.handlers: list[Callable[[Tracker, int, bytes], bytes | None]] = list(
             CLIENT_HANDLERS)
         self._guarding = False
@@ -663,9 +663,11 @@ class Tracker:
     def _client_during_copy(self, kind: int, msg: bytes) -> bytes | None:
         """A message that is not COPY data while a COPY FROM STDIN the proxy forwarded
         may be waiting for its data. In copy-in mode the server takes it as a protocol
-        violation and swallows it; outside it runs it. The proxy cannot know which, so
-        it refuses the session rather than guess (a client must send the data, CopyDone
-        or CopyFail of each COPY the server started before anything else)."""
+        violation (and ends the session); outside it (the COPY failed first) it runs it.
+        The proxy cannot know which, and its picture of which request each reply
+        answers would be a guess, so it refuses the session (a client must send the
+        data, CopyDone or CopyFail of each COPY the server started before anything
+        else; the guard lifts as soon as the server has finished the request)."""
         raise ProtocolViolation(
             "a message other than COPY data was sent while a COPY FROM STDIN may be "
             "waiting for its data; send CopyDone or CopyFail first")
@@ -682,7 +684,7 @@ class Tracker:
         self._copy_mode()
 
     def _copy_mode(self) -> None:
-        """Guard the message types the server would swallow in copy-in mode while a
+        """Guard the message types the server refuses in copy-in mode while a
         copy-in run may be waiting for the client's data (`_client_during_copy`)."""
         guard = bool(self.copy_expect) or self.copy_in_run is not None
         if guard is self._guarding:
@@ -1285,7 +1287,7 @@ def _copy_fail(refusal: ClientRefusal) -> bytes:
     return m.message(b"f", f"{refusal.sqlstate}: {refusal.text}".encode() + b"\0")
 
 
-# The frontend types the server takes as a protocol violation in copy-in mode (all but
+# The frontend types the server refuses in copy-in mode (all but
 # CopyData, CopyDone, CopyFail, Flush and Sync; Terminate ends the session anyway).
 _GUARDED = tuple(t for t in range(256) if t not in (0x64, 0x63, 0x66, 0x48, 0x53, 0x58))
 

@@ -483,3 +483,25 @@ def test_interleaved_copies(env: Env, stored: dict[int, str], ops: list[Op],
             got = dict(d.execute("SELECT customer_id, pan FROM q_plain WHERE customer_id = "
                                  "ANY(%s)", (list(plain),)).fetchall())
         assert got == plain
+
+
+def test_other_message_while_a_copy_may_wait_for_data_refuses_the_session(env: Env) -> None:
+    """In copy-in mode the server refuses a Query (protocol violation); outside it
+    (the COPY failed first) it runs it. The proxy cannot tell which, so a Query sent
+    behind a COPY FROM STDIN before its data ends the session, with the proxy's own
+    FATAL and before anything of it is forwarded (the guard lifts once the server
+    finished the request, as the first exchange shows)."""
+    rows = pans(1)
+    with login(env) as raw:
+        raw.send(query_msg(f"SELECT 1/0; {COPY_IN}"))  # finished by the server: no guard
+        assert [e["C"] for e in errors(raw.read_until(b"Z"))] == ["22012"]
+        raw.send(query_msg(COPY_IN) + query_msg(f"{COPY_IN_CSV}")
+                 + msg(b"d", csv_rows(rows)) + msg(b"c"))
+        replies = raw.read_to_close()
+    fatal = [e for e in errors(replies) if e["S"] == "FATAL"]
+    assert len(fatal) == 1 and fatal[0]["C"] == "08P01"
+    assert "may be waiting for its data" in fatal[0]["M"]
+    assert leaks([env.recorder.bytes_sent()], list(rows.values())) == []
+    with direct(env.pg) as d:  # type: ignore[arg-type]
+        assert d.execute("SELECT count(*) FROM q_cards WHERE customer_id = ANY(%s)",
+                         (list(rows),)).fetchone() == (0,)
