@@ -628,6 +628,8 @@ class SessionProtector:
             self.ddl_sent += 1
             self.session.gate.functions_changed(self.session.database)  # also without policy
         if not rplan.touches_protected:
+            if rplan.copies:  # COPYs of unprotected data: passed as is, but in order
+                return StatementPlan(sql=None, copies=tuple((d, None) for d, _ in rplan.copies))
             return AS_SENT
         tables = tuple(sorted(f"{s}.{t}" for s, t in getattr(rplan, "tables_referenced", ())))
         if rplan.refusal:
@@ -652,13 +654,12 @@ class SessionProtector:
             (d.number - 1, d.source - 1, d.action, self._role_of(d.column))
             for d in getattr(rplan, "derived_params", ())
         ]
-        copy = None
-        if rplan.copy is not None:
-            try:
-                copy = self._copy(rplan.copy)
-            except ValueError_ as exc:
-                return StatementPlan(sql=raw, touches_protected=True,
-                                     refusal=ClientRefusal(exc.sqlstate, exc.text))
+        try:
+            copies = tuple((d, None) if cp is None else self._copy(cp)
+                           for d, cp in rplan.copies)
+        except ValueError_ as exc:
+            return StatementPlan(sql=raw, touches_protected=True,
+                                 refusal=ClientRefusal(exc.sqlstate, exc.text))
         outputs = [
             None if cols is None else [self._role_of(pc) if pc else None for pc in cols]
             for cols in rplan.columns_selected
@@ -670,7 +671,7 @@ class SessionProtector:
         except ValueError_ as exc:
             return StatementPlan(sql=raw, touches_protected=True,
                                  refusal=ClientRefusal(exc.sqlstate, exc.text))
-        return StatementPlan(sql=text, params=params, touches_protected=True, copy=copy,
+        return StatementPlan(sql=text, params=params, touches_protected=True, copies=copies,
                              derived=derived, outputs=outputs, source=sql, tables=tables,
                              literals=literals, rechecks=rechecks, shifts=shifts)
 
@@ -692,7 +693,15 @@ class SessionProtector:
         return self.enc.refresh(self.session)
 
     def _copy(self, cp: Any) -> Any:
-        """A COPY stream transformer for `COPY t ... FROM STDIN / TO STDOUT`."""
+        """("in" | "out", factory of a COPY stream transformer) for `COPY t ... FROM
+        STDIN / TO STDOUT`. One transformer is made now and dropped: options it cannot
+        handle (ValueError_) refuse the statement here, before anything is sent, and
+        not at the first row (each execution of the COPY makes its own)."""
+        direction, factory = self._copy_factory(cp)
+        factory()
+        return direction, factory
+
+    def _copy_factory(self, cp: Any) -> Any:
         from proxy import copy_stream
 
         if cp.table is None:  # COPY (query) TO STDOUT: the parse tree maps its columns

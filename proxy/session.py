@@ -28,7 +28,6 @@ from proxy.protocol.framing import Framer, unpack_head
 from proxy.protocol.messages import ProtocolViolation
 from proxy.protocol.rows import decode_data_row
 from proxy.sql import encoding
-from proxy.tracking import CLIENT_HANDLERS as _TRACKER_CLIENT
 from proxy.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -681,7 +680,7 @@ class Session(asyncio.Protocol):
         one write of what they became."""
         tracker = self.tracker
         assert tracker is not None
-        handlers = _TRACKER_CLIENT
+        handlers = tracker.handlers  # (its COPY guard may change it between messages)
         pos = run = 0  # data[run:pos]: messages forwarded as they are, not yet copied
         out: list[bytes] | None = None
         while pos < end:

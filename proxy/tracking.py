@@ -89,7 +89,10 @@ class StatementPlan:
     params: dict[int, tuple[str, ColumnCrypto]] = field(default_factory=dict)  # 0-based
     touches_protected: bool = False
     refusal: ClientRefusal | None = None
-    copy: Any = None  # ("in" | "out", factory of the COPY stream transformer)
+    # Per COPY to or from the client in the text, in order: ("in" | "out", factory of
+    # its stream transformer, None when its data passes as is). Each execution of one
+    # gets a transformer of its own (`CopyRun`).
+    copies: tuple[tuple[str, Callable[[], Any] | None], ...] = ()
     # Parameters the proxy appends to Bind (blind-index siblings of written values):
     # (0-based number, 0-based source parameter, action, column)
     derived: list[tuple[int, int, str, ColumnCrypto]] = field(default_factory=list)
@@ -139,6 +142,9 @@ class Statement:
 class Portal:
     statement: Statement | None
     result_formats: list[int]
+    # Its statement's COPY (`StatementPlan.copies`, at most one: Parse takes one
+    # statement), kept here so that an Execute of anything else costs one check.
+    copies: tuple[tuple[str, Callable[[], Any] | None], ...] = ()
     fields: list[rows.Field] | None = None
     # (the fields list it was computed from, the plan): a portal's rows all share it
     cached_plan: tuple[object, RowPlan | None, object] | None = None
@@ -165,6 +171,33 @@ class Entry:
     # QUERY / EXECUTE: the roles its rows are revealed as, when not the session's usual
     # one (SET ROLE, a cursor declared by another role): see SessionProtector.viewer.
     viewer: tuple[str, ...] | None = None
+    # QUERY / EXECUTE: one run per COPY to or from the client it executes, in order;
+    # `run_next`: the next one the server's CopyIn/OutResponse starts.
+    runs: list[CopyRun] | None = None
+    run_next: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class CopyRun:
+    """One execution of a COPY to or from the client: each COPY of a Query, each Execute
+    of a portal holding one, gets its own (never a plan left over from another).
+
+    COPY FROM STDIN: the client's copy streams (each ended by CopyDone or CopyFail) map,
+    in the client's message order, to the copy-in runs it requested, in the order it
+    requested them (`Tracker.copy_expect`). A stream starts at its first CopyData,
+    CopyDone or CopyFail, which may come before the server's CopyInResponse (asyncpg
+    does not wait). A run the server completed its request without starting (an error,
+    an earlier statement failed, the rest skipped to Sync) is dropped then, so its plan
+    never applies to another COPY's data. COPY TO STDOUT: the server's CopyOutResponse
+    takes the next run of the request it answers."""
+
+    direction: str  # "in" | "out"
+    factory: Callable[[], Any] | None  # None: nothing protected, the data passes as is
+    owner: Entry
+    stream: Any = None  # in: the transformer of the client's stream, once started
+    state: int = 0  # in: 0 not started, 1 the client's stream is on, 2 it ended
+    done: bool = False  # its request is complete on the server
+    failed: ClientRefusal | None = None  # in: a value could not be sealed (CopyFail sent)
 
 
 # The entries of requests that carry nothing of their own (no target, no plan, not
@@ -390,10 +423,16 @@ class Tracker:
         # Bytes the proxy must send to the server on its own (the session writes them
         # after handling a chunk of server messages): see `_abort_transaction`.
         self.to_server = b""
-        self.copy_out: Any = None
-        self.copy_in: Any = None
-        self.pending_copy: Any = None  # the plan of a COPY whose response has not come yet
-        self.copy_in_failed = False  # CopyFail sent for the client: drop its data until done
+        self.copy_out: Any = None  # the transformer of the COPY TO STDOUT being read
+        self.copy_expect: deque[CopyRun] = deque()  # copy-in runs with no stream yet
+        self.copy_in_run: CopyRun | None = None  # the run of the client's current stream
+        # This session's `CLIENT_HANDLERS` (the session indexes it per message): while a
+        # COPY FROM STDIN may be waiting for the client's data, the types the server
+        # does not accept in copy-in mode refuse the session instead (`_copy_mode`);
+        # otherwise nothing of COPY costs anything per message.
+        self.handlers: list[Callable[[Tracker, int, bytes], bytes | None]] = list(
+            CLIENT_HANDLERS)
+        self._guarding = False
         # Audit hook: called as on_statement(plan, CommandComplete message, row plan) for
         # each completed statement whose plan touches a protected column.
         self.on_statement: Callable[..., None] | None = None
@@ -417,10 +456,11 @@ class Tracker:
         Dispatched through a table by type byte (`CLIENT_HANDLERS`): one index instead
         of a chain of comparisons, on every message of every request. The session's
         tracking loop indexes the table itself and saves this call too."""
-        return CLIENT_HANDLERS[kind](self, kind, msg)
+        return self.handlers[kind](self, kind, msg)
 
     def _client_query(self, kind: int, msg: bytes) -> bytes | None:
         entry = Entry(QUERY)
+        pushed = not self.discarding
         self._push(entry)
         self.row_plan = self.row_filter = None
         sql = m.query_text(msg[5:])
@@ -431,7 +471,8 @@ class Tracker:
             entry.viewer = viewer_now()
         if plan.refusal is not None:
             return m.message(b"Q", refusal_sql(plan.refusal) + b"\0") + self._refresh()
-        self.pending_copy = plan.copy
+        if plan.copies and pushed:
+            self._plan_runs(entry, plan.copies)
         if plan.sql is not None and plan.sql != msg[5:-1]:
             return m.message(b"Q", plan.sql + b"\0") + self._refresh()
         extra = self._refresh()
@@ -452,8 +493,6 @@ class Tracker:
                              path=self._state.path if self._state is not None else None)
         prev = self.statements.get(name)
         self.statements[name] = stmt
-        if plan.copy is not None:
-            self.pending_copy = plan.copy
         if not self.discarding:  # (`_push`, inline)
             queue = self.queue
             # A rewritten text keeps its statement at hand: the server's error positions
@@ -507,7 +546,9 @@ class Tracker:
                                          and (stmt.role is not self._state.role
                                               or stmt.path is not self._state.path))):
                 return self._client_bind_full(msg)
-        self.portals[portal] = Portal(stmt, result_formats)
+            self.portals[portal] = Portal(stmt, result_formats, plan.copies)
+        else:
+            self.portals[portal] = Portal(None, result_formats)
         if not self.discarding:  # (`_push`, inline)
             queue = self.queue
             queue.append(_BIND_ENTRY)
@@ -520,7 +561,9 @@ class Tracker:
         that was refused."""
         bind = rows.decode_bind(msg[5:])
         stmt = self.statements.get(bind.statement)
-        self.portals[bind.portal] = Portal(stmt, bind.result_formats)
+        refused = stmt is None or stmt.plan.refusal is not None
+        self.portals[bind.portal] = Portal(stmt, bind.result_formats,
+                                           () if refused else stmt.plan.copies)
         self._push(_BIND_ENTRY)
         if stmt is None:
             return None
@@ -586,6 +629,8 @@ class Tracker:
         queue.append(entry)
         if len(queue) == 1:
             self._set_data_plan(self._current_plan(entry))
+        if portal is not None and portal.copies:
+            self._plan_runs(entry, portal.copies)
         return None
 
     def _client_close(self, kind: int, msg: bytes) -> bytes | None:
@@ -608,36 +653,109 @@ class Tracker:
         self._push(_FUNC_ENTRY)
         return None
 
-    def _client_copy(self, kind: int, msg: bytes) -> bytes | None:
-        """COPY data from the client, and every other type: forwarded as is."""
-        if (kind in (0x64, 0x63, 0x66) and self.copy_in is None and not self.copy_in_failed
-                and self.pending_copy is not None and self.pending_copy[0] == "in"):
-            # The client sends its rows before the server's CopyInResponse (asyncpg's
-            # copy_records_to_table does): seal them from the first byte, never forward
-            # one as sent. (If the server refuses the COPY, it ignores the data.)
-            factory = self.pending_copy[1]
-            self.pending_copy = None
-            self.copy_in = factory()
-        if kind == 0x64 and (self.copy_in is not None or self.copy_in_failed):
-            if self.copy_in_failed:
-                return b""
-            try:
-                return self.copy_in.client_data(msg[5:])  # type: ignore[union-attr]
-            except ValueError_ as exc:
-                return self._fail_copy(exc)
-        if kind in (0x63, 0x66):  # CopyDone / CopyFail
-            if self.copy_in_failed:
-                self.copy_in_failed = False
-                return b""
-            if self.copy_in is not None:
-                try:
-                    tail = self.copy_in.client_done() if kind == 0x63 else b""
-                except ValueError_ as exc:
-                    self.copy_in = None
-                    return m.message(b"f", f"{exc.sqlstate}: {exc.text}".encode() + b"\0")
-                self.copy_in = None
-                return tail + msg
+    def _client_other(self, kind: int, msg: bytes) -> bytes | None:
+        """Flush, and every type without a rule of its own: forwarded as is."""
         return None
+
+    def _client_copy(self, kind: int, msg: bytes) -> bytes | None:
+        """CopyData, CopyDone, CopyFail: part of the client's stream for the COPY FROM
+        STDIN it belongs to (`CopyRun`), or, when no planned COPY is waiting for it
+        (none was requested, the proxy refused it, the server already finished it),
+        dropped: the server would ignore it outside copy-in mode, and plaintext meant
+        for a protected column must never cross the wire on the strength of a guess."""
+        run = self.copy_in_run
+        if run is None:
+            expect = self.copy_expect
+            while expect and expect[0].done:
+                expect.popleft()
+            if not expect:
+                return b""
+            run = self.copy_in_run = expect.popleft()
+            run.state = 1
+            if run.factory is not None:
+                try:
+                    run.stream = run.factory()
+                except ValueError_ as exc:
+                    run.failed = ClientRefusal(exc.sqlstate, exc.text)
+        if kind == 0x64:  # CopyData
+            if run.failed is not None:
+                return b""
+            stream = run.stream
+            if stream is None:
+                return None
+            try:
+                return stream.client_data(msg[5:])  # type: ignore[no-any-return]
+            except ValueError_ as exc:
+                return self._fail_copy(run, exc)
+        # CopyDone / CopyFail: the stream ends.
+        run.state = 2
+        self.copy_in_run = None
+        self._copy_mode()
+        stream, run.stream = run.stream, None
+        if run.failed is not None:
+            # Again in place of the client's end: a CopyFail sent before the server's
+            # CopyInResponse (rows sent without waiting) was ignored, and the server
+            # would otherwise wait for data the proxy dropped.
+            return _copy_fail(run.failed)
+        if kind == 0x63 and stream is not None:
+            try:
+                tail = stream.client_done()
+            except ValueError_ as exc:
+                return _copy_fail(ClientRefusal(exc.sqlstate, exc.text))
+            return tail + msg if tail else None
+        return None
+
+    def _client_during_copy(self, kind: int, msg: bytes) -> bytes | None:
+        """A message that is not COPY data while a COPY FROM STDIN the proxy forwarded
+        may be waiting for its data. In copy-in mode the server takes it as a protocol
+        violation (and ends the session); outside it (the COPY failed first) it runs it.
+        The proxy cannot know which, and its picture of which request each reply
+        answers would be a guess, so it refuses the session (a client must send the
+        data, CopyDone or CopyFail of each COPY the server started before anything
+        else; the guard lifts as soon as the server has finished the request)."""
+        raise ProtocolViolation(
+            "a message other than COPY data was sent while a COPY FROM STDIN may be "
+            "waiting for its data; send CopyDone or CopyFail first")
+
+    def _plan_runs(self, entry: Entry,
+                   copies: tuple[tuple[str, Callable[[], Any] | None], ...]) -> None:
+        """The COPY executions a forwarded Query or Execute requests, in order."""
+        runs = [CopyRun(direction, factory, entry) for direction, factory in copies]
+        entry.runs = runs
+        expect = self.copy_expect
+        for run in runs:
+            if run.direction == "in":
+                expect.append(run)
+        self._copy_mode()
+
+    def _copy_mode(self) -> None:
+        """Guard the message types the server refuses in copy-in mode while a
+        copy-in run may be waiting for the client's data (`_client_during_copy`)."""
+        guard = bool(self.copy_expect) or self.copy_in_run is not None
+        if guard is self._guarding:
+            return
+        self._guarding = guard
+        table = self.handlers
+        for t in _GUARDED:
+            table[t] = Tracker._client_during_copy if guard else CLIENT_HANDLERS[t]
+
+    def _end_runs(self, entry: Entry) -> None:
+        """The server completed a request: a COPY of it the client has not started a
+        stream for never will be (dropped), and a stream still on is over for the
+        server (its remaining data is not forwarded)."""
+        runs = entry.runs
+        if not runs:
+            return
+        for run in runs:
+            run.done = True
+        current = self.copy_in_run
+        if current is not None and current.done:
+            current.stream = None
+            self.copy_in_run = None
+        expect = self.copy_expect
+        while expect and expect[0].done:
+            expect.popleft()
+        self._copy_mode()
 
     def _abort_transaction(self) -> bytes:
         """The proxy ended a statement with its own error (a value failed to decrypt)
@@ -653,12 +771,13 @@ class Tracker:
             "to decrypt")) + b"\0")
         return b""
 
-    def _fail_copy(self, exc: ValueError_) -> bytes:
+    @staticmethod
+    def _fail_copy(run: CopyRun, exc: ValueError_) -> bytes:
         """A value in COPY data cannot be sealed: abort the COPY on the server (CopyFail)
         rather than ever passing it on; the client's remaining data is dropped."""
-        self.copy_in = None
-        self.copy_in_failed = True
-        return m.message(b"f", f"{exc.sqlstate}: {exc.text}".encode() + b"\0")
+        run.stream = None
+        run.failed = ClientRefusal(exc.sqlstate, exc.text)
+        return _copy_fail(run.failed)
 
     def _refresh(self) -> bytes:
         """An injected catalog reload, when the last statement may have changed tables."""
@@ -895,10 +1014,13 @@ class Tracker:
         proxy_error = self.consume_to_ready
         self.consume_to_ready = False
         self.row_plan = self.row_filter = None
+        self.copy_out = None
         # Pop through the request this ReadyForQuery answers; replies to anything
         # before it (dropped after an error) are not coming.
         while self.queue:
             entry = self.queue.popleft()
+            if entry.runs:
+                self._end_runs(entry)
             if entry.kind == INJECTED_QUERY:
                 if entry.on_done:
                     entry.on_done(entry.collected or [])
@@ -985,6 +1107,8 @@ class Tracker:
             self._completed(head, msg)
         if head is not None and head.kind == EXECUTE:
             self.queue.popleft()
+            if head.runs:
+                self._end_runs(head)
         elif head is not None and head.kind == INJECTED_QUERY:
             return b""
         elif head is not None and head.kind == QUERY:
@@ -997,6 +1121,7 @@ class Tracker:
         if head is not None and head.kind == INJECTED_QUERY:
             return b""
         self.row_plan = self.row_filter = None
+        self.copy_out = None
         out = None
         if head is not None:
             plan = head.plan if head.kind == QUERY else (
@@ -1010,14 +1135,34 @@ class Tracker:
 
     def _server_copy_response(self, kind: int, head: Entry | None,
                               msg: bytes) -> bytes | None:
-        """CopyOutResponse / CopyInResponse."""
-        pending, self.pending_copy = self.pending_copy, None
-        if pending is not None:
-            direction, factory = pending
-            if direction == "out" and kind == 0x48:
-                self.copy_out = factory()
-            elif direction == "in" and kind == 0x47:
-                self.copy_in = factory()
+        """CopyOutResponse / CopyInResponse: the next COPY run of the request at the
+        head of the queue. A COPY the proxy did not plan (its picture of the session is
+        not the server's) ends the session: nothing of it may pass unexamined."""
+        runs = head.runs if head is not None else None
+        i = head.run_next if head is not None else 0
+        direction = "out" if kind == 0x48 else "in"
+        if runs is None or i >= len(runs) or runs[i].direction != direction:
+            raise ProtocolViolation(f"the server started a COPY ({direction}) that the "
+                                    "proxy did not plan")
+        assert head is not None
+        head.run_next = i + 1
+        run = runs[i]
+        if direction == "out":
+            self.copy_out = run.factory() if run.factory is not None else None
+            return None
+        # Its client stream is the one on, or the next to start, or it ended already
+        # (sent without waiting): anything else means the two pictures differ.
+        current = self.copy_in_run
+        if run.state == 0:
+            expect = self.copy_expect
+            while expect and expect[0].done:
+                expect.popleft()
+            ok = current is None and bool(expect) and expect[0] is run
+        else:
+            ok = run.state == 2 or current is run
+        if not ok:
+            raise ProtocolViolation("the server started a COPY FROM STDIN out of the "
+                                    "order the proxy planned")
         return None
 
     def _server_copy_data(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
@@ -1058,7 +1203,9 @@ class Tracker:
     def _discard_to_sync(self) -> None:
         q = self.queue
         while q and q[0].kind != SYNC:
-            q.popleft()
+            entry = q.popleft()
+            if entry.runs:
+                self._end_runs(entry)
         if not q:
             self.discarding = True
 
@@ -1192,8 +1339,20 @@ class Tracker:
         return rows.encode_data_row(values)
 
 
+def _copy_fail(refusal: ClientRefusal) -> bytes:
+    """CopyFail with a value-free text: the server answers 57014 quoting it."""
+    return m.message(b"f", f"{refusal.sqlstate}: {refusal.text}".encode() + b"\0")
+
+
+# The frontend types the server refuses in copy-in mode (all but
+# CopyData, CopyDone, CopyFail, Flush and Sync; Terminate ends the session anyway).
+_GUARDED = tuple(t for t in range(256) if t not in (0x64, 0x63, 0x66, 0x48, 0x53, 0x58))
+
+
 def _client_handlers() -> tuple[Callable[[Tracker, int, bytes], bytes | None], ...]:
-    table: list[Callable[[Tracker, int, bytes], bytes | None]] = [Tracker._client_copy] * 256
+    table: list[Callable[[Tracker, int, bytes], bytes | None]] = [Tracker._client_other] * 256
+    for t in (0x64, 0x63, 0x66):  # d, c, f
+        table[t] = Tracker._client_copy
     table[0x51] = Tracker._client_query  # Q
     table[0x50] = Tracker._client_parse  # P
     table[0x42] = Tracker._client_bind  # B

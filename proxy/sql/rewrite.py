@@ -53,6 +53,7 @@ from proxy.sql.rewrite_plan import (
     ACTION_RENAME,
     NO_PROTECTED,
     CopyPlan,
+    CopyStep,
     DerivedParam,
     OutputColumns,
     ParamAction,
@@ -430,7 +431,8 @@ class _Planner:
         self._top: _TopSelect | None = None
         self.join_pairs: list[tuple[ProtectedColumn, ProtectedColumn]] = []
         self.tables: set[TableKey] = set()
-        self.copy: CopyPlan | None = None
+        # Every COPY to or from the client, in statement order (plan None: as is).
+        self.copies: list[CopyStep] = []
 
     # -- tokens ----------------------------------------------------------------
 
@@ -1529,10 +1531,14 @@ class _Planner:
         fmt = opts.get("format", "text")
         direction = "in" if b.get("is_from") else "out"
         to_client = not b.get("filename") and not b.get("is_program")
+        order_at = len(self.copies)  # this COPY's place in the order, whatever it moves
+        if to_client:  # (its plan is set below when it moves protected data)
+            self.copies.append((direction, None))
         if b.get("query"):
             out = self._select(b["query"], root)
             if to_client and (out.protected() or not out.known):
-                self.copy = CopyPlan(None, None, direction, fmt, opts, query_columns=out.columns())
+                self.copies[order_at] = (direction, CopyPlan(None, None, direction, fmt, opts,
+                                                       query_columns=out.columns()))
             return None
         rv = b["relation"]
         target = self._range_var(rv, root, ctes=False)
@@ -1598,14 +1604,14 @@ class _Planner:
                                    "not known yet", "name the columns"))
             self._name_columns(rv, order, pc0)
             attlist = list(order)
-        self.copy = CopyPlan(
+        self.copies[order_at] = (direction, CopyPlan(
             target.table,
             tuple(attlist) if attlist else None,
             direction,
             fmt,
             opts,
             tuple(index_cols),
-        )
+        ))
         return None
 
     def _mentions(self, body: str) -> str | None:
@@ -1839,9 +1845,11 @@ class _Planner:
                         "simplify the statement",
                     )
                 )
-        touches = bool(self.tables or uniq or self.params or self.copy)
+        copies = tuple(self.copies)
+        touches = bool(self.tables or uniq or self.params
+                       or any(cp is not None for _d, cp in copies))
         if not touches:
-            return NO_PROTECTED
+            return RewritePlan(touches_protected=False, copies=copies) if copies else NO_PROTECTED
         return RewritePlan(
             touches_protected=True,
             splices=tuple(uniq),
@@ -1849,7 +1857,7 @@ class _Planner:
             derived_params=tuple(derived),
             recheck=tuple(self.recheck),
             join_pairs=tuple(dict.fromkeys(self.join_pairs)),
-            copy=self.copy,
+            copies=copies,
             tables_referenced=frozenset(self.tables),
             columns_selected=tuple(columns),
         )
@@ -1872,6 +1880,28 @@ def _json_mentions(text: str, schema: ProtectedSchema) -> bool:
     return any(needle in text for needle in schema.relname_needles)
 
 
+def _copies_only(sql: str, text: str | None = None) -> RewritePlan:
+    """The plan of a string that touches nothing protected: NO_PROTECTED, or, when it
+    holds COPY statements to or from the client, their directions in order (their data
+    passes as is, but the session must know which stream belongs to which COPY).
+    ``text``: the string's JSON parse tree, when already made."""
+    if "copy" not in sql.lower():
+        return NO_PROTECTED  # (a proof: the keyword cannot hide from a lower-case match)
+    if text is None:
+        try:
+            text = parse_sql_json(sql)
+        except ParseError:
+            return NO_PROTECTED  # the server will not parse it either (or fails closed)
+    if "CopyStmt" not in text:
+        return NO_PROTECTED
+    copies: list[CopyStep] = []
+    for stmt in json.loads(text).get("stmts", []):
+        k, b = _kind(stmt.get("stmt", {}))
+        if k == "CopyStmt" and not b.get("filename") and not b.get("is_program"):
+            copies.append(("in" if b.get("is_from") else "out", None))
+    return RewritePlan(touches_protected=False, copies=tuple(copies)) if copies else NO_PROTECTED
+
+
 def plan_statement(
     sql: str,
     schema: ProtectedSchema,
@@ -1892,7 +1922,7 @@ def plan_statement(
     involved.  Splice offsets are UTF-8 byte offsets.
     """
     if not len(schema) or not _could_touch(sql, schema):
-        return NO_PROTECTED
+        return _copies_only(sql)
     try:
         text = parse_sql_json(sql)
     except ParseError:
@@ -1902,7 +1932,7 @@ def plan_statement(
             "refused (nothing was sent to the server)",
         )
     if not _json_mentions(text, schema):
-        return NO_PROTECTED
+        return _copies_only(sql, text)
     planner = _Planner(sql, schema, search_path, table_exists, column_order, prepared)
     columns: list[OutputColumns] = []
     try:

@@ -100,6 +100,12 @@ class CopyPlan:
     query_columns: tuple[ProtectedColumn | None, ...] | None = None
 
 
+CopyStep = tuple[str, CopyPlan | None]
+"""One COPY to or from the client in a SQL string: its direction ("in": FROM STDIN,
+"out": TO STDOUT) and its plan, None when nothing it moves is protected (its data passes
+as is). Every such COPY has one, in statement order, so that the session can tell which
+COPY a data stream belongs to (a second COPY in one Query, a re-executed statement)."""
+
 OutputColumns = tuple[ProtectedColumn | None, ...] | None
 """Per result column: the protected column it is a plain reference to, else None.
 The whole value is None when the parse tree cannot tell (``*`` over a table whose column
@@ -122,9 +128,14 @@ class RewritePlan:
     refusal: str | None = None
     recheck: tuple[Recheck, ...] = ()
     join_pairs: tuple[tuple[ProtectedColumn, ProtectedColumn], ...] = ()
-    copy: CopyPlan | None = None
+    copies: tuple[CopyStep, ...] = ()
     tables_referenced: frozenset[TableKey] = frozenset()
     columns_selected: tuple[OutputColumns, ...] = ()
+
+    @property
+    def copy(self) -> CopyPlan | None:
+        """The first COPY whose data the session transforms (None: no such COPY)."""
+        return next((cp for _d, cp in self.copies if cp is not None), None)
 
 
 NO_PROTECTED = RewritePlan(touches_protected=False)

@@ -947,3 +947,19 @@ def test_splices_remove_every_protected_literal(
     # Unprotected literals survive (the markers themselves may contain "keep").
     outside = sql.replace(marker_v, "").replace(marker_w, "")
     assert "keep" in out or "keep" not in outside
+
+
+def test_copy_steps_in_statement_order() -> None:
+    """Every COPY to or from the client gets a step, in order, also one moving nothing
+    protected (its data passes as is, but the session must know which stream is whose);
+    a COPY to or from a server file gets none (it never enters copy mode)."""
+    p = plan("COPY accounts (id, iban) FROM STDIN; COPY other FROM STDIN; "
+             "COPY accounts (id, iban) TO STDOUT; COPY other TO '/tmp/x'")
+    assert [(d, cp is not None) for d, cp in p.copies] == [
+        ("in", True), ("in", False), ("out", True)]
+    assert p.copy is p.copies[0][1]
+    # touches nothing protected: still one pass-through step per COPY
+    p = plan("copy other from stdin; select 1; Copy (select 1) TO STDOUT")
+    assert not p.touches_protected and p.copies == (("in", None), ("out", None))
+    assert plan("SELECT 1").copies == () and plan("COPY other TO '/tmp/x'").copies == ()
+    assert plan("SELECT 'copy'").copies == ()
