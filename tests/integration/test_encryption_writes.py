@@ -235,6 +235,37 @@ def _ids_by_pan(conn, pan: str) -> set[int]:
     return {r[0] for r in conn.execute("SELECT id FROM w_cards WHERE pan = %s", (pan,))}
 
 
+def test_parenthesised_values_are_sealed_and_indexed(pg, wproxy) -> None:
+    """Issue 11: pglast drops redundant parentheses from the tree, but the rewriter splices
+    text; a value in parentheses must be sealed, and its blind index set, like a bare one."""
+    pans = {i: f"41110000000004{i - 400:02d}" for i in range(400, 407)}
+    with psycopg.connect(wproxy.conninfo(), autocommit=True) as conn:
+        exec_ = conn.pgconn.exec_  # simple protocol, the text as written
+        for sql in (
+            f"INSERT INTO w_cards (id, pan) VALUES (400, ('{pans[400]}'))",
+            f"INSERT INTO w_cards (pan, id) VALUES ((('{pans[401]}')), 401)",
+            f"INSERT INTO w_cards (id, pan) VALUES (402, ('{pans[402]}')::text)",
+            "INSERT INTO w_cards (id, pan) VALUES (403, 'placeholder')",
+            f"UPDATE w_cards SET pan = ('{pans[403]}') WHERE id = 403",
+            f"INSERT INTO w_cards (id, pan) VALUES (404, 'x') ON CONFLICT (id) DO NOTHING;"
+            f"UPDATE w_cards SET pan = (('{pans[404]}')::text) WHERE id = 404",
+        ):
+            res = exec_(sql.encode())
+            assert res.status == psycopg.pq.ExecStatus.COMMAND_OK, res.error_message
+        conn.execute("INSERT INTO w_cards (id, pan) VALUES (%s, (%s))", (405, pans[405]))
+        conn.execute("INSERT INTO w_cards (id, pan) VALUES (406, 'y')")
+        conn.execute("UPDATE w_cards SET pan = ((%s)) WHERE id = 406", (pans[406],))
+        for i, pan in pans.items():  # the blind index finds each row by its value
+            assert _ids_by_pan(conn, pan) == {i}
+    with direct(pg) as d:
+        rows = d.execute("SELECT pan, pan_bidx FROM w_cards WHERE id BETWEEN 400 AND 406"
+                         ).fetchall()
+    assert len(rows) == len(pans)
+    assert all(bytes(p).startswith(b"\x01") and len(bytes(p)) > 28 and b is not None
+               for p, b in rows)
+    assert leaks([bytes(v) for r in rows for v in r], list(pans.values())) == []
+
+
 STALE_PROTECT = {"public.s_cards.pan": {"type": "text", "mode": "randomized"}}
 
 
