@@ -578,7 +578,7 @@ class Tracker:
             # one as sent. (If the server refuses the COPY, it ignores the data.)
             factory = self.pending_copy[1]
             self.pending_copy = None
-            self.copy_in = factory()
+            self.copy_in = _copy_in(factory)
         if kind == 0x64 and (self.copy_in is not None or self.copy_in_failed):
             if self.copy_in_failed:
                 return b""
@@ -977,9 +977,13 @@ class Tracker:
         if pending is not None:
             direction, factory = pending
             if direction == "out" and kind == 0x48:
-                self.copy_out = factory()
+                try:
+                    self.copy_out = factory()
+                except ValueError_ as exc:  # the rows would pass unrevealed: never
+                    self.consume_to_ready = True
+                    return m.error_response(exc.sqlstate, exc.text)
             elif direction == "in" and kind == 0x47:
-                self.copy_in = factory()
+                self.copy_in = _copy_in(factory)
         return None
 
     def _server_copy_data(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
@@ -1207,6 +1211,29 @@ def _error_at_source(msg: bytes, plan: StatementPlan) -> bytes | None:
     if mapped == position:
         return None
     return m.message(b"E", body[: at + 1] + str(mapped).encode() + body[stop:])
+
+
+class _RefusedCopyIn:
+    """A COPY FROM STDIN whose transformer could not be made (an option combination the
+    proxy cannot apply): the first CopyData or the CopyDone raises the reason, so the
+    COPY fails on the server (CopyFail) and no row is forwarded as sent."""
+
+    def __init__(self, exc: ValueError_) -> None:
+        self.exc = exc
+
+    def client_data(self, payload: bytes) -> bytes:
+        raise self.exc
+
+    def client_done(self) -> bytes:
+        raise self.exc
+
+
+def _copy_in(factory: Callable[[], Any]) -> Any:
+    """The COPY FROM transformer, or one that fails the COPY with the reason."""
+    try:
+        return factory()
+    except ValueError_ as exc:
+        return _RefusedCopyIn(exc)
 
 
 _FORMAT_COUNT = re.compile(rb"bind message has (\d+) result formats but query has (\d+) columns")
