@@ -16,6 +16,7 @@ from pglast.parser import scan
 
 _OPEN = {"ASCII_40": "ASCII_41", "ASCII_91": "ASCII_93"}  # ( ) and [ ]
 _DOT = "ASCII_46"
+_COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
 _SIGNS = frozenset({"ASCII_45", "ASCII_43"})  # - +
 _INTERVAL_FIELDS = frozenset({"YEAR_P", "MONTH_P", "DAY_P", "HOUR_P", "MINUTE_P", "SECOND_P", "TO"})
 
@@ -30,7 +31,9 @@ class Tokens:
     __slots__ = ("by_end", "by_start", "ends", "names", "raw", "starts")
 
     def __init__(self, sql: str) -> None:
-        toks = scan(sql)
+        # Comments are not tokens to the grammar: `( 'x' /* c */ )` is a parenthesised
+        # value, `'x' -- c\n ::text` a cast. Kept, they would hide adjacency.
+        toks = [t for t in scan(sql) if t.name not in _COMMENTS]
         self.raw = sql.encode()
         if sql.isascii():
             self.starts = [t.start for t in toks]
