@@ -266,12 +266,15 @@ def _bad(text: str) -> ValueError_:
 
 class _Lines:
     """Splits a text or csv COPY stream into records exactly as CopyReadLine does and
-    hands each data record to `row`; header and end-of-data lines pass through."""
+    hands each data record to `row`; the end-of-data line passes through, and so does
+    the header line unless `header_row` rewrites it (HEADER MATCH with added columns)."""
 
-    def __init__(self, f: CopyFormat, row: Callable[[bytes], bytes], csv: _Csv | None) -> None:
+    def __init__(self, f: CopyFormat, row: Callable[[bytes], bytes], csv: _Csv | None,
+                 header_row: Callable[[bytes], bytes] | None = None) -> None:
         self.row = row
         self.csv = csv
         self.header = f.header
+        self.header_row = header_row
         self.eol: bytes | None = None
         self.stray: tuple[bytes, ...] = ()
         self.buf = b""
@@ -385,7 +388,7 @@ class _Lines:
             return
         if self.header:
             self.header = False
-            out += (rec, term)
+            out += (self.header_row(rec) if self.header_row is not None else rec, term)
             return
         out += (self.row(rec), term)
 
@@ -717,6 +720,9 @@ class CopyIn(_Stream):
     each, (index into ``columns`` of the source, its crypto). Their values are computed
     from the source plaintext and appended to every row (NULL when the source is NULL).
     ``names``: the COPY column names, needed only to apply FORCE_NULL / FORCE_NOT_NULL.
+    ``index_names``: the names of the appended blind-index columns, in that order: with
+    HEADER MATCH the server checks the header line against the whole column list, so the
+    proxy appends them to the header as it appends their values to every row.
     """
 
     def __init__(
@@ -727,22 +733,27 @@ class CopyIn(_Stream):
         index_columns: Sequence[tuple[int, ColumnCrypto]] = (),
         *,
         names: Sequence[str] | None = None,
+        index_names: Sequence[str] = (),
     ) -> None:
         f = copy_format(fmt, options)
         self.format = f
         self.ncols = len(columns)
         self.protected = [(i, c) for i, c in enumerate(columns) if c is not None]
         self.index = list(index_columns)
+        self.index_names = [n.encode() for n in index_names]
+        self.names = list(names) if names is not None and len(names) == self.ncols else None
         for src, _ in self.index:
             if not 0 <= src < self.ncols:
                 raise ValueError_("XX000", "blind-index source column out of range")
+        header_row = None
         if f.header_match and self.index:
-            raise ValueError_(
-                FEATURE_NOT_SUPPORTED,
-                "COPY FROM ... HEADER MATCH cannot be used with blind-indexed columns: the "
-                "proxy adds their index columns, which the header does not name; "
-                "use HEADER true",
-            )
+            if len(self.index_names) != len(self.index):
+                raise ValueError_(
+                    FEATURE_NOT_SUPPORTED,
+                    "COPY FROM ... HEADER MATCH cannot be used with blind-indexed columns "
+                    "whose index column names are not known; use HEADER true",
+                )
+            header_row = self._csv_header if f.kind == "csv" else self._text_header
         self._force_null = self._positions(f.force_null, f.force_null_all, names, "FORCE_NULL")
         self._force_not_null = self._positions(
             f.force_not_null, f.force_not_null_all, names, "FORCE_NOT_NULL"
@@ -762,9 +773,9 @@ class CopyIn(_Stream):
             self._hex_may_need_quotes = bool(
                 set(f.delimiter + f.quote) & set(hex_alphabet)
             ) or f.null.startswith(b"\\x")
-            self._engine = _Lines(f, self._csv_row, self._csv)
+            self._engine = _Lines(f, self._csv_row, self._csv, header_row)
         else:
-            self._engine = _Lines(f, self._text_row, None)
+            self._engine = _Lines(f, self._text_row, None, header_row)
 
     def _positions(
         self, listed: frozenset[str], every: bool, names: Sequence[str] | None, what: str
@@ -796,6 +807,44 @@ class CopyIn(_Stream):
                 "the COPY DEFAULT marker cannot be used for a blind-indexed column: the "
                 "proxy cannot compute the index of a default it does not see",
             )
+
+    # -- header (HEADER MATCH)
+
+    def _header_match(self, values: list[bytes | None]) -> None:
+        """PostgreSQL's own checks (CopyReadHeader: count, then each name exactly), made
+        for the columns the client listed: the server's would count the blind-index
+        columns the client never named, and quote the widened line in its context. The
+        server still checks the header the proxy sends on."""
+        if len(values) != self.ncols:
+            raise _bad(f"wrong number of fields in header line: got {len(values)}, "
+                       f"expected {self.ncols}")
+        if self.names is None:
+            return
+        for n, (got, want) in enumerate(zip(values, self.names, strict=True), 1):
+            wanted = want.encode()
+            if got is None:
+                raise _bad(f"column name mismatch in header line field {n}: got null value "
+                           f'("{self.format.null.decode(errors="replace")}"), '
+                           f'expected "{want}"')
+            if got[:63] != wanted[:63]:  # namestrcmp: NAMEDATALEN - 1
+                raise _bad(f"column name mismatch in header line field {n}: got "
+                           f'"{got.decode(errors="replace")}", expected "{want}"')
+
+    def _text_header(self, rec: bytes) -> bytes:
+        f = self.format
+        self._header_match([None if v == f.null else unescape_text(v)
+                            for v in _split_text(rec, f.delimiter)])
+        escape = text_escaper(f.delimiter)
+        return rec + b"".join(f.delimiter + escape(n) for n in self.index_names)
+
+    def _csv_header(self, rec: bytes) -> bytes:
+        f, csv = self.format, self._csv
+        self._header_match([
+            None if f.quote not in v and v == f.null
+            else csv.dequote(v) if f.quote in v else v
+            for v in csv.split(rec, f.delimiter)])
+        return rec + b"".join(f.delimiter + csv.quote_value(n, f.null, True, False)
+                              for n in self.index_names)
 
     # -- text
 

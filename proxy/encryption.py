@@ -723,8 +723,9 @@ class SessionProtector:
         # index_columns: (blind-index column appended by the rewriter, its source column)
         index = [(names.index(pc.column), self._role_of(pc))
                  for _bidx, pc in getattr(cp, "index_columns", ())]
+        index_names = [bidx for bidx, _pc in getattr(cp, "index_columns", ())]
         return ("in", lambda: copy_stream.CopyIn(cp.format, cp.options, cols, index,
-                                                 names=list(names)))
+                                                 names=list(names), index_names=index_names))
 
     def _role_of(self, col: ProtectedColumn) -> RoleColumn:
         return self._role[(col.schema, col.table, col.column)]

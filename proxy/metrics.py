@@ -362,6 +362,20 @@ class Metrics:
         )  # fmt: skip
         self._disconnect = {x: self.client_disconnects.child(x) for x in sorted(DISCONNECT_REASONS)}
 
+        self.client_starting = Gauge(
+            "strongroom_client_connections_starting",
+            "Client connections between accept and the server's AuthenticationOk "
+            "(bounded by limits.max_startups and limits.max_startups_per_ip).",
+            registry=r,
+        )
+        self.startups_rejected = _Counters(
+            r, "strongroom_startups_rejected",
+            "Client connections refused with 53300 because too many were starting, by "
+            "the limit reached: total (max_startups) or per_ip (max_startups_per_ip).",
+            ["reason"],
+        )  # fmt: skip
+        self._startup_rejected = {x: self.startups_rejected.child(x) for x in ("per_ip", "total")}
+
         self.upstream_active = Gauge(
             "strongroom_upstream_connections_active",
             "Open connections to the upstream PostgreSQL server.",
@@ -516,6 +530,18 @@ class Metrics:
     def client_rejected(self) -> None:
         """A client connection was refused (connection limit, shutting down)."""
         self._rejected[0] += 1
+
+    def startup_began(self) -> None:
+        """A client connection counts as starting (until AuthenticationOk or its end)."""
+        self.client_starting.inc()
+
+    def startup_ended(self) -> None:
+        """Call once per `startup_began`."""
+        self.client_starting.dec()
+
+    def startup_rejected(self, reason: str) -> None:
+        """A client connection was refused: too many starting ("total" or "per_ip")."""
+        self._startup_rejected[reason][0] += 1
 
     def client_closed(self, reason: str = "client_eof") -> None:
         """An admitted client connection ended. Call once per `client_accepted`."""

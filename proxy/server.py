@@ -50,6 +50,10 @@ class Server:
         self._metrics_http: Any = None
         self.metrics_port = 0
         self.sessions: set[Session] = set()
+        # Sessions between accept and AuthenticationOk, in total and per client address
+        # (limits.max_startups, limits.max_startups_per_ip).
+        self.starting = 0
+        self.starting_by_host: dict[str, int] = {}
         self.keys: dict[tuple[int, int], Session] = {}
         self.client_ssl = settings.client_ssl_context()
         self.upstream_ssl = settings.upstream_ssl_context()
@@ -165,7 +169,43 @@ class Server:
         self.metrics.client_accepted()
         return True
 
+    def startup_begin(self, session: Session) -> str | None:
+        """Count an admitted session as starting, or say which limit it is over
+        ("total" / "per_ip"); such a session gets 53300 at its startup packet, before
+        an upstream connection is opened. Unauthenticated clients that never finish
+        would otherwise each hold a server backend for startup_timeout."""
+        limits = self.settings.limits
+        host = session.peer_host
+        if self.starting >= limits.max_startups:
+            reason = "total"
+        elif self.starting_by_host.get(host, 0) >= limits.max_startups_per_ip:
+            reason = "per_ip"
+        else:
+            self.starting += 1
+            self.starting_by_host[host] = self.starting_by_host.get(host, 0) + 1
+            session.starting = True
+            self.metrics.startup_began()
+            return None
+        self.count(f"startups_rejected_{reason}")
+        self.metrics.startup_rejected(reason)
+        return reason
+
+    def startup_end(self, session: Session) -> None:
+        """The session authenticated, or ended: it no longer counts as starting."""
+        if not session.starting:
+            return
+        session.starting = False
+        self.starting -= 1
+        host = session.peer_host
+        left = self.starting_by_host.get(host, 0) - 1
+        if left > 0:
+            self.starting_by_host[host] = left
+        else:
+            self.starting_by_host.pop(host, None)
+        self.metrics.startup_ended()
+
     def release(self, session: Session, was: State) -> None:
+        self.startup_end(session)
         if session in self.sessions:
             self.sessions.discard(session)
             self.count("closed")

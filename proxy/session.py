@@ -182,6 +182,9 @@ class Session(asyncio.Protocol):
         self.server_fatal = False
         self.terminating = False  # Terminate relayed; waiting for the server to hang up
         self.rejected = False  # over max_clients: refused once the startup packet arrives
+        self.startup_refused: str | None = None  # over max_startups(_per_ip): likewise
+        self.starting = False  # counted in the server's starting sessions (until auth)
+        self.peer_host = "?"
         self._startup_buf = bytearray()
         self._cframer = Framer(self.settings.limits.max_message_size)
         self._sframer = Framer(1 << 30)
@@ -213,10 +216,13 @@ class Session(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        self.peer_host = str(peer[0]) if isinstance(peer, tuple) else self.peer
         # Over the limit, PostgreSQL still negotiates SSL and serves CancelRequests, and
         # says "too many clients" only in answer to the startup packet (libpq discards an
         # error sent in reply to SSLRequest). Do the same; the startup timeout bounds it.
         self.rejected = not self.server.admit(self)
+        if not self.rejected:
+            self.startup_refused = self.server.startup_begin(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.settings.limits.startup_timeout, self._startup_expired)
 
@@ -473,6 +479,11 @@ class Session(asyncio.Protocol):
         if self.rejected:
             self._fatal("53300", "sorry, too many clients already")
             return
+        if self.startup_refused is not None:
+            where = " from this address" if self.startup_refused == "per_ip" else ""
+            self._fatal("53300", f"sorry, too many connections are authenticating{where}; "
+                        "retry shortly")
+            return
         repl = (packet.get("replication") or "").lower()
         if repl and repl not in ("false", "off", "no", "0") and not self.settings.allow_replication:
             self._violation("replication connections are not supported by this proxy")
@@ -554,7 +565,9 @@ class Session(asyncio.Protocol):
             chunk = buf[start:stop]
             if kind == _R:
                 code = m.auth_code(chunk[5:])
-                if code == m.AUTH_SASL:
+                if code == m.AUTH_OK:
+                    self.server.startup_end(self)
+                elif code == m.AUTH_SASL:
                     # Channel binding cannot cross a TLS-terminating proxy: the client's
                     # TLS session is not the server's. Offer only plain SCRAM.
                     mechs = [x for x in m.sasl_mechanisms(chunk[5:]) if not x.endswith(b"-PLUS")]

@@ -51,6 +51,12 @@ class UpstreamSettings:
 class LimitSettings:
     max_clients: int = 10000
     startup_timeout: float = 10.0
+    # Sessions between accept and the server's AuthenticationOk hold an upstream
+    # connection (and a server backend) while the client may never answer: bounded in
+    # total and per client address, so unauthenticated clients cannot use up the
+    # server's max_connections.
+    max_startups: int = 100
+    max_startups_per_ip: int = 20
     idle_timeout: float = 0.0
     idle_in_transaction_timeout: float = 0.0
     max_message_size: int = 256 * 1024 * 1024
@@ -267,6 +273,8 @@ def _build(doc: dict[str, Any], source: str) -> Settings:
         limits=LimitSettings(
             max_clients=int(limits.get("max_clients", d.max_clients)),
             startup_timeout=float(limits.get("startup_timeout", d.startup_timeout)),
+            max_startups=int(limits.get("max_startups", d.max_startups)),
+            max_startups_per_ip=int(limits.get("max_startups_per_ip", d.max_startups_per_ip)),
             idle_timeout=float(limits.get("idle_timeout", d.idle_timeout)),
             idle_in_transaction_timeout=float(
                 limits.get("idle_in_transaction_timeout", d.idle_in_transaction_timeout)

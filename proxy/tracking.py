@@ -14,6 +14,7 @@ The module is pure: messages in, bytes out. The session does the I/O.
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 from collections import deque
@@ -176,6 +177,7 @@ class Entry:
     runs: list[CopyRun] | None = None
     run_next: int = 0
 
+    hidden_formats: int = 0  # BIND: result-format codes the proxy added (recheck columns)
 
 @dataclass(slots=True, eq=False)
 class CopyRun:
@@ -564,7 +566,14 @@ class Tracker:
         refused = stmt is None or stmt.plan.refusal is not None
         self.portals[bind.portal] = Portal(stmt, bind.result_formats,
                                            () if refused else stmt.plan.copies)
-        self._push(_BIND_ENTRY)
+        specs = (stmt.plan.rechecks.get(0)
+                 if stmt is not None and stmt.plan.refusal is None and stmt.plan.rechecks
+                 else None)
+        # One code per column: the hidden ones get theirs too. The server then checks
+        # the client's count against the visible columns exactly (N + hidden against
+        # visible + hidden); the BIND entry remembers how many to take off its error.
+        widened = len(specs) if specs and len(bind.result_formats) > 1 else 0
+        self._push(Entry(BIND, hidden_formats=widened) if widened else _BIND_ENTRY)
         if stmt is None:
             return None
         if (stmt.role is not None and stmt.plan.refusal is None and self._state is not None
@@ -580,18 +589,15 @@ class Tracker:
             bind.params = []
             bind.param_formats = []
             return rows.encode_bind(bind)
-        widened = False
-        specs = stmt.plan.rechecks.get(0) if stmt.plan.rechecks else None
         if specs:
             portal = self.portals[bind.portal]
             try:
                 portal.checks = self._expected(bind, stmt, specs)
             except ValueError_ as exc:
                 return self._failing_bind(bind, ClientRefusal(exc.sqlstate, exc.text))
-            if len(bind.result_formats) > 1:  # one code per column: hidden ones too
-                bind.result_formats = [*bind.result_formats, *([1] * len(specs))]
+            if widened:
+                bind.result_formats = [*bind.result_formats, *([1] * widened)]
                 portal.result_formats = bind.result_formats
-                widened = True
         if stmt.plan.params or stmt.plan.derived:
             try:
                 started = time.perf_counter()
@@ -1129,6 +1135,8 @@ class Tracker:
                 else None)
             if plan is not None and plan.shifts and plan.sql is not None:
                 out = _error_at_source(msg, plan)
+            elif head.hidden_formats:
+                out = _error_without_hidden_formats(msg, head.hidden_formats)
             if head.kind not in (QUERY, FUNC):
                 self._discard_to_sync()
         return out
@@ -1148,7 +1156,11 @@ class Tracker:
         head.run_next = i + 1
         run = runs[i]
         if direction == "out":
-            self.copy_out = run.factory() if run.factory is not None else None
+            try:
+                self.copy_out = run.factory() if run.factory is not None else None
+            except ValueError_ as exc:  # the rows would pass unrevealed: never
+                self.consume_to_ready = True
+                return m.error_response(exc.sqlstate, exc.text)
             return None
         # Its client stream is the one on, or the next to start, or it ended already
         # (sent without waiting): anything else means the two pictures differ.
@@ -1415,6 +1427,35 @@ def _error_at_source(msg: bytes, plan: StatementPlan) -> bytes | None:
     if mapped == position:
         return None
     return m.message(b"E", body[: at + 1] + str(mapped).encode() + body[stop:])
+
+
+_FORMAT_COUNT = re.compile(rb"bind message has (\d+) result formats but query has (\d+) columns")
+
+
+def _error_without_hidden_formats(msg: bytes, hidden: int) -> bytes | None:
+    """The server's complaint about a Bind's result-format count, told for the columns
+    the client sees: the proxy added ``hidden`` codes for its hidden recheck columns,
+    which the client must not learn of. PostgreSQL's own text with both counts less
+    ``hidden`` is what the client would get from a server without the proxy; a text
+    that is not recognised (another ``lc_messages``) but comes from the routine that
+    checks the count is replaced by one without counts. Other errors (a bad format code,
+    a bad parameter count) are the client's alone: kept."""
+    fields = msg[5:].split(b"\0")
+    if b"C08P01" not in fields:
+        return None
+    for i, f in enumerate(fields):
+        if f.startswith(b"M"):
+            found = _FORMAT_COUNT.fullmatch(f[1:])
+            if found is not None:
+                sent, columns = (int(g) - hidden for g in found.groups())
+                text = f"bind message has {sent} result formats but query has {columns} columns"
+            elif b"RPortalSetResultFormat" in fields:
+                text = "bind message has a result-format count other than the query's columns"
+            else:
+                return None
+            fields[i] = b"M" + text.encode()
+            return m.message(b"E", b"\0".join(fields))
+    return None
 
 
 def _portal_fields(portal: Portal) -> list[rows.Field] | None:

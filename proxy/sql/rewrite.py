@@ -327,8 +327,10 @@ def _values_width(sel: Node) -> int | None:
 @dataclass(slots=True)
 class _Fed:
     """A value written into a protected column; ``companion`` is how to derive the
-    blind-index sibling's value: ("lit", text) | ("param", n) | ("sql", text)."""
+    blind-index sibling's value: ("lit", text) | ("param", n) | ("sql", text).
+    ``start``/``end``: the value's byte extent without redundant parentheses."""
 
+    start: int
     end: int
     companion: tuple[str, Any] | None
 
@@ -635,16 +637,22 @@ class _Planner:
             elif cloc >= 0 and tok.name(tok.at(cloc)) == "CAST":
                 ci = tok.at(cloc)
                 start, end = tok.starts[ci], tok.ends[tok.close(ci + 1)]
-            else:  # '...'::type
-                start, end = inner.start, tok.ends[tok.type_last(tok.at(tloc))]
+            else:  # '...'::type, ('...')::type: the cast covers the parentheses too
+                first, last = tok.at(inner.start), tok.ending(inner.end)
+                n = tok.parens_between(last, tok.at(cloc), "ASCII_41")
+                first, _ = tok.wrap(first, last, n)
+                start, end = tok.starts[first], tok.ends[tok.type_last(tok.at(tloc))]
             return _Val(inner.kind, start, end, inner.text, inner.param, cast=True)
         if k == "A_Expr" and not b.get("lexpr") and _opname(b) == "+":
             rk, rb = _kind(b.get("rexpr") or {})
             if rk == "A_Const" and ("ival" in rb or "fval" in rb):
                 inner = self._value(b["rexpr"], pc)
                 if inner is not None:
-                    loc = b.get("location", 0)
-                    return _Val("lit", tok.starts[tok.at(loc)], inner.end, inner.text)
+                    op = tok.at(b.get("location", 0))
+                    first, last = tok.at(inner.start), tok.ending(inner.end)
+                    n = tok.parens_between(op, first, "ASCII_40")
+                    _, last = tok.wrap(first, last, n)  # +(5)
+                    return _Val("lit", tok.starts[op], tok.ends[last], inner.text)
         return None
 
     def _param(self, n: int, action: str, pc: ProtectedColumn) -> None:
@@ -804,27 +812,29 @@ class _Planner:
         tok = self.tok
         if k == "SetToDefault":
             i = tok.at(b.get("location", 0))
-            return _Fed(tok.ends[i], ("sql", "DEFAULT"))
+            return _Fed(tok.starts[i], tok.ends[i], ("sql", "DEFAULT"))
         v = self._value(node, pc)
         if v is not None:
             if v.kind == "null":
-                return _Fed(v.end, ("sql", "NULL"))
+                return _Fed(v.start, v.end, ("sql", "NULL"))
             self._apply(v, ACTION_ENCRYPT, pc)
-            return _Fed(v.end, ("lit", v.text) if v.kind == "lit" else ("param", v.param))
+            companion = ("lit", v.text) if v.kind == "lit" else ("param", v.param)
+            return _Fed(v.start, v.end, companion)
         if k == "ColumnRef":
             r, rel = self._resolve(b, scope)
             if isinstance(r, _WholeRow):
                 raise _Refuse(self._whole_row_msg(r.rel))
             if r == pc:  # same column: ciphertext stays bound to its column
                 if not pc.blind_index:
-                    return _Fed(0, None)
+                    return _Fed(0, 0, None)
                 assert pc.bidx_column is not None
                 i = tok.at(b.get("location", 0))
                 last = tok.ident_path_last(i, len(b.get("fields", [])))
                 if rel is None or rel.table is None:
                     raise _Refuse(_not_value(pc, "written to"))
                 qual = tok.raw[tok.starts[i] : tok.starts[last]].decode()
-                return _Fed(tok.ends[last], ("sql", qual + quote_ident(pc.bidx_column)))
+                companion = ("sql", qual + quote_ident(pc.bidx_column))
+                return _Fed(tok.starts[i], tok.ends[last], companion)
             raise _Refuse(
                 _msg(
                     pc,
@@ -837,22 +847,33 @@ class _Planner:
         if k == "SubLink" and b.get("subLinkType") == "EXPR_SUBLINK" and not pc.blind_index:
             out = self._select(b["subselect"], scope)
             if out.known and len(out.items) == 1 and out.items[0][1] == pc:
-                return _Fed(0, None)
+                return _Fed(0, 0, None)
         raise _Refuse(_not_value(pc, "written to"))
 
-    def _companion(self, fed: _Fed, pc: ProtectedColumn, prefix: str) -> None:
-        """Add the blind-index sibling's value right after a value written to ``pc``."""
+    def _companion(
+        self, fed: _Fed, pc: ProtectedColumn, prefix: str, *, sole_row_item: bool = False
+    ) -> None:
+        """Add the blind-index sibling's value right after a value written to ``pc``.
+
+        "Right after" is past the parentheses that enclose the value (``VALUES (1,
+        ('x'))``, ``SET pan = (('x'))``): pglast drops them from the tree, but inside
+        them the companion would turn the value into a row.  The parentheses of a
+        one-item VALUES row (``VALUES (('x'))``) are syntax, not the value's."""
         if not pc.blind_index:
             return
         if fed.companion is None:
             raise _Refuse(_not_value(pc, "written to"))
+        tok = self.tok
+        first, last = tok.at(fed.start), tok.ending(fed.end)
+        n = tok.redundant_parens(first, last) - (1 if sole_row_item else 0)
+        end = tok.ends[last + max(n, 0)]
         kind, val = fed.companion
         if kind == "lit":
-            self._splice(fed.end, fed.end, ACTION_BLIND_INDEX, pc, literal=val, prefix=prefix)
+            self._splice(end, end, ACTION_BLIND_INDEX, pc, literal=val, prefix=prefix)
         elif kind == "param":
-            self.derived.append((val, pc, fed.end, prefix))
+            self.derived.append((val, pc, end, prefix))
         else:
-            self._splice(fed.end, fed.end, ACTION_RENAME, pc, replacement=val, prefix=prefix)
+            self._splice(end, end, ACTION_RENAME, pc, replacement=val, prefix=prefix)
 
     # -- expressions -----------------------------------------------------------
 
@@ -1129,7 +1150,8 @@ class _Planner:
                     if pc is None:
                         self._free(item, scope, "a VALUES list")
                     else:
-                        self._companion(self._feed(item, pc, scope), pc, ", ")
+                        self._companion(self._feed(item, pc, scope), pc, ", ",
+                                        sole_row_item=len(items) == 1)
             return _Out([(f"column{i + 1}", None) for i in range(width)])
         for item in b.get("fromClause") or []:
             self._from_item(item, scope)

@@ -16,6 +16,7 @@ from pglast.parser import scan
 
 _OPEN = {"ASCII_40": "ASCII_41", "ASCII_91": "ASCII_93"}  # ( ) and [ ]
 _DOT = "ASCII_46"
+_COMMENTS = frozenset({"C_COMMENT", "SQL_COMMENT"})
 _SIGNS = frozenset({"ASCII_45", "ASCII_43"})  # - +
 _INTERVAL_FIELDS = frozenset({"YEAR_P", "MONTH_P", "DAY_P", "HOUR_P", "MINUTE_P", "SECOND_P", "TO"})
 
@@ -27,10 +28,12 @@ class TokenError(Exception):
 class Tokens:
     """Tokens of one SQL string with byte offsets; ``end`` is exclusive."""
 
-    __slots__ = ("by_start", "ends", "names", "raw", "starts")
+    __slots__ = ("by_end", "by_start", "ends", "names", "raw", "starts")
 
     def __init__(self, sql: str) -> None:
-        toks = scan(sql)
+        # Comments are not tokens to the grammar: `( 'x' /* c */ )` is a parenthesised
+        # value, `'x' -- c\n ::text` a cast. Kept, they would hide adjacency.
+        toks = [t for t in scan(sql) if t.name not in _COMMENTS]
         self.raw = sql.encode()
         if sql.isascii():
             self.starts = [t.start for t in toks]
@@ -42,6 +45,7 @@ class Tokens:
             self.ends = [offs[t.end + 1] for t in toks]
         self.names = [t.name for t in toks]
         self.by_start = {s: i for i, s in enumerate(self.starts)}
+        self.by_end = {e: i for i, e in enumerate(self.ends)}
 
     def at(self, location: int) -> int:
         """Index of the token starting at byte ``location``."""
@@ -49,6 +53,41 @@ class Tokens:
             return self.by_start[location]
         except KeyError:
             raise TokenError(f"no token at byte {location}") from None
+
+    def ending(self, end: int) -> int:
+        """Index of the token ending at byte ``end`` (exclusive)."""
+        try:
+            return self.by_end[end]
+        except KeyError:
+            raise TokenError(f"no token ends at byte {end}") from None
+
+    def parens_between(self, lo: int, hi: int, name: str) -> int:
+        """How many tokens strictly between ``lo`` and ``hi`` there are, all of which must
+        be ``name`` (``ASCII_40`` / ``ASCII_41``): the redundant parentheses that pglast
+        drops from the tree, e.g. between ``::`` and the value it casts."""
+        gap = range(lo + 1, hi)
+        if any(self.names[j] != name for j in gap):
+            raise TokenError("expected only parentheses between a value and its operator")
+        return len(gap)
+
+    def wrap(self, first: int, last: int, n: int) -> tuple[int, int]:
+        """Widen the extent ``first..last`` by ``n`` enclosing pairs of parentheses,
+        checking that they are there."""
+        if first - n < 0 or any(
+            self.name(first - k) != "ASCII_40" or self.name(last + k) != "ASCII_41"
+            for k in range(1, n + 1)
+        ):
+            raise TokenError("expected parentheses around a value")
+        return first - n, last + n
+
+    def redundant_parens(self, first: int, last: int) -> int:
+        """How many pairs of parentheses enclose exactly ``first..last`` (a balanced
+        expression): ``((x))`` has 2.  The caller decides whether the outermost pair is
+        syntax of the enclosing construct (a one-item VALUES row)."""
+        n = 0
+        while self.name(first - n - 1) == "ASCII_40" and self.name(last + n + 1) == "ASCII_41":
+            n += 1
+        return n
 
     def name(self, i: int) -> str:
         """Token name (``SCONST``, ``IDENT``, ``ASCII_44``...), '' past the end."""
@@ -62,6 +101,11 @@ class Tokens:
         """Last token of the constant starting at token ``i`` (sign, UESCAPE included)."""
         if self.names[i] in _SIGNS:
             i += 1
+            if self.name(i) == "ASCII_40":  # -(5), -(-5): the parser folds the sign in
+                n = 0
+                while self.name(i + n) == "ASCII_40":
+                    n += 1
+                return self.wrap(i + n, self.const_last(i + n), n)[1]
         if self.name(i) == "USCONST" and self.name(i + 1) == "UESCAPE":
             i += 2
         if self.name(i) not in {

@@ -196,6 +196,38 @@ def test_per_column_result_formats_cover_the_hidden_column(pg_aux) -> None:
 
 
 
+def _bind_error(port: int, sql: str, param: bytes, formats: tuple[int, ...]) -> bytes:
+    """The ErrorResponse message text of a Parse/Bind/Execute with ``formats`` (raw
+    messages); then the session is checked usable."""
+    with RawPG(port) as raw:
+        raw.login(PW_USER, PW_PASSWORD, database=APP_DB)
+        raw.send(parse_msg(sql, oids=(25,)) + bind_msg((param,), result_formats=formats)
+                 + describe_msg(b"P") + execute_msg() + SYNC)
+        replies = raw.read_until(b"Z")
+        assert [k for k, _ in replies] == [b"1", b"E", b"Z"], replies
+        fields = dict((f[:1], f[1:]) for f in replies[1][1].split(b"\0") if f)
+        raw.send(query_msg("SELECT 1"))
+        assert [k for k, _ in raw.read_until(b"Z")] == [b"T", b"D", b"C", b"Z"]
+    assert fields[b"C"] == b"08P01"
+    return fields[b"M"]
+
+
+def test_result_format_count_is_checked_against_the_visible_columns(pg_aux) -> None:
+    """Issue 11: the proxy adds a format code per hidden recheck column; a Bind with more
+    codes than the client's columns must get PostgreSQL's own error (pquery.c) for the
+    columns the client sees, not one that counts (and so reveals) the hidden column."""
+    p, a, _ = _start(pg_aux)
+    try:
+        for formats in [(1, 0, 1), (0, 0, 0, 0), (1, 1, 1, 1, 1)]:
+            got = _bind_error(p.port, "SELECT id, note FROM k_tokens WHERE tok = $1",
+                              a.encode(), formats)
+            assert got == (f"bind message has {len(formats)} result formats "
+                           "but query has 2 columns").encode()
+    finally:
+        p.stop()
+        setup_sql(pg_aux, "DROP TABLE k_tokens")
+
+
 def _rows(raw: RawPG, sql: str, *params: bytes) -> list[list[bytes | None]]:
     """Parse/Bind/Execute/Sync with no Describe, as drivers that cache result shapes
     do: the proxy gets no RowDescription for these rows and must know them itself."""

@@ -231,8 +231,71 @@ def test_copy_from_stdin_is_encrypted(pg, wproxy) -> None:
     assert leaks(stored, [*secrets.values(), "4111000000000303", EXPIRY]) == []
 
 
+def test_copy_header_match_into_a_blind_indexed_table(pg, wproxy) -> None:
+    """Issue 11: HEADER MATCH checks the header against the column list, which the proxy
+    widens by the blind-index column; it was an internal error that closed the session.
+    The proxy appends the index column's name to the header as it appends its values."""
+    secrets = {310: "4111000000000310", 311: "4111000000000311", 312: "4111000000000312"}
+    with psycopg.connect(wproxy.conninfo(), autocommit=True) as conn:
+        cur = conn.cursor()
+        with cur.copy("COPY w_cards (id, pan, holder) FROM STDIN "
+                      "WITH (FORMAT csv, HEADER match)") as cp:
+            cp.write(f'id,pan,holder\n310,"{secrets[310]}",y\n311,{secrets[311]},z\n'.encode())
+        with cur.copy("COPY w_cards (pan, id) FROM STDIN WITH (HEADER match)") as cp:
+            cp.write(f"pan\tid\n{secrets[312]}\t312\n".encode())
+        # A header that does not match is the server's error or PostgreSQL's own count
+        # check, the session stays usable, and nothing is stored.
+        for header in ("id,card,holder", "id,pan"):
+            with pytest.raises(psycopg.Error) as info:
+                with cur.copy("COPY w_cards (id, pan, holder) FROM STDIN "
+                              "WITH (FORMAT csv, HEADER match)") as cp:
+                    cp.write(f"{header}\n313,4111000000000313,w\n".encode())
+            assert info.value.diag.sqlstate in ("22P04", "57014"), info.value.diag.sqlstate
+            assert "pan_bidx" not in str(info.value) and "expected 4" not in str(info.value)
+            assert "4111000000000313" not in str(info.value)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        for i, pan in secrets.items():
+            assert _ids_by_pan(conn, pan) == {i}
+    with direct(pg) as d:
+        rows = d.execute("SELECT pan, pan_bidx FROM w_cards WHERE id BETWEEN 310 AND 313"
+                         ).fetchall()
+    assert len(rows) == 3 and all(b is not None for _, b in rows)
+    assert leaks([bytes(v) for r in rows for v in r], [*secrets.values()]) == []
+
+
 def _ids_by_pan(conn, pan: str) -> set[int]:
     return {r[0] for r in conn.execute("SELECT id FROM w_cards WHERE pan = %s", (pan,))}
+
+
+def test_parenthesised_values_are_sealed_and_indexed(pg, wproxy) -> None:
+    """Issue 11: pglast drops redundant parentheses from the tree, but the rewriter splices
+    text; a value in parentheses must be sealed, and its blind index set, like a bare one."""
+    pans = {i: f"41110000000004{i - 400:02d}" for i in range(400, 407)}
+    with psycopg.connect(wproxy.conninfo(), autocommit=True) as conn:
+        exec_ = conn.pgconn.exec_  # simple protocol, the text as written
+        for sql in (
+            f"INSERT INTO w_cards (id, pan) VALUES (400, ('{pans[400]}'))",
+            f"INSERT INTO w_cards (pan, id) VALUES ((('{pans[401]}')), 401)",
+            f"INSERT INTO w_cards (id, pan) VALUES (402, ('{pans[402]}')::text)",
+            "INSERT INTO w_cards (id, pan) VALUES (403, 'placeholder')",
+            f"UPDATE w_cards SET pan = ('{pans[403]}') WHERE id = 403",
+            f"INSERT INTO w_cards (id, pan) VALUES (404, 'x') ON CONFLICT (id) DO NOTHING;"
+            f"UPDATE w_cards SET pan = (('{pans[404]}')::text) WHERE id = 404",
+        ):
+            res = exec_(sql.encode())
+            assert res.status == psycopg.pq.ExecStatus.COMMAND_OK, res.error_message
+        conn.execute("INSERT INTO w_cards (id, pan) VALUES (%s, (%s))", (405, pans[405]))
+        conn.execute("INSERT INTO w_cards (id, pan) VALUES (406, 'y')")
+        conn.execute("UPDATE w_cards SET pan = ((%s)) WHERE id = 406", (pans[406],))
+        for i, pan in pans.items():  # the blind index finds each row by its value
+            assert _ids_by_pan(conn, pan) == {i}
+    with direct(pg) as d:
+        rows = d.execute("SELECT pan, pan_bidx FROM w_cards WHERE id BETWEEN 400 AND 406"
+                         ).fetchall()
+    assert len(rows) == len(pans)
+    assert all(bytes(p).startswith(b"\x01") and len(bytes(p)) > 28 and b is not None
+               for p, b in rows)
+    assert leaks([bytes(v) for r in rows for v in r], list(pans.values())) == []
 
 
 STALE_PROTECT = {"public.s_cards.pan": {"type": "text", "mode": "randomized"}}

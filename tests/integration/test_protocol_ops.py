@@ -7,6 +7,7 @@ system would (signals, files), then check what clients and the server observe.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,16 @@ import pytest
 import yaml
 
 from proxy import devcluster
-from tests.conftest import ROOT, ProxyProcess, RawPG, error_fields, startup_packet
+from tests.conftest import (
+    APP_DB,
+    APP_USER,
+    ROOT,
+    ProxyProcess,
+    RawPG,
+    error_fields,
+    startup_packet,
+)
+from tests.integration.observability_env import scrape, wait_metrics
 from tests.integration.test_protocol_async import backend_state, wait_active
 
 
@@ -31,6 +41,82 @@ def wait_log(p: ProxyProcess, text: str, timeout: float = 5.0) -> None:
 
 
 # ---------------------------------------------------------------------- limits
+
+
+def _stall_in_scram(port: int, source: str) -> socket.socket:
+    """A client from `source` that sends a startup packet and never answers SCRAM: it
+    returns once the server's AuthenticationSASL arrived (the proxy has connected
+    upstream), holding a server backend until the startup timeout."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    s.sendall(startup_packet({"user": APP_USER, "database": APP_DB}))
+    reply = s.recv(5)
+    assert reply[:1] == b"R", reply
+    return s
+
+
+def _refused_at_startup(port: int, source: str) -> dict[str, str]:
+    """The ErrorResponse fields a client from `source` gets for its startup packet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5,
+                                  source_address=(source, 0)) as s:
+        s.sendall(startup_packet({"user": APP_USER, "database": APP_DB}))
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data[:1] == b"E", data
+    return error_fields(data[5:])
+
+
+def _metric(p: ProxyProcess, series: str) -> float:
+    for line in scrape(p).splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not scraped")
+
+
+def test_max_startups(make_proxy) -> None:
+    """Issue 11: sessions that never finish authenticating are bounded in total and per
+    client address; beyond them a client gets 53300 at its startup packet, before the
+    proxy opens an upstream connection, so they cannot use up the server's
+    max_connections. Released slots (closed, timed out) serve a normal client."""
+    p = make_proxy({"limits": {"max_startups": 3, "max_startups_per_ip": 2,
+                               "startup_timeout": 4},
+                    "metrics": {"host": "127.0.0.1", "port": devcluster.free_port()}})
+    wait_metrics(p)
+    upstream = "strongroom_upstream_connections_active"
+    stalled = [_stall_in_scram(p.port, "127.0.0.1"), _stall_in_scram(p.port, "127.0.0.1")]
+    try:
+        started = time.monotonic()
+        fields = _refused_at_startup(p.port, "127.0.0.1")  # the address's third
+        assert fields["C"] == "53300" and "from this address" in fields["M"], fields
+        assert time.monotonic() - started < 2  # answered, not left to time out
+        assert _metric(p, "strongroom_client_connections_starting") == 2
+        stalled.append(_stall_in_scram(p.port, "127.0.0.2"))  # another address: room
+        fields = _refused_at_startup(p.port, "127.0.0.3")  # but 3 in total
+        assert fields["C"] == "53300" and "from this address" not in fields["M"], fields
+        assert _metric(p, upstream) == 3  # the refused ones never reached the server
+        assert _metric(p, 'strongroom_startups_rejected_total{reason="per_ip"}') == 1
+        assert _metric(p, 'strongroom_startups_rejected_total{reason="total"}') == 1
+        assert _metric(p, "strongroom_client_connections_starting") == 3
+        stalled.pop(0).close()  # a slot of 127.0.0.1 freed by a client that leaves
+        deadline = time.monotonic() + 3
+        while _metric(p, "strongroom_client_connections_starting") != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with psycopg.connect(p.conninfo()) as c:  # logs in while two still stall
+            assert c.execute("select 1").fetchone() == (1,)
+            # an authenticated session no longer counts as starting
+            assert _metric(p, "strongroom_client_connections_starting") == 2
+            # ... and once the stalled ones time out, the address has room again
+            deadline = time.monotonic() + 10
+            while _metric(p, "strongroom_client_connections_starting") != 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            with psycopg.connect(p.conninfo()) as c2, psycopg.connect(p.conninfo()) as c3:
+                assert c2.execute("select 2").fetchone() == (2,)
+                assert c3.execute("select 3").fetchone() == (3,)
+    finally:
+        for s in stalled:
+            s.close()
 
 
 def test_max_clients(make_proxy) -> None:

@@ -518,11 +518,45 @@ def test_csv_in_force_lists_need_names() -> None:
     CopyIn("csv", {"force_null": "p"}, [None, None])  # nothing protected: nothing to do
 
 
-def test_header_match_with_blind_index_is_refused() -> None:
-    with pytest.raises(ValueError_) as exc:
+def test_header_match_with_blind_index_names_the_index_columns() -> None:
+    """HEADER MATCH: the server checks the header against the column list the proxy
+    widened, so the index columns' names are appended to it as their values to rows."""
+    with pytest.raises(ValueError_) as exc:  # names unknown: cannot be applied
         CopyIn("csv", {"header": "match"}, [F], [(0, F)])
     assert exc.value.sqlstate == "0A000"
     assert run_in("csv", b"p\nx\n", [F], {"header": "match"}) == b"p\n" + csv_bytea(b"x") + b"\n"
+    assert run_in("csv", b"id,p\r\n1,x\r\n", [None, F], {"header": "match"}, [(1, F)],
+                  index_names=["p_bidx"]) == (
+        b'id,p,"p_bidx"\r\n1,' + csv_bytea(b"x") + b"," + bidx_csv(b"x") + b"\r\n")
+    assert run_in("text", b"id\tp\n1\tx\n", [None, F], {"header": "match"}, [(1, F)],
+                  index_names=["p\tbidx"]) == (
+        b"id\tp\tp\\tbidx\n1\t" + text_bytea(b"x") + b"\t" + bidx_text(b"x") + b"\n")
+    # HEADER true: the server skips the line whatever it says; it is passed as sent
+    assert run_in("csv", b"whatever\nx\n", [F], {"header": "true"}, [(0, F)],
+                  index_names=["p_bidx"]).startswith(b"whatever\n")
+
+
+@pytest.mark.parametrize(("fmt", "header"), [("csv", b"a,b,c\n"), ("text", b"a\n")])
+def test_header_match_counts_the_clients_columns(fmt: str, header: bytes) -> None:
+    with pytest.raises(ValueError_) as exc:
+        run_in(fmt, header + b"1,x\n", [None, F], {"header": "match"}, [(1, F)],
+               index_names=["p_bidx"])
+    assert exc.value.sqlstate == "22P04"
+    assert "expected 2" in str(exc.value)
+
+
+@pytest.mark.parametrize(("fmt", "header", "message"), [
+    ("csv", b'id,"pa""n"\n', 'field 2: got "pa"n", expected "p"'),
+    ("csv", b"id,\n", 'field 2: got null value (""), expected "p"'),
+    ("text", b"id\t\\N\n", 'field 2: got null value ("\\N"), expected "p"'),
+    ("text", b"i\\d\tp\n", 'field 1: got "id", expected "ID"'),
+])
+def test_header_match_names_the_clients_columns(fmt: str, header: bytes, message: str) -> None:
+    with pytest.raises(ValueError_) as exc:
+        run_in(fmt, header, [None, F], {"header": "match"}, [(1, F)],
+               names=["ID" if b"i\\d" in header else "id", "p"], index_names=["p_bidx"])
+    assert exc.value.sqlstate == "22P04"
+    assert str(exc.value) == "column name mismatch in header line " + message
 
 
 # --------------------------------------------------------------------------- csv out

@@ -62,6 +62,10 @@ def _busy_metrics() -> Metrics:
         m.client_accepted()
     m.client_rejected()
     m.client_closed("client_terminate")
+    m.startup_began()
+    m.startup_began()
+    m.startup_ended()
+    m.startup_rejected("per_ip")
     m.upstream_connected(0.004)
     m.upstream_connect_failed()
     m.upstream_response(0.0007)
@@ -101,6 +105,9 @@ def test_series_and_values() -> None:
     assert _value(m, "strongroom_client_connections_total", result="rejected") == 1
     assert _value(m, "strongroom_client_disconnections_total", reason="client_terminate") == 1
     assert _value(m, "strongroom_upstream_connections_active") == 1
+    assert _value(m, "strongroom_client_connections_starting") == 1
+    assert _value(m, "strongroom_startups_rejected_total", reason="per_ip") == 1
+    assert _value(m, "strongroom_startups_rejected_total", reason="total") == 0
     assert _value(m, "strongroom_upstream_connect_seconds_count") == 1
     assert _value(m, "strongroom_upstream_connect_failures_total") == 1
     assert _value(m, "strongroom_queries_total", kind="select") == 1
