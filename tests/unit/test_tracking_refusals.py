@@ -3,10 +3,8 @@ never a hidden column."""
 
 from __future__ import annotations
 
-import pytest
-
 from proxy.protocol import messages as m
-from proxy.tracking import ValueError_, _copy_in, _error_without_hidden_formats
+from proxy.tracking import _error_without_hidden_formats
 
 
 def _error(*fields: bytes) -> bytes:
@@ -34,18 +32,3 @@ def test_other_errors_are_kept() -> None:
                b"statement requires 1", b"Rexec_bind_message"), 1) is None
     assert _error_without_hidden_formats(
         _error(b"SERROR", b"C22023", b"Munsupported format code: 2"), 1) is None
-
-
-def test_a_copy_in_that_cannot_be_made_fails_the_copy() -> None:
-    """A COPY FROM transformer that cannot be built (at the server's CopyInResponse, or
-    at the client's first row) fails that COPY with the reason; it is not an internal
-    error that closes the session, and no row is forwarded as sent."""
-
-    def factory() -> object:
-        raise ValueError_("0A000", "cannot apply")
-
-    copy = _copy_in(factory)
-    for step in (lambda: copy.client_data(b"1\tsecret\n"), copy.client_done):
-        with pytest.raises(ValueError_) as exc:
-            step()
-        assert exc.value.sqlstate == "0A000"
