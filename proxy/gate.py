@@ -466,11 +466,6 @@ class Gate:
                 effects = self._has_effects(sql)
         if decision is None:
             if effects:
-                # Statements that change how the server reads text have effects: the
-                # refusal comes first, whatever the policy says of them.
-                refusal = self.text_rules(session, sql)
-                if refusal is not None:
-                    return refusal
                 decision = self._decide_effects(cache, session, st, sql)
             else:
                 decision = cache.decide(sql, st.role, st.path, session.database, st.prepared)
@@ -478,6 +473,12 @@ class Gate:
             self.metrics.policy_decision(st.role, decision)
         if not decision.allowed:
             return self._refuse(session, st.role, decision.reason, sql)
+        if effects:
+            # Statements that change how the server reads text have effects (see
+            # _has_effects): what the policy allows of them is refused here.
+            refusal = self.text_rules(session, sql)
+            if refusal is not None:
+                return refusal
         if effects and apply:
             self._apply_effects(session, st, self.analyses.analyze(sql))
         return None
@@ -491,9 +492,7 @@ class Gate:
             analysis = self.analyses.analyze(sql)
         except Exception:
             return None
-        reason = encoding.analysis_refusal(
-            analysis, session.server_params.get("server_encoding", "")
-        )
+        reason = encoding.analysis_refusal(analysis, session.server_params)
         if reason is None:
             return None
         if self.audit is not None:
@@ -620,7 +619,7 @@ class Gate:
             s.kind in _EFFECT_KINDS or s.config_calls or s.kind == "execute"
             or s.kind in _CATALOG_CHANGES
             for s in analysis.statements
-        ) or encoding.analysis_refusal(analysis, "") is not None
+        ) or encoding.analysis_refusal(analysis, {}) is not None
         if len(self._effects) > 10_000:
             self._effects.clear()
         self._effects[sql] = result
@@ -789,9 +788,7 @@ class Gate:
                 analysis = self.analyses.analyze(sql)
             except Exception:  # unparseable text: the server will say so itself
                 return None
-            if encoding.analysis_refusal(
-                analysis, session.server_params.get("server_encoding", "")
-            ) is None:
+            if encoding.analysis_refusal(analysis, session.server_params) is None:
                 return None
         refusal = self.decide(session, sql)
         if refusal is None:

@@ -115,13 +115,14 @@ def statement_refusal(info: StatementInfo, server_encoding: str) -> str | None:
     return None
 
 
-def analysis_refusal(analysis: Analysis, server_encoding: str) -> str | None:
-    """`statement_refusal` over a whole query string; cheap for the common statement
-    (three attribute reads when it sets nothing and wraps nothing)."""
+def analysis_refusal(analysis: Analysis, params: Mapping[str, str]) -> str | None:
+    """`statement_refusal` over a whole query string, in a session whose server-reported
+    settings are `params`. Cheap for the common statement (three attribute reads when it
+    sets nothing and wraps nothing): the relay runs it on every statement."""
     for info in analysis.statements:
         if info.setting is None and not info.config_calls and info.inner is None:
             continue
-        reason = statement_refusal(info, server_encoding)
+        reason = statement_refusal(info, params.get("server_encoding", ""))
         if reason is not None:
             return reason
     return None

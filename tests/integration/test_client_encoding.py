@@ -386,7 +386,10 @@ def test_statements_that_change_text_rules(proxies: dict[str, ProxyProcess],
                 continue
             res = _run(conn, stmt.encode(), extended, params)
             state = _sqlstate(res)
-            if stmt in REFUSED and state != "0A000":
+            # 0A000, or 42501 where the policy denies it first (a set_config name that is
+            # not a constant); either way refused by the proxy, never run.
+            if stmt in REFUSED and (state not in ("0A000", "42501")
+                                    or b"strongroom" not in res.error_message):
                 wrong.append((stmt, res.status, res.error_message))
             if stmt in ALLOWED and state is not None:
                 wrong.append((stmt, res.error_message))

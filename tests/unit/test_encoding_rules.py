@@ -45,7 +45,7 @@ def test_session_needs_every_setting_reported() -> None:
     "SELECT 1; SET client_encoding = 'SQL_ASCII'",
 ])
 def test_refused(sql: str) -> None:
-    assert analysis_refusal(analyze(sql), "LATIN1") is not None
+    assert analysis_refusal(analyze(sql), {"server_encoding": "LATIN1"}) is not None
 
 
 @pytest.mark.parametrize("sql", [
@@ -54,4 +54,4 @@ def test_refused(sql: str) -> None:
     "SET client_encoding = 'SQL_ASCII'",
 ])
 def test_allowed(sql: str) -> None:
-    assert analysis_refusal(analyze(sql), "UTF8") is None
+    assert analysis_refusal(analyze(sql), {"server_encoding": "UTF8"}) is None
