@@ -433,7 +433,7 @@ def _sealing(plan: StatementPlan) -> tuple[Any, ...]:
     return (plan.touches_protected, plan.tables,
             sorted((i, a, id(c.runtime)) for i, (a, c) in plan.params.items()),
             sorted((n, src, a, id(c.runtime)) for n, src, a, c in plan.derived),
-            plan.copy is None, bool(plan.rechecks))
+            tuple(d for d, _ in plan.copies), bool(plan.rechecks))
 
 
 # Column views from most to least revealing: combining views keeps the strictest.
