@@ -15,6 +15,7 @@ import datetime
 from binascii import a2b_hex
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -606,6 +607,29 @@ class SessionProtector:
         st = self.session.policy_state
         stmt.role, stmt.path = st.role, st.path
         return None
+
+    def heavy_plan(self, sql: str) -> tuple[Future[Any], Callable[[Any], None]] | None:
+        """The rewrite plan `plan_query` would make now, started in the worker process
+        (`proxy.sql.offload`), and the function that puts it in the plan cache. None
+        when it is cached already."""
+        from proxy.sql import offload
+
+        path = self.search_path()
+        snap = self.catalog.snapshot
+        key = (sql, path, id(snap))
+        cache = self.enc.plan_cache
+        if key in cache:
+            return None
+        schema = self.enc.views_of(snap)[0]
+        orders = {k: t.columns for k, t in snap.tables.items()} if snap is not None else {}
+
+        def install(rplan: Any) -> None:
+            if self.catalog.snapshot is snap:  # else the key names another snapshot
+                cache[key] = rplan
+                if len(cache) > 10_000:
+                    cache.popitem(last=False)
+
+        return offload.plan(sql, schema, path, orders), install
 
     def plan_query(self, sql: str, apply: bool = True) -> StatementPlan:
         raw = sql.encode(errors="surrogateescape")

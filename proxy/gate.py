@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -938,3 +940,32 @@ class Gate:
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
         if st is not None:
             self._apply_effects(session, st, analysis)
+
+    def heavy_work(self, session: Session, kind: int, body: bytes,
+                   ) -> list[tuple[Future[Any], Callable[[Any], None]]] | None:
+        """For a big Query (kind 'Q') or Parse body: its analysis (and, with `protect:`,
+        its rewrite plan) started in the worker process (`proxy.sql.offload`), each with
+        the function that installs the result in its cache on the event loop. None when
+        both are cached already, or when this session just had this text worked on."""
+        from proxy.sql import offload
+
+        if kind == ord("Q"):
+            sql = m.query_text(body)
+        else:
+            sql = rows.decode_parse(body)[1].decode(errors="surrogateescape")
+        if session.heavy_done == sql:
+            return None
+        jobs: list[tuple[Future[Any], Callable[[Any], None]]] = []
+        analyses = self.analyses
+        if not analyses.cached(sql):
+            jobs.append((offload.analyse(sql),
+                         lambda prepared: analyses.install(sql, *prepared)))
+        tracker = getattr(session, "tracker", None)
+        heavy_plan = getattr(tracker.protector, "heavy_plan", None) if tracker else None
+        job = heavy_plan(sql) if heavy_plan is not None else None
+        if job is not None:
+            jobs.append(job)
+        if not jobs:
+            return None
+        session.heavy_done = sql
+        return jobs

@@ -375,6 +375,13 @@ class Metrics:
             ["reason"],
         )  # fmt: skip
         self._startup_rejected = {x: self.startups_rejected.child(x) for x in ("per_ip", "total")}
+        self.offloaded = _Counters(
+            r, "strongroom_statements_offloaded",
+            "Statements long enough (over 64 KiB) to be analysed in a worker process, so "
+            "that their parse does not stall other sessions.",
+            [],
+        )  # fmt: skip
+        self._offloaded = self.offloaded.child()
 
         self.upstream_active = Gauge(
             "strongroom_upstream_connections_active",
@@ -538,6 +545,9 @@ class Metrics:
     def startup_ended(self) -> None:
         """Call once per `startup_began`."""
         self.client_starting.dec()
+
+    def statement_offloaded(self) -> None:
+        self._offloaded[0] += 1
 
     def startup_rejected(self, reason: str) -> None:
         """A client connection was refused: too many starting ("total" or "per_ip")."""

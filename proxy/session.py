@@ -20,7 +20,7 @@ import struct
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from proxy.observability import flush_crypto
 from proxy.protocol import messages as m
@@ -46,6 +46,10 @@ _ACCEPTED = frozenset(
     t for t, rule in m.FRONTEND_RULES.items() if rule in (m.CHECKED, m.HARMLESS)
 )  # tracking mode: types that reach the tracker (the rest end the session, 08P01)
 _now = time.perf_counter
+# A Query or Parse longer than this is analysed (and, with `protect:`, planned) in a
+# worker process before the session handles it: the parse of a 2.7 MB IN list holds the
+# event loop for about two seconds, which would stall every other session.
+OFFLOAD_BYTES = 64 * 1024
 _SERVER_MAX = 1 << 30  # longest backend message accepted (the server is trusted)
 
 # What the relay does with each frontend message type (index: the type byte), from the
@@ -194,6 +198,10 @@ class Session(asyncio.Protocol):
         # Set by the gate when policy or encryption applies to this session.
         self.tracker: Tracker | None = None  # tracking mode (encryption): see tracking.py
         self.denied: set[bytes] = set()  # statement names substituted by a refusal
+        # Client bytes held while a big statement is analysed on a worker thread
+        # (`_defer_heavy`); the text that was, so it is not sent there twice.
+        self._held: bytearray | None = None
+        self.heavy_done: str | None = None
         # Portals bound to a statement with session effects: applied at their Execute.
         self.effect_portals: dict[bytes, object] = {}
         self.last_parse: bytes | None = None  # Parse body the gate last analysed (no policy)
@@ -230,6 +238,9 @@ class Session(asyncio.Protocol):
         """Client bytes. READY without tracking is the relay, right here (see below);
         everything else goes through `_client_other`."""
         self._m_in[0] += len(data)
+        if self._held is not None:  # a big statement is being analysed off the loop
+            self._held += data
+            return
         if self.state is not _READY or self.tracker is not None:
             self._client_other(data)
             return
@@ -256,6 +267,7 @@ class Session(asyncio.Protocol):
             bad: str | None = None
             max_len = framer.max_len
             acts = _CLIENT_ACTS
+            deferred = False
             while end - pos >= 5:
                 kind, n = unpack_head(data, pos)
                 if n < 4 or n > max_len:
@@ -271,6 +283,10 @@ class Session(asyncio.Protocol):
                     break
                 act = acts[kind]
                 if act:
+                    if ((act == _A_QUERY or act == _A_PARSE) and n > OFFLOAD_BYTES
+                            and self._defer_heavy(kind, data[pos + 5 : stop])):
+                        deferred = True
+                        break
                     replacement = None
                     if act == _A_SYNC:
                         if not self.outstanding:
@@ -326,12 +342,58 @@ class Session(asyncio.Protocol):
                     up.write(data)
                 else:
                     up.write(data[:pos])
+            if deferred:
+                self._held += data[pos:]  # type: ignore[operator]
             if not self.outstanding:
                 self.last_active = _now()
             if bad is not None and self.state is _READY:
                 self._violation(bad)
         except Exception as exc:
             self._client_failed(exc)
+
+    def _defer_heavy(self, kind: int, body: bytes) -> bool:
+        """A statement big enough to stall every session while it is analysed: have it
+        analysed (and planned) in the worker process first (`proxy.sql.offload`),
+        holding this client's bytes from it on; they are handled again, from the
+        caches, when the work is done (`_heavy_done`). Other sessions are served
+        meanwhile."""
+        if self._held is not None or self._cframer.error is not None:
+            return False
+        jobs = self.gate.heavy_work(self, kind, body)
+        if not jobs:
+            return False
+        self._held = bytearray()
+        metrics = getattr(self.server, "metrics", None)
+        if metrics is not None:
+            metrics.statement_offloaded()
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        loop = asyncio.get_running_loop()
+        waiting = [asyncio.wrap_future(future, loop=loop) for future, _ in jobs]
+        done = asyncio.gather(*waiting, return_exceptions=True)
+        done.add_done_callback(lambda f: self._heavy_done(f, [i for _, i in jobs]))
+        return True
+
+    def _heavy_done(self, results: asyncio.Future[list[Any]],
+                    installs: list[Callable[[Any], None]]) -> None:
+        for result, install in zip(results.result(), installs, strict=True):
+            if isinstance(result, BaseException):
+                # (never the text: only the kind of failure) The statement is then
+                # analysed inline, as before: correct, only slower.
+                log.warning("session %s: a large statement could not be analysed in the "
+                            "worker process (%s)", self.id, type(result).__name__)
+                continue
+            try:
+                install(result)
+            except Exception:
+                log.exception("session %s: installing a large statement's analysis failed",
+                              self.id)
+        held, self._held = self._held, None
+        if self.state is _CLOSED or held is None:
+            return
+        self.transport.resume_reading()  # type: ignore[union-attr]
+        if held:
+            self._m_in[0] -= len(held)
+            self.data_received(bytes(held))
 
     def _client_other(self, data: bytes) -> None:
         try:
@@ -700,6 +762,19 @@ class Session(asyncio.Protocol):
             kind = data[pos]
             stop = pos + 1 + _U32_unpack_from(data, pos + 1)[0]
             msg = data[pos:stop]
+            if ((kind == _Q or kind == _P) and stop - pos > OFFLOAD_BYTES
+                    and self._defer_heavy(kind, msg[5:])):
+                # What came before goes now; the rest (and the framer's incomplete
+                # tail after it) waits for the analysis (`_heavy_done`).
+                self._held += data[pos:end] + self._cframer.take_tail()  # type: ignore[operator]
+                if out is not None:
+                    out.append(data[run:pos])
+                    before = b"".join(out)
+                else:
+                    before = data[:pos]
+                if before:
+                    self.upstream.transport.write(before)  # type: ignore[union-attr]
+                return
             if kind == _Q or kind == _S or kind == _F:
                 if not self.outstanding:
                     self._t0 = _now()

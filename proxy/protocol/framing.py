@@ -112,3 +112,10 @@ class Framer:
         self.error = text
         self._tail = bytearray(buf[pos:]) or bytearray(b"\0")
         self._need = 1 << 62
+
+    def take_tail(self) -> bytes:
+        """Hand over the held incomplete message (the caller re-feeds it later)."""
+        tail = bytes(self._tail)
+        self._tail = bytearray()
+        self._need = 0
+        return tail

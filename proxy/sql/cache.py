@@ -142,22 +142,8 @@ class AnalysisCache:
                 found = exc
             if on_parse is not None:
                 on_parse(time.perf_counter() - started)
-            if template is not None and template != sql and isinstance(found, Analysis) \
-                    and template_safe(found):
-                # Keyed with a NUL prefix: no real statement text can collide with it.
-                self._templates["\0" + template] = found
-                if len(self._templates) > self.maxsize:
-                    self._templates.popitem(last=False)
-                self.last_key = "\0" + template
-                self._remember(sql, self.last_key)
-                shape = shape_of(sql)
-                if shape is not None:
-                    self._shapes.insert(0, (shape, self.last_key))
-                    del self._shapes[MAX_SHAPES:]
-                return found
-            data[sql] = found
-            if len(data) > self.maxsize:
-                data.popitem(last=False)
+            if self._store(sql, template, found):
+                return found  # type: ignore[return-value]
         else:
             self.hits += 1
             data.move_to_end(sql)
@@ -165,6 +151,52 @@ class AnalysisCache:
         if isinstance(found, AnalysisError):
             raise AnalysisError(*found.args)
         return found
+
+    def _store(self, sql: str, template: str | None,
+               found: Analysis | AnalysisError) -> bool:
+        """Keep a fresh analysis; True when it went to the template level (`last_key`
+        is then set), False when it went to the exact-text level."""
+        if template is not None and template != sql and isinstance(found, Analysis) \
+                and template_safe(found):
+            # Keyed with a NUL prefix: no real statement text can collide with it.
+            self._templates["\0" + template] = found
+            if len(self._templates) > self.maxsize:
+                self._templates.popitem(last=False)
+            self.last_key = "\0" + template
+            self._remember(sql, self.last_key)
+            shape = shape_of(sql)
+            if shape is not None:
+                self._shapes.insert(0, (shape, self.last_key))
+                del self._shapes[MAX_SHAPES:]
+            return True
+        data = self._data
+        data[sql] = found
+        if len(data) > self.maxsize:
+            data.popitem(last=False)
+        return False
+
+    def cached(self, sql: str) -> bool:
+        """Whether `sql` is answered by the exact-text levels (no parse, no normalise)."""
+        return sql in self._data or self._seen.get(sql) in self._templates
+
+    def install(self, sql: str, template: str | None,
+                found: Analysis | AnalysisError) -> None:
+        """Keep an analysis made elsewhere (`prepare`, on a worker thread)."""
+        self._memo = None
+        self._store(sql, template, found)
+
+    @staticmethod
+    def prepare(sql: str) -> tuple[str | None, Analysis | AnalysisError]:
+        """What a miss computes, as a pure function of the text: safe on a worker thread
+        (pglast's parser releases the GIL), its result handed to `install`."""
+        try:
+            template: str | None = parser.normalize(sql)
+        except Exception:
+            template = None
+        try:
+            return template, analyze(sql)
+        except AnalysisError as exc:
+            return template, exc
 
     def _remember(self, sql: str, key: str) -> None:
         seen = self._seen

@@ -23,6 +23,9 @@ from __future__ import annotations
 from pglast import parser
 
 _BEFORE_UNSAFE = frozenset("_$.")  # besides letters and digits
+# Shapes pay off for short statements sent again and again; scanning a long text costs
+# a token object per token on the event loop (a 2.7 MB IN list: most of a second).
+MAX_SHAPE_TEXT = 8192
 _AFTER_SAFE = frozenset(" \t\n\r\f\v();,[]=<>+-*/%^|:")
 
 
@@ -67,6 +70,8 @@ class Shape:
 def shape_of(text: str) -> Shape | None:
     """The shape of `text`, or None when it has no integer constant or one whose
     surroundings are not known to be safe (see the module docstring)."""
+    if len(text) > MAX_SHAPE_TEXT:
+        return None
     if not text.isascii():  # scanner offsets are bytes; ASCII keeps them str offsets
         return None
     try:

@@ -109,3 +109,30 @@ def test_cache_answers_new_integers_without_normalising(
     calls.clear()
     cache.analyze("SELECT set_config('search_path', 'a', false), 2")
     assert calls and cache.last_key == "SELECT set_config('search_path', 'a', false), 2"
+
+
+def test_long_texts_get_no_shape() -> None:
+    """Scanning a 2.7 MB IN list for a shape held the event loop for most of a second."""
+    from proxy.sql.shapes import MAX_SHAPE_TEXT
+
+    short = "SELECT * FROM t WHERE id IN (1, 2, 3)"
+    assert shape_of(short) is not None
+    long = "SELECT * FROM t WHERE id IN (" + ", ".join("7" for _ in range(MAX_SHAPE_TEXT)) + ")"
+    assert shape_of(long) is None
+
+
+def test_an_analysis_made_elsewhere_is_installed() -> None:
+    """What the worker process computes for a big statement answers the session later."""
+    from proxy.sql.cache import AnalysisCache
+
+    cache = AnalysisCache(10)
+    for sql in ("SELECT a FROM t WHERE id = 5", "SET search_path = x", "SELEC broken"):
+        assert not cache.cached(sql)
+        cache.install(sql, *AnalysisCache.prepare(sql))
+        assert cache.cached(sql)
+        misses = cache.misses
+        try:
+            cache.analyze(sql)
+        except Exception as exc:
+            assert type(exc).__name__ == "AnalysisError"
+        assert cache.misses == misses  # no parse on the loop
