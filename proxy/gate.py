@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.policy.engine import Decision
+from proxy.policy.pg_builtins import PG_CATALOG_FUNCTIONS
 from proxy.protocol import messages as m
 from proxy.protocol import rows
 from proxy.protocol.messages import ProtocolViolation
@@ -173,6 +174,14 @@ class SessionPolicy:
     # of a string, a cursor declared by another role): its rows are revealed under the
     # strictest view of them (SessionProtector.viewer).
     request_roles: tuple[str, ...] = ()
+    # The request just applied runs user code (DO, CALL, a function outside pg_catalog,
+    # EXECUTE or FETCH of such a statement): code the proxy cannot see into may change
+    # search_path, role or client_encoding, so the session observes them after it
+    # (Session: the observation barrier) instead of trusting its simulation.
+    user_code: bool = False
+    # A transaction in which user code ran: its end (COMMIT may drop a SET LOCAL the
+    # code made, ROLLBACK may undo a SET) is observed too.
+    observe_at_end: bool = False
 
     def __post_init__(self) -> None:
         if not self.session_role:
@@ -195,6 +204,23 @@ def _changes_role(info: StatementInfo) -> bool:
     if info.kind == "set_role" or (info.kind == "discard" and info.name == "all"):
         return True
     return any(c.param in _ROLE_PARAMS for c in info.config_calls)
+
+
+OBSERVE_SQL = ("SELECT pg_catalog.current_setting('search_path'), current_user, "
+               "session_user")
+"""What the session asks the server after user code ran (the observation barrier)."""
+
+
+def _user_code(info: StatementInfo) -> bool:
+    """DO, CALL, or a call of a function outside pg_catalog (a schema-qualified one, or
+    an unqualified name that is not a built-in): code the proxy cannot see into."""
+    if info.kind in ("do", "call"):
+        return True
+    for fn in info.functions:
+        if fn.schema == "pg_catalog" or (fn.schema is None and fn.name in PG_CATALOG_FUNCTIONS):
+            continue
+        return True
+    return False
 
 
 def _needs_steps(analysis: Analysis) -> bool:
@@ -229,6 +255,7 @@ class Gate:
             Session, tuple[bool, bool, int | None]
         ] = weakref.WeakKeyDictionary()
         self._effects: dict[str, bool] = {}
+        self._template_user_code: dict[str, bool] = {}  # template key -> runs user code
         self.encryption: Any = None  # proxy.encryption wiring, when `protect:` is configured
         if settings is not None:
             self.configure(settings)
@@ -410,7 +437,10 @@ class Gate:
                 "follow the setting it changes); use SET or SELECT set_config(...)", sql)
         if self.policy is None:
             return None
-        return self.decide(session, sql, apply=False)
+        refusal = self.decide(session, sql, apply=False)
+        if refusal is None and st is not None and schema != "pg_catalog":
+            st.user_code = True  # the session observes its state after the call
+        return refusal
 
     def functions_changed(self, database: str) -> None:
         """Functions may have appeared, moved or gone (DDL, or a DO that may run it, was
@@ -448,6 +478,7 @@ class Gate:
         if st.refuse_all is not None:
             return self._refuse(session, st.role, st.refuse_all)
         st.request_roles = ()
+        st.user_code = False
         cache = self._cache_for(session.database, st.reset_path)
         effects = self._effects.get(sql)
         decision: Decision | None = None
@@ -460,10 +491,21 @@ class Gate:
                 analysis = None
             key = self.analyses.last_key
             if analysis is not None and key[:1] == "\0":
-                decision = cache.decide_keyed(
-                    key, analysis, st.role, st.path, session.database, st.prepared
-                )
-                effects = False
+                user_code = self._template_user_code.get(key)
+                if user_code is None:
+                    user_code = any(_user_code(s) for s in analysis.statements)
+                    if len(self._template_user_code) > 10_000:
+                        self._template_user_code.clear()
+                    self._template_user_code[key] = user_code
+                if user_code:
+                    # A call of user code with constants: its session is observed
+                    # after it (the effects path marks it), whatever the constants.
+                    effects = self._has_effects(sql)
+                else:
+                    decision = cache.decide_keyed(
+                        key, analysis, st.role, st.path, session.database, st.prepared
+                    )
+                    effects = False
             else:
                 effects = self._has_effects(sql)
         if decision is None:
@@ -510,6 +552,16 @@ class Gate:
 
     def _decide_effects(self, cache: PolicyCache, session: Session, st: SessionPolicy,
                         sql: str) -> Decision:
+        from proxy.policy import Decision
+
+        stmts = self.analyses.analyze(sql).statements
+        for index, info in enumerate(stmts[:-1]):
+            if self._runs_user_code(st, info):
+                # The statements after it would run in a session the code may have
+                # changed (search_path, role) before the proxy could observe it.
+                return Decision(False, f"statement {index + 2} follows a call of user code "
+                                "(DO, CALL or a function outside pg_catalog) in the same "
+                                "string; send it separately", index + 1)
         decision = self._decide_effects_text(cache, session, st, sql)
         if decision.allowed:
             return self._decide_fetches(cache, session, st, sql) or decision
@@ -619,13 +671,46 @@ class Gate:
             return False
         result = any(
             s.kind in _EFFECT_KINDS or s.config_calls or s.kind == "execute"
-            or s.kind in _CATALOG_CHANGES
+            or s.kind in _CATALOG_CHANGES or _user_code(s)
             for s in analysis.statements
         ) or encoding.analysis_refusal(analysis, {}) is not None
         if len(self._effects) > 10_000:
             self._effects.clear()
         self._effects[sql] = result
         return result
+
+    def _runs_user_code(self, st: SessionPolicy, info: StatementInfo) -> bool:
+        """Whether running `info` may run code the proxy cannot see into."""
+        while info.kind == "explain" and info.inner is not None:
+            if not info.explain_analyze:
+                return False
+            info = info.inner
+        if _user_code(info):
+            return True
+        if info.kind == "execute" and info.name in st.prepared:
+            return _user_code(st.prepared[info.name])
+        if info.kind in ("fetch", "move") and info.name in st.cursors:
+            return _user_code(st.cursors[info.name][0])
+        return False
+
+    def observed(self, session: Session, row: list[bytes | None]) -> None:
+        """The server's own answer after user code ran: search_path, current_user,
+        session_user. It replaces what the proxy simulated (observe, never simulate)."""
+        st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        if st is None or len(row) < 3:
+            return
+        path = parse_search_path((row[0] or b"").decode())
+        role = (row[1] or b"").decode() or st.role
+        srole = (row[2] or b"").decode() or st.session_role
+        if (path, role, srole) != st.now():
+            log.warning("session %s: user code changed the session (search_path %s, role "
+                        "%s); following the server", session.id, ", ".join(path), role)
+            st.put((path, role, srole))
+            st.level = st.now()
+            self._watch_named(session, st)
+        if st.last_status == b"I":
+            st.level = st.committed = st.now()
+            st.observe_at_end = False
 
     def _apply_effects(self, session: Session, st: SessionPolicy, analysis: Analysis) -> None:
         before = (st.role, st.path)
@@ -647,6 +732,12 @@ class Gate:
     def _apply_one(self, session: Session, st: SessionPolicy, info: StatementInfo,
                    scratch: bool = False) -> None:
         kind = info.kind
+        if not scratch and self._runs_user_code(st, info):
+            st.user_code = True
+            if st.last_status != b"I" or kind == "begin":
+                st.observe_at_end = True
+        if not scratch and st.observe_at_end and kind in _TXN_ENDS:
+            st.user_code = True  # the end of the transaction is observed as well
         if kind == "explain":
             if info.explain_analyze and info.inner is not None:
                 self._apply_one(session, st, info.inner, scratch)

@@ -46,6 +46,7 @@ _ACCEPTED = frozenset(
     t for t, rule in m.FRONTEND_RULES.items() if rule in (m.CHECKED, m.HARMLESS)
 )  # tracking mode: types that reach the tracker (the rest end the session, 08P01)
 _now = time.perf_counter
+_STATEMENT_TYPES = frozenset((_Q, _P, _B, ord("E"), _F))  # run or prepare a statement
 # A Query or Parse longer than this is analysed (and, with `protect:`, planned) in a
 # worker process before the session handles it: the parse of a 2.7 MB IN list holds the
 # event loop for about two seconds, which would stall every other session.
@@ -94,12 +95,13 @@ class State(enum.Enum):
     PRELUDE = 4  # the proxy's own start-of-session query; the client waits for it
     READY = 5
     CLOSED = 6
+    OBSERVE = 7  # relay: reading the answer to the proxy's observation query (see below)
 
 
 # Module constants: `State.READY` is an attribute lookup on the enum class, which costs
 # more (~0.2 us on CPython 3.11) than the whole per-message loop body of the relay.
-_STARTUP, _AUTH, _PRELUDE, _READY, _CLOSED = (
-    State.STARTUP, State.AUTH, State.PRELUDE, State.READY, State.CLOSED
+_STARTUP, _AUTH, _PRELUDE, _READY, _CLOSED, _OBSERVE = (
+    State.STARTUP, State.AUTH, State.PRELUDE, State.READY, State.CLOSED, State.OBSERVE
 )
 
 
@@ -202,6 +204,12 @@ class Session(asyncio.Protocol):
         # (`_defer_heavy`); the text that was, so it is not sent there twice.
         self._held: bytearray | None = None
         self.heavy_done: str | None = None
+        # The observation barrier (`_observe_barrier`): ReadyForQuery messages still to
+        # pass before the reply to the proxy's observation query (relay mode), and
+        # whether an Execute since the last Sync ran user code.
+        self._observing = 0
+        self._observed_row: list[bytes | None] | None = None
+        self._batch_user_code = False
         # Portals bound to a statement with session effects: applied at their Execute.
         self.effect_portals: dict[bytes, object] = {}
         self.last_parse: bytes | None = None  # Parse body the gate last analysed (no policy)
@@ -288,6 +296,15 @@ class Session(asyncio.Protocol):
                         deferred = True
                         break
                     replacement = None
+                    if self._batch_user_code and act != _A_SYNC and act != _A_TERMINATE:
+                        replacement = self._after_user_code(act)
+                        if out is None:
+                            out = []
+                        if run < pos:
+                            out.append(data[run:pos])
+                        out.append(replacement)
+                        run = pos = stop
+                        continue
                     if act == _A_SYNC:
                         if not self.outstanding:
                             self._t0 = _now()
@@ -298,6 +315,9 @@ class Session(asyncio.Protocol):
                     elif act == _A_EXECUTE:
                         if self.effect_portals:
                             self.gate.execute(self, m.execute_portal(data[pos + 5 : stop]))
+                            st = self.policy_state
+                            if st is not None and st.user_code:  # type: ignore[attr-defined]
+                                self._batch_user_code = True
                     elif act == _A_QUERY:
                         if not self.outstanding:
                             self._t0 = _now()
@@ -328,6 +348,17 @@ class Session(asyncio.Protocol):
                             out.append(data[run:pos])
                         out.append(replacement)
                         run = stop
+                    if self._request_ran_user_code(act):
+                        # The request is complete: ask the server what it now has, and
+                        # hold everything after it until the answer (`_observe_barrier`).
+                        if out is None:
+                            out = []
+                        if run < stop:
+                            out.append(data[run:stop])
+                        out.append(self._observe_barrier())
+                        run = pos = stop
+                        deferred = True
+                        break
                 pos = stop
             else:
                 if pos < end:
@@ -394,6 +425,102 @@ class Session(asyncio.Protocol):
         if held:
             self._m_in[0] -= len(held)
             self.data_received(bytes(held))
+
+    # ------------------------------------------------------------------ observation
+
+    def _request_ran_user_code(self, act: int) -> bool:
+        """A Query or FunctionCall that ran user code, or the Sync ending a batch in which
+        an Execute did: the request is complete once the server answers it."""
+        if act == _A_SYNC:
+            if self._batch_user_code:
+                self._batch_user_code = False
+                return True
+            return False
+        if act != _A_QUERY and act != _A_FUNC:
+            return False
+        st = self.policy_state
+        return st is not None and st.user_code  # type: ignore[attr-defined]
+
+    def _after_user_code(self, act: int) -> bytes:
+        """A statement sent after an Execute of user code, before the Sync: it would run
+        in a session the code may have changed before the proxy could observe it. It
+        becomes a Bind of a statement that cannot exist, named with the reason: the
+        server fails it and skips the rest of the batch to the Sync, as for any error."""
+        if act == _A_QUERY or act == _A_FUNC:
+            raise ProtocolViolation("a Query or FunctionCall inside an extended-protocol "
+                                    "batch after a call of user code; send Sync first")
+        from proxy.protocol import rows
+
+        reason = ("permission denied by strongroom: a statement after a call of user code "
+                  "(DO, CALL or a function outside pg_catalog) in the same pipeline batch; "
+                  "send Sync first")
+        return rows.encode_bind(rows.Bind(b"", reason.encode(), [], [], []))
+
+    def _observe_barrier(self) -> bytes:
+        """User code ran (DO, CALL, a function outside pg_catalog): it may have changed
+        search_path, the role or client_encoding where no analysis can see it. The
+        proxy asks the server (observe, never simulate) right behind the request and
+        handles nothing more of this client until the answer is in (`_observed`). Its
+        reply is not the client's: the relay swallows it (State.OBSERVE), the tracker
+        as an injected query. Returns the Query to send."""
+        from proxy.gate import OBSERVE_SQL
+
+        self._held = bytearray()
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        if self.tracker is not None:
+            return self.tracker.inject_query(OBSERVE_SQL, self._observed_rows)
+        self._observing = self.outstanding  # the ReadyForQuery messages before its reply
+        self._observed_row = None
+        return m.message(b"Q", OBSERVE_SQL.encode() + b"\0")
+
+    def _observed_rows(self, rows: list[list[bytes | None]]) -> None:
+        self._observed(rows[0] if rows else None)
+
+    def _observed(self, row: list[bytes | None] | None) -> None:
+        st = self.policy_state
+        if st is not None:
+            st.user_code = False  # type: ignore[attr-defined]
+        if row is not None:
+            self.gate.observed(self, row)
+        else:
+            # (an aborted transaction block refuses the query: the code's changes die
+            # with it at ROLLBACK, whose end is observed in turn)
+            log.info("session %s: the session state could not be observed now", self.id)
+        # Handled after this server chunk, not inside it.
+        asyncio.get_running_loop().call_soon(self._release_held)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        if self.state is _CLOSED or held is None:
+            return
+        self.transport.resume_reading()  # type: ignore[union-attr]
+        if held:
+            self._m_in[0] -= len(held)
+            self.data_received(bytes(held))
+
+    def _server_observe(self, data: bytes) -> None:
+        """Relay: the reply to the observation query. Its row is kept, the rest of it
+        swallowed; what the server sends on its own meanwhile (notices, notifications,
+        parameter changes) is passed on."""
+        buf, frames = self._sframer.feed(data)
+        out: list[bytes] = []
+        for kind, start, stop in frames:
+            if kind == _D:
+                self._observed_row = decode_data_row(buf[start + 5 : stop])
+            elif kind == _Z:
+                self.state = _READY
+                if out:
+                    self.transport.write(b"".join(out))  # type: ignore[union-attr]
+                self._observed(self._observed_row)
+                if stop < len(buf):
+                    self.server_data(buf[stop:])
+                return
+            elif kind == _PS or kind == ord("N") or kind == ord("A"):
+                out.append(buf[start:stop])
+            elif kind == _E and _fatal(buf, start, stop):
+                out.append(buf[start:stop])
+        if out:
+            self.transport.write(b"".join(out))  # type: ignore[union-attr]
 
     def _client_other(self, data: bytes) -> None:
         try:
@@ -793,11 +920,20 @@ class Session(asyncio.Protocol):
                 self._violation(f"invalid frontend message type {kind}")
                 return
             try:
+                after_user_code = self._batch_user_code and kind in _STATEMENT_TYPES
+                if after_user_code and (kind == _Q or kind == _F):
+                    self._after_user_code(_A_QUERY)  # raises: refuses the session
                 replacement = handlers[kind](tracker, kind, msg)
                 if kind == _F:
                     # Queued as a FunctionCall either way: a refusal's ErrorResponse and
                     # ReadyForQuery answer it as the call's own would.
                     replacement = self.gate.function_call(self, msg[5:])
+                if after_user_code:
+                    replacement = self._after_user_code(_A_PARSE)
+                elif kind == _E:
+                    st = self.policy_state
+                    if st is not None and st.user_code:  # type: ignore[attr-defined]
+                        self._batch_user_code = True
             except ProtocolViolation as exc:
                 self._violation(str(exc))
                 return
@@ -810,6 +946,16 @@ class Session(asyncio.Protocol):
                     out.append(data[run:pos])
                 out.append(replacement)
                 run = stop
+            if (kind == _Q or kind == _F or kind == _S) and self._request_ran_user_code(
+                    _A_QUERY if kind == _Q else _A_FUNC if kind == _F else _A_SYNC):
+                if out is None:
+                    out = []
+                if run < stop:
+                    out.append(data[run:stop])
+                out.append(self._observe_barrier())
+                self._held += data[stop:end] + self._cframer.take_tail()  # type: ignore[operator]
+                self.upstream.transport.write(b"".join(out))  # type: ignore[union-attr]
+                return
             pos = stop
         up = self.upstream.transport  # type: ignore[union-attr]
         if out is None:
@@ -963,6 +1109,15 @@ class Session(asyncio.Protocol):
                             hist.sum += spent
                         if self.watch_ready:
                             self.gate.ready(self, self.txn_status)
+                        if self._observing:
+                            self._observing -= 1
+                            if not self._observing:
+                                # What follows is the reply to the observation query.
+                                self.transport.write(data[:stop])  # type: ignore[union-attr]
+                                self.state = _OBSERVE
+                                if stop < end:
+                                    self._server_observe(data[stop:])
+                                return
                     elif kind == _PS:
                         name, value = m.parameter_status(data[pos + 5 : stop])
                         self.server_params[name] = value
@@ -997,6 +1152,8 @@ class Session(asyncio.Protocol):
             # Messages after ReadyForQuery in the same chunk were handled by _server_auth.
         elif state is _PRELUDE:
             self._server_prelude(data)
+        elif state is _OBSERVE:
+            self._server_observe(data)
 
     def _server_prelude(self, data: bytes) -> None:
         """Collect the rows of the proxy's start-of-session query, then open the gate."""
