@@ -305,6 +305,11 @@ INSERT INTO st_a.probe_t VALUES ('a');
 INSERT INTO st_b.probe_t VALUES ('b');
 GRANT USAGE ON SCHEMA st_a, st_b TO PUBLIC;
 GRANT ALL ON st_a.probe_t, st_b.probe_t TO PUBLIC;
+CREATE OR REPLACE FUNCTION public.st_to_b() RETURNS text LANGUAGE sql
+  AS $f$ SELECT set_config('search_path', 'st_b', false) $f$;
+CREATE OR REPLACE FUNCTION public.st_peon_local() RETURNS text LANGUAGE sql
+  AS $f$ SELECT set_config('role', 'st_peon', true) $f$;
+GRANT EXECUTE ON FUNCTION public.st_to_b(), public.st_peon_local() TO PUBLIC;
 """
 
 # Statements that change (or try to change) search_path and the current role, in every
@@ -321,24 +326,55 @@ STEPS = [
     "RELEASE SAVEPOINT s1", "SELECT 1 / 0", "PREPARE pp AS SELECT v FROM probe_t",
     "EXECUTE pp", "DEALLOCATE ALL", "SET search_path = st_a; SELECT 1 / 0",
     "SET search_path = st_b; SET ROLE st_peon",
+    # user code that changes settings where no analysis sees it (observed after it)
+    "SELECT public.st_to_b()", "SELECT public.st_peon_local()",
+    "DO $$BEGIN PERFORM set_config('search_path', 'st_a', false); END$$",
+    # cursors, declared and fetched under whichever role is in effect
+    "DECLARE cc CURSOR WITH HOLD FOR SELECT v FROM probe_t", "FETCH 1 FROM cc", "CLOSE cc",
 ]
 STATE_POLICY: dict[str, Any] = {
     "roles": {
-        "st_login": {"tables": {"st_a.probe_t": ["select"]}, "allow": ["set_role"]},
-        "st_peon": {"tables": {"st_b.probe_t": ["select"]}},
+        "st_login": {"tables": {"st_a.probe_t": ["select"]}, "allow": ["set_role", "do"],
+                     "functions": ["public.st_to_b", "public.st_peon_local"]},
+        "st_peon": {"tables": {"st_b.probe_t": ["select"]}, "allow": ["do"],
+                    "functions": ["public.st_to_b", "public.st_peon_local"]},
     },
     "default": "deny",
 }
 
 
+def _run(conn: psycopg.Connection, sql: str, extended: bool) -> tuple[str, list[Any]]:
+    """Run `sql` in the simple protocol or the extended one (an unnamed statement: no
+    driver-side cache of named statements to go stale after DISCARD / DEALLOCATE ALL).
+    Returns (the SQLSTATE or "" and, for an error, its message; else the rows)."""
+    pgconn = conn.pgconn
+    if extended:
+        results = [pgconn.exec_params(sql.encode(), [])]
+    else:
+        pgconn.send_query(sql.encode())
+        results = []
+        while (res := pgconn.get_result()) is not None:
+            results.append(res)
+    rows: list[Any] = []
+    for res in results:
+        if res.status == psycopg.pq.ExecStatus.FATAL_ERROR:
+            state = (res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) or b"").decode()
+            return state, [(res.error_message or b"").decode(errors="replace")]
+        for r in range(res.ntuples):
+            rows.append(tuple(None if res.get_value(r, c) is None
+                              else res.get_value(r, c).decode()  # type: ignore[union-attr]
+                              for c in range(res.nfields)))
+    return "", rows
+
+
 def _server_truth(conn: psycopg.Connection) -> tuple[str | None, str]:
     """(the table probe_t resolves to on the server, current_user), or None if none."""
-    row = conn.execute(
+    state, rows = _run(conn, (
         "SELECT (SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.oid = pg_catalog.to_regclass('probe_t')), current_user").fetchone()
-    assert row is not None
-    return row[0], row[1]
+        "WHERE c.oid = pg_catalog.to_regclass('probe_t')), current_user"), False)
+    assert state == "", rows
+    return rows[0][0], rows[0][1]
 
 
 def _expected(where: str | None, role: str) -> str:
@@ -349,13 +385,12 @@ def _expected(where: str | None, role: str) -> str:
 
 
 def _probe(conn: psycopg.Connection, prepare: bool) -> str:
-    try:
-        conn.execute("SELECT v FROM probe_t", prepare=prepare).fetchall()
+    state, rows = _run(conn, "SELECT v FROM probe_t", prepare)
+    if not state:
         return "ok"
-    except psycopg.Error as exc:
-        if exc.sqlstate in ("42501", "26000") and "strongroom" in str(exc):
-            return "denied"  # (26000: a named statement re-decided for a new role)
-        return "denied" if exc.sqlstate == "42P01" else f"error {exc.sqlstate}"
+    if state in ("42501", "26000") and "strongroom" in rows[0]:
+        return "denied"  # (26000: a named statement re-decided for a new role)
+    return "denied" if state == "42P01" else f"error {state}"
 
 
 @pytest.mark.parametrize("prepare", [False, True], ids=["simple", "extended"])
@@ -375,20 +410,19 @@ def test_random_state_sequences_match_the_server(
             for _seq in range(12):
                 with connect(p) as conn:
                     conn.execute("SET search_path = st_a")
+                    history: list[str] = []
                     for _ in range(10):
                         step = rng.choice(STEPS)
-                        try:
-                            conn.execute(step, prepare=prepare and ";" not in step)
-                        except psycopg.Error:
-                            pass
+                        history.append(step)
+                        _run(conn, step, prepare and ";" not in step)
                         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-                            conn.execute("ROLLBACK")
+                            _run(conn, "ROLLBACK", False)
                         where, role = _server_truth(conn)
                         got = _probe(conn, prepare)
                         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-                            conn.execute("ROLLBACK")
+                            _run(conn, "ROLLBACK", False)
                             where, role = _server_truth(conn)
                             got = _probe(conn, prepare)
-                        assert got == _expected(where, role), (mode, step, where, role)
+                        assert got == _expected(where, role), (mode, history, where, role)
         finally:
             p.stop()
