@@ -348,7 +348,8 @@ class Session(asyncio.Protocol):
                             out.append(data[run:pos])
                         out.append(replacement)
                         run = stop
-                    if self._request_ran_user_code(act):
+                    if ((self._batch_user_code or act == _A_QUERY or act == _A_FUNC)
+                            and self._request_ran_user_code(act)):
                         # The request is complete: ask the server what it now has, and
                         # hold everything after it until the answer (`_observe_barrier`).
                         if out is None:
@@ -946,8 +947,9 @@ class Session(asyncio.Protocol):
                     out.append(data[run:pos])
                 out.append(replacement)
                 run = stop
-            if (kind == _Q or kind == _F or kind == _S) and self._request_ran_user_code(
-                    _A_QUERY if kind == _Q else _A_FUNC if kind == _F else _A_SYNC):
+            if (kind == _Q or kind == _F or (kind == _S and self._batch_user_code)) and \
+                    self._request_ran_user_code(
+                        _A_QUERY if kind == _Q else _A_FUNC if kind == _F else _A_SYNC):
                 if out is None:
                     out = []
                 if run < stop:
