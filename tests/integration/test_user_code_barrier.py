@@ -154,3 +154,20 @@ def test_set_local_in_user_code_ends_with_the_transaction(proxy_of: ProxyProcess
         conn.execute("SELECT public.uc_switch()")
         conn.execute("COMMIT")
         assert agrees(conn) == "denied"
+
+
+def test_observation_in_a_failed_transaction_keeps_the_session_in_step(
+        proxy_of: ProxyProcess) -> None:
+    """In an aborted transaction block the observation query fails too (25P02): the
+    client sees only its own error, and the end of the transaction is observed."""
+    with connect(proxy_of) as conn:
+        conn.execute("BEGIN")
+        conn.execute("SELECT public.uc_switch()")
+        with pytest.raises(psycopg.Error):
+            conn.execute("SELECT 1 / 0")
+        with pytest.raises(psycopg.Error) as err:
+            conn.execute("SELECT public.uc_noop()")
+        assert err.value.sqlstate == "25P02"
+        conn.execute("ROLLBACK")
+        assert agrees(conn) == "ok"
+        assert conn.execute("SELECT 7").fetchone() == (7,)
