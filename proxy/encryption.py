@@ -437,6 +437,8 @@ def _sealing(plan: StatementPlan) -> tuple[Any, ...]:
             tuple(d for d, _ in plan.copies), bool(plan.rechecks))
 
 
+_READ_KINDS = frozenset({"select", "copy_out"})  # grants that let a role read a relation
+
 # Column views from most to least revealing: combining views keeps the strictest.
 _STRICTNESS = {"plaintext": 0, "masked": 1, "ciphertext": 2, "deny": 3}
 
@@ -459,6 +461,7 @@ class SessionProtector:
         self._by_attr: dict[tuple[int, int], RoleColumn | Untraceable] = {}
         self._attr_snapshot: object = None
         self._attr_viewer: tuple[str, ...] = self.viewer
+        self._deny_cols: dict[int, RoleColumn] = {}
         self._tz_name: str | None = None
         self._tz: datetime.tzinfo = datetime.UTC
         self.wants_refresh = False
@@ -486,6 +489,27 @@ class SessionProtector:
                 self._viewers.pop(next(iter(self._viewers)))
             self._viewers[roles] = cols
         return cols
+
+    def _readable(self, schema: str, table: str) -> bool:
+        """Whether every role the rows are revealed to may read the relation. A second
+        line behind the policy: if some statement ever got rows of a table the role has
+        no read right on to the client, its protected cells are not opened for it."""
+        policy = self.enc.gate.policy
+        if policy is None:
+            return True
+        for role in self.viewer:
+            rp = policy.role(role)
+            if rp is None or not rp.kinds_for(schema, table) & _READ_KINDS:
+                return False
+        return True
+
+    def _denied(self, rc: RoleColumn) -> RoleColumn:
+        """`rc`'s column with the `deny` view: a cell of it is an error, never a value."""
+        denied = self._deny_cols.get(id(rc.runtime))
+        if denied is None or denied.runtime is not rc.runtime:
+            denied = RoleColumn(rc.runtime, "deny", None, tz=self.timezone)
+            self._deny_cols[id(rc.runtime)] = denied
+        return denied
 
     def viewed(self, crypto: Any) -> Any:
         """The same protected column as the current viewer sees it."""
@@ -535,13 +559,18 @@ class SessionProtector:
                 for (schema, table, column), rc in cols.items():
                     info = snap.table(schema, table)
                     if info is not None and column in info.attnums:
-                        self._by_attr[(info.oid, info.attnums[column])] = rc
+                        self._by_attr[(info.oid, info.attnums[column])] = (
+                            rc if self._readable(schema, table) else self._denied(rc))
                 _schema, views = self.enc.views_of(snap)
                 for attr, target in views.items():
+                    if isinstance(target, str):
+                        self._by_attr[attr] = Untraceable(target)
+                        continue
+                    rc = cols[(target.schema, target.table, target.column)]
+                    view = snap.by_oid.get(attr[0])
                     self._by_attr[attr] = (
-                        Untraceable(target) if isinstance(target, str)
-                        else cols[(target.schema, target.table, target.column)]
-                    )
+                        rc if view is not None and self._readable(view.schema, view.name)
+                        else self._denied(rc))
             self._attr_snapshot = snap
         return self._by_attr.get((table_oid, attnum))
 

@@ -179,6 +179,10 @@ class SessionPolicy:
     # search_path, role or client_encoding, so the session observes them after it
     # (Session: the observation barrier) instead of trusting its simulation.
     user_code: bool = False
+    # Names made by SQL PREPARE: PostgreSQL lets a protocol Bind use them too, but the
+    # proxy decides them at EXECUTE (with the search_path they were prepared under and
+    # the one of the moment); a Bind of one is refused (`Gate.bind`, the tracker).
+    sql_prepared: set[str] = field(default_factory=set)
     # A transaction in which user code ran: its end (COMMIT may drop a SET LOCAL the
     # code made, ROLLBACK may undo a SET) is observed too.
     observe_at_end: bool = False
@@ -204,6 +208,23 @@ def _changes_role(info: StatementInfo) -> bool:
     if info.kind == "set_role" or (info.kind == "discard" and info.name == "all"):
         return True
     return any(c.param in _ROLE_PARAMS for c in info.config_calls)
+
+
+SQL_PREPARED_BIND = (
+    "permission denied by strongroom: a statement made by SQL PREPARE is run with EXECUTE, "
+    "not bound with the protocol")
+"""Bound instead of a SQL-PREPAREd name: a statement name that cannot exist (26000)."""
+
+
+def cursor_execute(st: SessionPolicy | None, portal: bytes) -> bytes | None:
+    """A protocol Execute of a SQL cursor (DECLARE) would run its query as the role of
+    the moment without a FETCH for the proxy to decide: it becomes an Execute of a portal
+    that cannot exist, named with the reason (34000)."""
+    if st is None or not st.cursors or portal.decode(errors="surrogateescape") not in st.cursors:
+        return None
+    reason = ("permission denied by strongroom: a cursor made by DECLARE is read with FETCH, "
+              "not executed with the protocol")
+    return m.message(b"E", reason.encode() + b"\0" + b"\0\0\0\0")
 
 
 OBSERVE_SQL = ("SELECT pg_catalog.current_setting('search_path'), current_user, "
@@ -578,7 +599,10 @@ class Gate:
             if info.kind in ("fetch", "move") and info.name is not None:
                 cursor = st.cursors.get(info.name)
                 if cursor is None:
-                    continue  # a protocol-level portal: decided at its Parse and Bind
+                    # A portal the client bound with the protocol: FETCH would run it
+                    # (and any set_config in it) where no Execute shows it to the proxy.
+                    return Decision(False, f"{info.kind.upper()} of {info.name}: not a cursor "
+                                    "declared with DECLARE (a protocol portal: use Execute)")
                 query, path, _roles = cursor
                 found = decide(self.policy, st.role, query, path, session.database,
                                env=cache.env, prepared=st.prepared)
@@ -745,18 +769,27 @@ class Gate:
         if kind == "prepare" and info.name and info.inner is not None:
             st.prepared[info.name] = info.inner
             st.prepared_path[info.name] = st.path
+            if not scratch:
+                st.sql_prepared.add(info.name)
+                session.denied.add(info.name.encode(errors="surrogateescape"))
         elif kind == "deallocate":
             if info.name:
                 st.prepared.pop(info.name, None)
                 st.prepared_path.pop(info.name, None)
+                if not scratch:
+                    st.sql_prepared.discard(info.name)
             else:
                 st.prepared.clear()
                 st.prepared_path.clear()
+                if not scratch:
+                    st.sql_prepared.clear()
         elif kind == "discard" and info.name == "all":
             # SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DEALLOCATE ALL; ... (no block)
             st.prepared.clear()
             st.prepared_path.clear()
             st.cursors.clear()
+            if not scratch:
+                st.sql_prepared.clear()
             self._set(st, "session_authorization", None, False)
             self._set(st, "search_path", None, False)
         elif kind == "begin":
@@ -926,6 +959,8 @@ class Gate:
             st.refused.discard(name)
             st.staged.pop(name, None)
             st.named.pop(name, None)
+            if st.sql_prepared:
+                st.sql_prepared.discard(name.decode(errors="surrogateescape"))
         if refusal is None:
             if st is not None and name:
                 if len(st.named) >= 1000 and name not in st.named:
@@ -989,6 +1024,10 @@ class Gate:
         if bind.statement not in session.denied:
             return None
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        if st is not None and bind.statement not in st.named and bind.statement.decode(
+                errors="surrogateescape") in st.sql_prepared:
+            bind.statement = SQL_PREPARED_BIND.encode()
+            return rows.encode_bind(bind)
         if st is not None and bind.statement not in st.refused:
             named = st.named.get(bind.statement)
             if named is not None and (named[1], named[2]) != (st.role, st.path):
@@ -1012,14 +1051,20 @@ class Gate:
         bind.params = [None] * len(bind.params)
         return rows.encode_bind(bind)
 
-    def execute(self, session: Session, portal: bytes) -> None:
+    def execute(self, session: Session, portal: bytes) -> bytes | None:
         """Execute of a portal whose statement has session effects (SET, set_config,
         PREPARE...): the server applies them now, so the gate does too. Only an Execute
-        makes a statement run; Parse and Bind alone change nothing on the server."""
-        staged = session.effect_portals.get(portal)
+        makes a statement run; Parse and Bind alone change nothing on the server.
+        An Execute of a SQL cursor (DECLARE) is refused: it is decided at FETCH (see
+        `cursor_execute`). Returns the Execute to send instead, or None."""
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        refused = cursor_execute(st, portal)
+        if refused is not None:
+            return refused
+        staged = session.effect_portals.get(portal)
         if staged is not None and st is not None:
             self._apply_effects(session, st, staged)
+        return None
 
     def staged_effects(self, sql: str) -> Analysis | None:
         """The analysis of a parsed statement whose session effects wait for Execute."""

@@ -51,6 +51,17 @@ _STATEMENT_TYPES = frozenset((_Q, _P, _B, ord("E"), _F))  # run or prepare a sta
 # worker process before the session handles it: the parse of a 2.7 MB IN list holds the
 # event loop for about two seconds, which would stall every other session.
 OFFLOAD_BYTES = 64 * 1024
+OFFLOAD_TIMEOUT = 60.0  # then the statement is analysed inline after all (slow, correct)
+
+
+async def _bounded(waiting: list[asyncio.Future[Any]]) -> list[Any]:
+    """The worker's results, or a TimeoutError for each when it takes too long (a queue
+    of other sessions' huge statements ahead, a worker that stopped answering)."""
+    try:
+        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True),
+                                      OFFLOAD_TIMEOUT)
+    except TimeoutError:
+        return [TimeoutError()] * len(waiting)
 _SERVER_MAX = 1 << 30  # longest backend message accepted (the server is trusted)
 
 # What the relay does with each frontend message type (index: the type byte), from the
@@ -313,9 +324,11 @@ class Session(asyncio.Protocol):
                         if self.denied or self.effect_portals:
                             replacement = self.gate.bind(self, data[pos + 5 : stop])
                     elif act == _A_EXECUTE:
-                        if self.effect_portals:
-                            self.gate.execute(self, m.execute_portal(data[pos + 5 : stop]))
-                            st = self.policy_state
+                        st = self.policy_state
+                        if self.effect_portals or (
+                                st is not None and st.cursors):  # type: ignore[attr-defined]
+                            replacement = self.gate.execute(
+                                self, m.execute_portal(data[pos + 5 : stop]))
                             if st is not None and st.user_code:  # type: ignore[attr-defined]
                                 self._batch_user_code = True
                     elif act == _A_QUERY:
@@ -401,7 +414,7 @@ class Session(asyncio.Protocol):
         self.transport.pause_reading()  # type: ignore[union-attr]
         loop = asyncio.get_running_loop()
         waiting = [asyncio.wrap_future(future, loop=loop) for future, _ in jobs]
-        done = asyncio.gather(*waiting, return_exceptions=True)
+        done = loop.create_task(_bounded(waiting))
         done.add_done_callback(lambda f: self._heavy_done(f, [i for _, i in jobs]))
         return True
 

@@ -550,6 +550,15 @@ class Tracker:
                 return self._client_bind_full(msg)
             self.portals[portal] = Portal(stmt, result_formats, plan.copies)
         else:
+            if (self._state is not None and self._state.sql_prepared and name.decode(
+                    errors="surrogateescape") in self._state.sql_prepared):
+                # Made by SQL PREPARE: decided at EXECUTE, never bound with the protocol
+                # (PostgreSQL would re-analyse it for this Bind unseen by the proxy).
+                from proxy.gate import SQL_PREPARED_BIND
+
+                self._push(_BIND_ENTRY)
+                return self._failing_bind(rows.decode_bind(msg[5:]),
+                                          ClientRefusal("26000", SQL_PREPARED_BIND))
             self.portals[portal] = Portal(None, result_formats)
         if not self.discarding:  # (`_push`, inline)
             queue = self.queue
@@ -619,11 +628,22 @@ class Tracker:
         return None
 
     def _client_execute(self, kind: int, msg: bytes) -> bytes | None:
-        portal = self.portals.get(msg[5 : msg.index(b"\0", 5)])
+        name = msg[5 : msg.index(b"\0", 5)]
+        portal = self.portals.get(name)
         if self.discarding:  # (`_push`, inline: once per request)
             return None
         queue = self.queue
         entry = Entry(EXECUTE, target=portal)
+        if self._state is not None and self._state.cursors:
+            from proxy.gate import cursor_execute
+
+            refused = cursor_execute(self._state, name)
+            if refused is not None:
+                entry.target = None
+                queue.append(entry)
+                if len(queue) == 1:
+                    self._set_data_plan(self._current_plan(entry))
+                return refused
         if portal is not None and portal.statement is not None:
             stmt = portal.statement
             if stmt.effects is not None:

@@ -40,8 +40,10 @@ _POOL: ProcessPoolExecutor | None = None
 
 
 def _pool() -> ProcessPoolExecutor:
+    """The worker process; started again when it died (an OOM kill, a crash), so one
+    lost worker costs the statements it had, not every later one."""
     global _POOL
-    if _POOL is None:
+    if _POOL is None or getattr(_POOL, "_broken", False):
         _POOL = ProcessPoolExecutor(max_workers=1,
                                     mp_context=multiprocessing.get_context("spawn"))
     return _POOL
