@@ -143,3 +143,55 @@ def test_demo_stops_cleanly_on_sigterm() -> None:
         socket.create_connection(("127.0.0.1", int(direct.group(2))), timeout=2).close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def _fake_checkout(tmp: Path) -> Path:
+    """scripts/demo.sh and scripts/setup.sh with the real pyproject.toml, in a copy whose
+    .venv holds stand-ins that log their arguments: the scripts' own logic, run as is,
+    without installing anything."""
+    (tmp / "scripts").mkdir()
+    for name in ("demo.sh", "setup.sh"):
+        (tmp / "scripts" / name).write_bytes((ROOT / "scripts" / name).read_bytes())
+        (tmp / "scripts" / name).chmod(0o755)
+    (tmp / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+    bindir = tmp / ".venv" / "bin"
+    bindir.mkdir(parents=True)
+    for name in ("python", "pip", "strongroom"):
+        (bindir / name).write_text(f'#!/bin/sh\necho "{name} $*" >>"{tmp}/calls.log"\n')
+        (bindir / name).chmod(0o755)
+    return tmp
+
+
+def _run_demo_sh(checkout: Path) -> list[str]:
+    """Run scripts/demo.sh once; the stand-in commands it called, in order."""
+    log = checkout / "calls.log"
+    log.unlink(missing_ok=True)
+    done = subprocess.run(["bash", str(checkout / "scripts" / "demo.sh"), "--keep"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return log.read_text().splitlines()
+
+
+def test_demo_sh_installs_only_when_pyproject_changes(tmp_path: Path) -> None:
+    """pip runs on the first start and after pyproject.toml changes, not on every start."""
+    checkout = _fake_checkout(tmp_path)
+    first = _run_demo_sh(checkout)
+    assert any(c.startswith("pip install -q -e") for c in first), first
+    assert first[-1] == "strongroom demo --keep"
+    assert _run_demo_sh(checkout) == ["strongroom demo --keep"]
+    with open(checkout / "pyproject.toml", "a", encoding="utf-8") as fh:
+        fh.write("\n# changed\n")
+    again = _run_demo_sh(checkout)
+    assert any(c.startswith("pip install -q -e") for c in again), again
+    assert _run_demo_sh(checkout) == ["strongroom demo --keep"]
+
+
+def test_pyproject_license_is_an_spdx_string() -> None:
+    """The table form makes setuptools print deprecation warnings on every install; the
+    SPDX string needs setuptools 77, which the build requirements must then ask for."""
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "Apache-2.0"
+    (req,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
+    assert re.fullmatch(r"setuptools>=(\d+)", req) and int(req.split(">=")[1]) >= 77, req
