@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,9 +161,146 @@ def _check_live(args: argparse.Namespace, cfg: settings_mod.Settings) -> list[st
             f"protect.{name}: {message}" for name, message in found]
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _install_stop_handlers() -> Callable[[], None]:
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt once; returns the clean-up shield.
+
+    Installed explicitly for SIGINT too: a non-interactive shell starts a background job
+    (`cmd &`) with SIGINT ignored, Python then keeps it ignored, and `kill -INT` would not
+    stop the demo. SIGHUP stays ignored when it was (`nohup`: the operator asked for it).
+    Calling the returned function makes later signals no-ops, so that stopping PostgreSQL
+    and removing the keys is not interrupted halfway by an impatient second Ctrl-C."""
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    def shield() -> None:
+        nonlocal stopping
+        stopping = True
+
+    for sig in _STOP_SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+            continue
+        signal.signal(sig, stop)
+    return shield
+
+
+def _demo_config(workdir: Path, upstream_port: int, proxy_port: int,
+                 metrics_port: int) -> dict[str, Any]:
+    """The example configuration with the demo's ports, the audit log on and every path
+    inside `workdir`: the same topology as compose, metrics and audit included."""
+    import yaml
+
+    cfg = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    cfg["listen"]["port"] = proxy_port
+    cfg["upstream"]["port"] = upstream_port
+    cfg["metrics"]["port"] = metrics_port
+    cfg["audit"] = {"path": str(workdir / "audit" / "audit.jsonl"),
+                    "key_file": str(workdir / "keys" / "audit.key")}
+    return cfg
+
+
+def _check_port_free(port: int, option: str) -> None:
+    """Refuse a port something already listens on: the proxy would fail to bind it, and
+    the demo would take the other listener for the proxy and print working psql lines."""
+    import socket
+
+    from proxy import devcluster
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise devcluster.ClusterError(
+                f"127.0.0.1:{port} is not free ({exc.strerror}); pass another {option}"
+            ) from None
+
+
+def _wait_for_proxy(proc: subprocess.Popen[bytes], port: int, timeout: float = 30) -> None:
+    """Until the proxy listens; a proxy that exits during start-up is an error at once."""
+    import socket
+
+    from proxy import devcluster
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise devcluster.ClusterError(
+                f"the proxy exited with status {proc.returncode} during start-up (see above)")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise devcluster.ClusterError(f"the proxy did not listen on port {port} within {timeout}s")
+
+
+def _stop_proxy(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _destroy_cluster(base: Path | None) -> None:
+    """Stop the PostgreSQL in `base` if one was started there, and remove the directory
+    (also when start-up was interrupted half-way, before `devcluster.create` returned)."""
+    import shutil
+
+    from proxy import devcluster
+
+    if base is None:
+        return
+    if (base / "data").exists():  # no-op if the server never started
+        devcluster.Cluster(base=base, port=0).stop("immediate")
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _demo_banner(cfg_path: Path, cfg: dict[str, Any], cluster_base: Path,
+                 cluster_port: int) -> str:
+    proxy_port = cfg["listen"]["port"]
+    metrics_port = cfg["metrics"]["port"]
+    audit = cfg["audit"]
+    metrics = (f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port
+               else "off (--metrics-port 0)")
+    return (
+        f"\nStrongroom is up (config: {cfg_path}). Connect through it:\n\n"
+        f"  PGPASSWORD=app-secret psql -h 127.0.0.1 -p {proxy_port} -U app app\n"
+        f"  PGPASSWORD=support-secret psql -h 127.0.0.1 -p {proxy_port} -U support_agent app\n"
+        f"  PGPASSWORD=etl-secret psql -h 127.0.0.1 -p {proxy_port} -U etl_backup app\n\n"
+        "Try, as app:\n"
+        "  INSERT INTO customers (name, tax_id) VALUES ('Ann', 'DE123') RETURNING id;\n"
+        "  INSERT INTO cards (customer_id, pan, expiry) VALUES (1, '4111111111111111',"
+        " '2030-01-31');\n"
+        "  SELECT * FROM cards WHERE pan = '4111111111111111';\n"
+        "then the same SELECT as support_agent (masked) and etl_backup (ciphertext),\n"
+        f"and directly: psql -h {cluster_base} -p {cluster_port} -U postgres app "
+        "(only ciphertext at rest).\n\n"
+        f"metrics: {metrics}\n"
+        f"audit log: {audit['path']}\n"
+        f"  verify: strongroom audit verify {audit['path']} --key-file {audit['key_file']}\n"
+        "Ctrl-C (or SIGTERM) stops both."
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Throwaway PostgreSQL with a sample fintech schema, keys, and the proxy running the
-    example configuration (encryption + policy). Ctrl-C stops both."""
+    example configuration (encryption + policy + metrics + audit). Ctrl-C stops both.
+
+    Everything it creates (the KEK and keyring included) is removed on any exit, a
+    start-up error or a signal included, unless --keep."""
+    import shutil
+
     import yaml
 
     from keys import cli_ops
@@ -170,67 +308,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.encryption import protect_columns_for_keys
 
     setup_logging("info")
-
-    def _stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM (timeout, docker stop), SIGHUP: as Ctrl-C
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGHUP, _stop)
-    print("starting a throwaway PostgreSQL ...", flush=True)
-    cluster = devcluster.create()
-    workdir = Path(tempfile.mkdtemp(prefix="strongroom-demo-"))
+    shield = _install_stop_handlers()
+    workdir: Path | None = None
+    pg_base: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
+    status = 0
     try:
+        workdir = Path(tempfile.mkdtemp(prefix="strongroom-demo-"))
+        print(f"demo directory (config, KEK, keyring, audit log): {workdir} "
+              f"({'kept on exit' if args.keep else 'removed on exit; --keep keeps it'})",
+              flush=True)
+        pg_base = Path(tempfile.mkdtemp(prefix="strongroom-pg-"))
+        print(f"starting a throwaway PostgreSQL in {pg_base} ...", flush=True)
+        cluster = devcluster.create(base=pg_base)
         cluster.psql("CREATE DATABASE app")
         schema_sql = Path(__file__).resolve().parent.parent / "docker" / "init" / "01-schema.sql"
         cluster.psql(schema_sql.read_text(), db="app")
         proxy_port = args.port or devcluster.free_port()
-        cfg = yaml.safe_load(EXAMPLE_CONFIG.read_text())
-        cfg["listen"]["port"] = proxy_port
-        cfg["upstream"]["port"] = cluster.port
-        cfg["metrics"]["port"] = args.metrics_port
+        metrics_port = (devcluster.free_port() if args.metrics_port is None
+                        else args.metrics_port)
+        _check_port_free(proxy_port, "--port")
+        if metrics_port:
+            _check_port_free(metrics_port, "--metrics-port")
+        cfg = _demo_config(workdir, cluster.port, proxy_port, metrics_port)
         cfg_path = workdir / "strongroom.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         (workdir / "keys").mkdir(mode=0o700)
+        (workdir / "audit").mkdir(mode=0o700)
         cli_ops.init(workdir / "keys" / "dev.kek", workdir / "keys" / "keyring.json",
                      protect_columns_for_keys(cfg["protect"]))
+        _init_audit_key(settings_mod.load(str(cfg_path)))
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg_path)],
             cwd=str(Path(__file__).resolve().parent.parent),
         )
-        devcluster.wait_port("127.0.0.1", proxy_port, timeout=30)
-        print(
-            "\nStrongroom is up (config: " + str(cfg_path) + "). Connect through it:\n\n"
-            f"  PGPASSWORD=app-secret psql -h 127.0.0.1 -p {proxy_port} -U app app\n"
-            f"  PGPASSWORD=support-secret psql -h 127.0.0.1 -p {proxy_port} -U support_agent app\n"
-            f"  PGPASSWORD=etl-secret psql -h 127.0.0.1 -p {proxy_port} -U etl_backup app\n\n"
-            "Try, as app:\n"
-            "  INSERT INTO customers (name, tax_id) VALUES ('Ann', 'DE123') RETURNING id;\n"
-            "  INSERT INTO cards (customer_id, pan, expiry) VALUES (1, '4111111111111111',"
-            " '2030-01-31');\n"
-            "  SELECT * FROM cards WHERE pan = '4111111111111111';\n"
-            "then the same SELECT as support_agent (masked) and etl_backup (ciphertext),\n"
-            f"and directly: psql -h {cluster.base} -p {cluster.port} -U postgres app "
-            "(only ciphertext at rest).\nCtrl-C (or SIGTERM) stops both.",
-            flush=True,
-        )
-        if args.seconds:
-            time.sleep(args.seconds)
-        else:
-            while proc.poll() is None:
-                time.sleep(0.5)
+        _wait_for_proxy(proc, cfg["listen"]["port"])
+        print(_demo_banner(cfg_path, cfg, cluster.base, cluster.port), flush=True)
+        deadline = time.monotonic() + args.seconds if args.seconds else None
+        while proc.poll() is None and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.2)
+        if proc.poll() not in (None, 0):
+            print(f"the proxy exited with status {proc.returncode}", file=sys.stderr)
+            status = 1
     except KeyboardInterrupt:
         pass
+    except (devcluster.ClusterError, settings_mod.ConfigError) as exc:
+        problems = exc.problems if isinstance(exc, settings_mod.ConfigError) else [str(exc)]
+        print("\n".join(f"demo: {p}" for p in problems), file=sys.stderr, flush=True)
+        status = 1
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        cluster.destroy()
+        shield()
+        _stop_proxy(proc)
+        _destroy_cluster(pg_base)
+        if workdir is not None and args.keep:
+            print(f"kept {workdir} (holds the demo's KEK and keyring: delete it when done)",
+                  flush=True)
+        elif workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
         print("demo stopped", flush=True)
-    return 0
+    return status
 
 
 def _keys_context(config: str) -> tuple[settings_mod.Settings, str, str | None, object]:
@@ -366,9 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("demo", help="throwaway PostgreSQL + proxy with the example config")
-    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--port", type=int, default=0, help="proxy port (default: a free one)")
     p.add_argument("--seconds", type=float, default=0, help="stop after N seconds")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: off)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics port (default: a free one; 0: off)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the demo directory (config, KEK, keyring, audit log) on exit")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("keys", help="manage data keys (never prints key bytes)")

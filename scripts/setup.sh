@@ -20,6 +20,14 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || $PY -m venv .venv
-.venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test]'
+stamp=.venv/.strongroom-installed
+[ -x .venv/bin/python ] || { rm -f "$stamp"; $PY -m venv .venv; }
+# pip only when pyproject.toml changed since the last successful install: the package is
+# installed editable, so code changes need no reinstall, and every start of demo.sh or
+# test.sh would otherwise pay for (and print) a full resolve. rm the stamp to force it.
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) .[test]"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[test]'
+  printf '%s\n' "$want" >"$stamp"
+fi
