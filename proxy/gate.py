@@ -595,8 +595,18 @@ class Gate:
         from proxy.policy import Decision, decide
 
         assert self.policy is not None
-        for info in self.analyses.analyze(sql).statements:
-            if info.kind in ("fetch", "move") and info.name is not None:
+        declared: set[str] = set()  # by a DECLARE earlier in the same string
+        statements = self.analyses.analyze(sql).statements
+        role_changes = any(_changes_role(s) for s in statements)
+        for info in statements:
+            if info.kind == "declare" and info.name:
+                declared.add(info.name)
+            elif info.kind in ("fetch", "move") and info.name is not None:
+                if info.name in declared:
+                    if role_changes:  # declared as one role, fetched as another
+                        return Decision(False, f"{info.kind.upper()} of {info.name}: a cursor "
+                                        "declared in a string that changes the role")
+                    continue  # decided with its DECLARE, as the same role, just before
                 cursor = st.cursors.get(info.name)
                 if cursor is None:
                     # A portal the client bound with the protocol: FETCH would run it

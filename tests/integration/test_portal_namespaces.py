@@ -183,3 +183,17 @@ def test_a_dead_offload_worker_is_replaced(proxies: dict[str, ProxyProcess]) -> 
             replies = run(raw, query_msg(big + f" OR id = {n}"))
             assert not errors(replies), errors(replies)
             assert rows(replies)
+
+
+def test_fetch_after_a_role_change_in_the_same_string_is_refused(
+        proxy_of: ProxyProcess) -> None:
+    with login(proxy_of) as raw:
+        replies = run(raw, query_msg(
+            "BEGIN; SET ROLE st_peon; DECLARE c CURSOR FOR SELECT * FROM st_secret; "
+            "RESET ROLE; FETCH ALL FROM c"))
+        assert not rows(replies)
+        assert errors(replies)[0]["C"] == "42501"
+        run(raw, query_msg("ROLLBACK"))
+        replies = run(raw, query_msg(
+            "BEGIN; DECLARE c CURSOR FOR SELECT * FROM st_open; FETCH ALL FROM c; COMMIT"))
+        assert not errors(replies)
