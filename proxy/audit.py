@@ -323,7 +323,7 @@ class AuditLog:
         seq, mac, partial = _tail_state(self.path)
         if seq is not None and mac is not None:
             self.seq, self.last_mac = seq, mac
-        self._fh = open(self.path, "ab")
+        self._fh = _open_private(self.path)
         if partial:
             # A crash cut the last line. Finish it so later records stay line-aligned; the
             # verifier will (rightly) report the broken line.
@@ -382,11 +382,28 @@ class AuditLog:
             if src.exists():
                 src.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
         self.path.rename(self.path.with_name(f"{self.path.name}.1"))
-        self._fh = open(self.path, "ab")
+        self._fh = _open_private(self.path)
         line = self._seal({"event": "rotate", "previous_file": f"{self.path.name}.1"})
         self._fh.write(line)
         self._fh.flush()
         self._size = len(line)
+
+
+def _open_private(path: Path) -> IO[bytes]:
+    """Open `path` for append as a file only its owner can read (0600, whatever the umask).
+
+    Audit records name roles, client addresses and normalized statements: not for every
+    local user. A file left at a wider mode (an older version created 0644) is narrowed;
+    rotated files keep the mode they were written with, so they stay 0600 too.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "ab")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _tail_state(path: Path) -> tuple[int | None, str | None, bool]:

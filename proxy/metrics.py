@@ -35,14 +35,22 @@ from __future__ import annotations
 import bisect
 import platform
 import re
+import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
     Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
@@ -487,6 +495,7 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(_version(), platform.python_version()).set(1)
+        register_standard_collectors(r)
 
     # ------------------------------------------------------------------ configuration
 
@@ -670,17 +679,83 @@ class Metrics:
         """The text exposition format, as `/metrics` serves it."""
         return generate_latest(self.registry)
 
-    def start_http(self, host: str, port: int) -> tuple[Any, int]:
-        """Serve `/metrics` from a daemon thread; returns (server, actual port).
+    def start_http(
+        self, host: str, port: int, healthy: Callable[[], bool] | None = None
+    ) -> tuple[Any, int]:
+        """Serve `/metrics` and `/healthz` from a daemon thread; returns (server, port).
 
         A thread, not the event loop: a slow scraper can then never stall client traffic,
         and exposition of a few hundred series takes well under a millisecond of GIL.
-        Stop it with `stop_http(server)`.
+        `healthy()` (default: always) decides `/healthz`. Stop it with `stop_http(server)`.
         """
-        from prometheus_client import start_http_server
-
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        app = http_app(self.registry, healthy or (lambda: True))
+        server = _make_http_server(host, port, app)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server, int(server.server_address[1])
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def register_standard_collectors(registry: CollectorRegistry) -> None:
+    """Add prometheus-client's `process_*` and `python_*` collectors to `registry`.
+
+    They are what every Prometheus dashboard expects from a process (CPU, memory, open
+    fds, start time, GC activity, Python version); the proxy's registry is its own, not the
+    default one that carries them, so they are added here. Their labels are fixed by
+    prometheus-client (generation, implementation, version), never by a client.
+    """
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+
+
+_WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def http_app(registry: CollectorRegistry, healthy: Callable[[], bool]) -> _WsgiApp:
+    """The metrics endpoint's routes: `/metrics` (exposition), `/healthz`, 404 elsewhere.
+
+    prometheus-client's own app answers every path with the metrics; a path that is not
+    served must say so (a health probe pointed at the metrics would otherwise pass on a
+    scrape, and a typo in a scrape config would go unnoticed). `/healthz` is 200 "ok"
+    while `healthy()` holds (the process serves clients), 503 "stopping" after.
+    """
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            ok = healthy()
+            body = b"ok\n" if ok else b"stopping\n"
+            status = "200 OK" if ok else "503 Service Unavailable"
+        else:
+            body, status = b"not found: the metrics are at /metrics\n", "404 Not Found"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Content-Length", str(len(body)))])
+        return [body] if environ.get("REQUEST_METHOD") != "HEAD" else [b""]
+
+    return app
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape or health probe on stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck scraper never blocks the process from exiting
+
+
+def _make_http_server(host: str, port: int, app: _WsgiApp) -> WSGIServer:
+    """A threading WSGI server on (host, port); IPv6 when `host` is an IPv6 address."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server_cls = type("_MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
+    return make_server(host, port, app, server_cls, handler_class=_QuietHandler)
 
 
 def stop_http(server: Any) -> None:

@@ -86,9 +86,11 @@ class Server:
         mcfg = self.settings.metrics
         if mcfg.port:
             self._metrics_http, self.metrics_port = self.metrics.start_http(
-                mcfg.host, worker_port(mcfg.port, self.worker_index)
+                mcfg.host, worker_port(mcfg.port, self.worker_index),
+                healthy=lambda: not self._stopping,
             )
-            log.info("metrics on http://%s:%s/metrics", mcfg.host, self.metrics_port)
+            log.info("metrics on http://%s:%s/metrics, health on /healthz", mcfg.host,
+                     self.metrics_port)
 
     @property
     def port(self) -> int:

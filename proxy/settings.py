@@ -17,7 +17,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "strongroom.schema.json"
+# Shipped inside the package (package data) so an installed proxy finds it; in the source
+# tree it is a symlink to config/strongroom.schema.json, the file people edit.
+SCHEMA_PATH = Path(__file__).resolve().parent / "strongroom.schema.json"
 
 
 class ConfigError(Exception):

@@ -54,6 +54,25 @@ def test_promtool_alert_unit_tests() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
+    """Each rule of config/alerts.yml is exercised by tests/data/alerts_test.yml (which
+    promtool runs above) both firing and staying quiet, including the operational ones:
+    max_clients rejections, an authentication failure spike, statement latency p99."""
+    import yaml
+
+    rules = yaml.safe_load((ROOT / "config" / "alerts.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    assert {"ClientsRejectedAtMaxClients", "AuthFailuresSpike",
+            "StatementLatencyP99High"} <= alerts
+    unit = yaml.safe_load((ROOT / "tests" / "data" / "alerts_test.yml").read_text())
+    cases = [c for t in unit["tests"] for c in t.get("alert_rule_test", [])]
+    fires = {c["alertname"] for c in cases if c.get("exp_alerts")}
+    quiet = {c["alertname"] for c in cases if not c.get("exp_alerts")}
+    assert alerts - fires == set(), "alerts never tested firing"
+    assert alerts - quiet == set(), "alerts never tested quiet"
+    assert (fires | quiet) <= alerts, "unit tests for alerts that do not exist"
+
+
 @pytest.fixture
 def scraped_proxy(pg: devcluster.Cluster, tmp_path: Path,
                   ) -> Iterator[tuple[ProxyProcess, Prometheus]]:

@@ -297,3 +297,27 @@ def test_cli(tmp_path: Path, key: bytes, capsys: pytest.CaptureFixture[str]) -> 
     assert audit_verify_main([str(path), "--key-file", str(hex_key)]) == 1
     assert f"FAIL {path}:4:" in capsys.readouterr().out
     assert audit_verify_main([str(path), "--key-file", str(tmp_path / "nope")]) == 2
+
+
+def test_log_files_are_owner_only_including_rotated_ones(tmp_path: Path, key: bytes) -> None:
+    """0600 whatever the umask (records name roles, clients and statements); rotated files
+    keep it, and a file an older version left at 0644 is narrowed on open."""
+    old_umask = os.umask(0o022)
+    try:
+        path = tmp_path / "audit.jsonl"
+        log = AuditLog(path, key, max_bytes=1500, keep=3)
+        for i in range(40):
+            log.connect(i, "support_agent", "10.0.0.5:50412", "psql")
+        log.close()
+        files = sorted(tmp_path.iterdir())
+        assert len(files) == 4, files
+        for f in files:
+            assert f.stat().st_mode & 0o777 == 0o600, (f.name, oct(f.stat().st_mode))
+
+        legacy = tmp_path / "legacy.jsonl"
+        legacy.write_bytes(b"")
+        legacy.chmod(0o644)
+        AuditLog(legacy, key).close()
+        assert legacy.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old_umask)

@@ -9,7 +9,9 @@ dashboard and alert rules may only use metric names the proxy really exports.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +90,9 @@ def test_mounted_files_agree_with_each_other() -> None:
     services = _compose()["services"]
     sr_targets = {t: s for _, s, t in _mounts(services["strongroom"])}
     dockerfile = (ROOT / "Dockerfile").read_text()
-    entry = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", dockerfile, re.M)
-    assert entry
-    argv = json.loads(entry.group(1))
-    assert argv[:2] == ["strongroom", "serve"]
-    config_target = argv[argv.index("--config") + 1]
-    assert config_target in sr_targets, "the ENTRYPOINT's config is not mounted"
-    assert re.search(r"^FROM python:3\.11-slim\s*$", dockerfile, re.M)
+    config_target = _dockerfile_env(dockerfile)["STRONGROOM_CONFIG"]
+    assert config_target in sr_targets, "the image's STRONGROOM_CONFIG is not mounted"
+    assert re.search(r"^FROM python:3\.11\.\d+-slim-bookworm\s*$", dockerfile, re.M)
     assert re.search(r"^EXPOSE\s+6432\s+9187\s*$", dockerfile, re.M)
     users = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
     assert users and users[-1] not in ("root", "0")
@@ -192,3 +190,137 @@ def test_grafana_provisioning_points_at_the_dashboard() -> None:
     dashboards = yaml.safe_load((prov / "dashboards" / "strongroom.yml").read_text())
     folder = dashboards["providers"][0]["options"]["path"]
     assert any(t.startswith(folder + "/") and s.endswith(".json") for t, s in mounts.items())
+
+
+# --------------------------------------------------------------------------- image and entrypoint
+# hadolint-like checks in Python (no hadolint, no Docker engine here), plus the agreement
+# between the image, its entrypoint, the compose file and the mounted configuration.
+
+ENTRYPOINT_SCRIPT = ROOT / "docker" / "entrypoint.sh"
+
+
+def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    joined = re.sub(r"\\\n", " ", "\n".join(
+        line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    for line in joined.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _dockerfile_env(text: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, args in _dockerfile_instructions(text):
+        if word == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", args)))
+    return env
+
+
+def dockerfile_healthcheck(text: str) -> str:
+    """The shell command of the image's HEALTHCHECK (run by tests/integration)."""
+    checks = [a for w, a in _dockerfile_instructions(text) if w == "HEALTHCHECK"]
+    assert len(checks) == 1, "exactly one HEALTHCHECK"
+    cmd = checks[0].split(" CMD ", 1)
+    assert len(cmd) == 2 and not cmd[1].lstrip().startswith("["), "HEALTHCHECK ... CMD shell"
+    return cmd[1].strip()
+
+
+def test_dockerfile_installs_the_package_runs_unprivileged_and_checks_health() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    ins = _dockerfile_instructions(text)
+    words = [w for w, _ in ins]
+    # Base image pinned to a patch release (hadolint DL3006/DL3007 go further than a tag).
+    base = next(a for w, a in ins if w == "FROM")
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), base
+    # An ordinary install, no source-tree workaround on the path.
+    assert "PYTHONPATH" not in text
+    runs = " ".join(a for w, a in ins if w == "RUN")
+    assert re.search(r"\bpip install \.(\s|$)", runs)
+    # Non-root: the last USER is a named, non-root user created in the image, and it owns
+    # the volume directories it writes (keys 0700).
+    users = [a for w, a in ins if w == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert "useradd" in runs and users[-1] in runs
+    for directory in ("/var/lib/strongroom/keys", "/var/log/strongroom"):
+        assert directory in runs
+    assert re.search(r"chown -R \S+ /var/lib/strongroom /var/log/strongroom", runs)
+    assert "chmod 0700 /var/lib/strongroom/keys" in runs
+    assert words.index("USER") > words.index("RUN")
+    # Health: a HEALTHCHECK against /healthz on the metrics port, after USER.
+    health = dockerfile_healthcheck(text)
+    env = _dockerfile_env(text)
+    assert "STRONGROOM_HEALTH_URL" in health
+    assert env["STRONGROOM_HEALTH_URL"] == "http://127.0.0.1:9187/healthz"
+    # The entrypoint is the repo's script, copied executable.
+    entry = json.loads(next(a for w, a in ins if w == "ENTRYPOINT"))
+    copies = [a.split() for w, a in ins if w == "COPY"]
+    script = [c for c in copies if c[-1].endswith("/" + entry[0])]
+    assert script and script[0][-2] == "docker/entrypoint.sh", (entry, copies)
+    assert "--chmod=0755" in script[0]
+    assert "CMD" not in words, "arguments come from compose/docker run, not a baked CMD"
+
+
+def test_entrypoint_script_is_executable_posix_sh_and_execs_serve() -> None:
+    assert os.access(ENTRYPOINT_SCRIPT, os.X_OK), "chmod +x docker/entrypoint.sh"
+    text = ENTRYPOINT_SCRIPT.read_text()
+    assert text.startswith("#!/bin/sh\n")
+    assert subprocess.run(["sh", "-n", str(ENTRYPOINT_SCRIPT)]).returncode == 0
+    assert "set -eu" in text
+    assert re.search(r'^exec strongroom serve --config "\$config" "\$@"$', text, re.M)
+    assert re.search(r"^python -m proxy\.bootstrap --config \"\$config\"$", text, re.M)
+    default = re.search(r'config="\$\{STRONGROOM_CONFIG:-(\S+)\}"', text)
+    assert default and default.group(1) == _dockerfile_env(
+        (ROOT / "Dockerfile").read_text())["STRONGROOM_CONFIG"]
+
+
+def test_compose_strongroom_service_agrees_with_the_image_and_its_config() -> None:
+    compose = _compose()
+    sr = compose["services"]["strongroom"]
+    env = _dockerfile_env((ROOT / "Dockerfile").read_text())
+    # The image's entrypoint runs as is: no command or entrypoint override that would skip
+    # the first-start key creation.
+    assert "entrypoint" not in sr and "command" not in sr
+    config = sr.get("environment", {}).get("STRONGROOM_CONFIG", env["STRONGROOM_CONFIG"])
+    mounts = {t: (k, s) for k, s, t in _mounts(sr)}
+    assert config in mounts and mounts[config][0] == "bind"
+    assert any(v.startswith(f"{mounts[config][1]}:{config}:ro") for v in sr["volumes"]
+               if isinstance(v, str)), "the configuration is mounted read-only"
+    settings = load(ROOT / mounts[config][1])
+    raw = settings.raw
+    # Everything the process writes lives on a named volume, never in the image or /etc.
+    volume_dirs = {t for t, (k, _s) in mounts.items() if k == "volume"}
+    written = {
+        "keys.path": raw["keys"]["path"],
+        "keys.keyring": raw["keys"]["keyring"],
+        "audit.key_file": raw["audit"]["key_file"],
+        "audit.path": raw["audit"]["path"],
+    }
+    for key, path in written.items():
+        assert Path(path).is_absolute(), key
+        assert str(Path(path).parent) in volume_dirs, f"{key} ({path}) is not on a volume"
+    assert raw["keys"].get("provider", "local") == "local"
+    # Ports: the ones the config listens on are published, and the health probe asks the
+    # metrics port's /healthz.
+    assert {settings.listen.port, settings.metrics.port} <= _ports(sr)
+    probe = " ".join(sr["healthcheck"]["test"])
+    assert f"127.0.0.1:{settings.metrics.port}/healthz" in probe
+    assert env["STRONGROOM_HEALTH_URL"] == f"http://127.0.0.1:{settings.metrics.port}/healthz"
+
+
+def test_compose_healthchecks_ordering_and_pinned_images() -> None:
+    services = _compose()["services"]
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
+        deps = service.get("depends_on", {})
+        assert isinstance(deps, dict), f"{name}: depends_on must wait for health"
+        for dep, cond in deps.items():
+            assert cond == {"condition": "service_healthy"}, (name, dep)
+            assert dep in services
+    assert services["prometheus"]["depends_on"] == {"strongroom": {"condition": "service_healthy"}}
+    assert re.fullmatch(r"postgres:15\.\d+", services["postgres"]["image"])
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", services["prometheus"]["image"])
+    if "grafana" in services:
+        assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", services["grafana"]["image"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import urllib.error
 import urllib.request
 
 import pytest
@@ -277,3 +278,45 @@ def test_hot_path_is_cheap() -> None:
         m.query_done(None, 0.0004)
     per_statement = (time.perf_counter() - t0) / n
     assert per_statement < 20e-6, f"{per_statement * 1e6:.1f} us per statement"
+
+
+def _get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_http_serves_metrics_only_at_metrics_and_health_at_healthz() -> None:
+    """prometheus-client's default server answers every path with the metrics; ours
+    answers /metrics, /healthz, and 404 elsewhere (a probe or scrape config pointed at a
+    wrong path must fail, not pass on a scrape)."""
+    m = _busy_metrics()
+    healthy = [True]
+    server, port = m.start_http("127.0.0.1", 0, healthy=lambda: healthy[0])
+    try:
+        status, body = _get(port, "/metrics")
+        assert status == 200 and b"strongroom_client_connections_total" in body
+        assert _get(port, "/healthz") == (200, b"ok\n")
+        assert _get(port, "/healthz", "HEAD")[0] == 200
+        for path in ("/", "/healthz/", "/metricsx", "/favicon.ico", "/metrics/x", "/readyz"):
+            status, body = _get(port, path)
+            assert status == 404, path
+            assert b"strongroom_" not in body, path
+        healthy[0] = False  # shutting down: the probe says so
+        assert _get(port, "/healthz") == (503, b"stopping\n")
+    finally:
+        stop_http(server)
+
+
+def test_standard_process_and_python_collectors() -> None:
+    """process_* and python_* series, as every Prometheus dashboard expects of a process."""
+    names = {fam.name for fam in text_string_to_metric_families(Metrics().render().decode())}
+    for name in ("process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds",
+                 "process_start_time_seconds", "python_info", "python_gc_objects_collected",
+                 "python_gc_collections"):
+        assert name in names, name
+    # Each Metrics has its own registry, so two of them never collide over these names.
+    Metrics()
