@@ -71,6 +71,9 @@ def init(
             raise ValueError("path_kek is required for the local provider")
         provider, _ = local_provider(path_kek)
     specs = _specs(columns)
+    for path in (path_keyring, path_kek):
+        if path is not None:  # a fresh checkout has no keys/ directory yet
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _locked(path_keyring):
         if Path(path_keyring).exists():
             ring = kr.load(path_keyring)
@@ -115,9 +118,19 @@ def promote(path_keyring: str | os.PathLike[str], key_id: int) -> None:
 
 
 def retire(path_keyring: str | os.PathLike[str], key_id: int) -> None:
-    """`strongroom keys retire`: a decrypt-only key stops decrypting."""
+    """Mark a decrypt-only key retired (no writes, no lookups; it still opens old values).
+
+    The file operation only: `strongroom keys retire` first counts, in the database, the
+    values and blind indexes that still use the key (keys.usage) and refuses while any do.
+    """
     with _locked(path_keyring):
         kr.save(kr.load(path_keyring).retire(key_id), path_keyring)
+
+
+def unretire(path_keyring: str | os.PathLike[str], key_id: int) -> None:
+    """`strongroom keys unretire`: a retired key back to decrypt-only (a mistaken retire)."""
+    with _locked(path_keyring):
+        kr.save(kr.load(path_keyring).unretire(key_id), path_keyring)
 
 
 def rewrap(

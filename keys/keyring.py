@@ -9,8 +9,13 @@ every proxy before the next:
 
 A fresh key does not write at once because proxies that have not loaded it yet could not
 read what it wrote. Exactly one key per (column, purpose) is `active` (the primary); the
-primary cannot be retired. Retired keys are kept in the file (so a mistaken retire can be
-inspected) but are never unwrapped and never handed to a cipher.
+primary cannot be retired.
+
+Retiring never strands data. A retired key stays wrapped in the file and still *opens*
+envelopes that name it (a restored backup, a proxy that wrote under it before it
+reloaded), but it never writes and takes no part in blind-index lookups. `strongroom keys
+retire` also refuses a key that stored values or blind indexes still use (keys.usage),
+and `unretire` takes back a retire made by mistake.
 
 DEKs are stored only wrapped by the KEK provider, with associated data naming the entry
 (id, column, purpose): a wrapped DEK moved to another entry does not unwrap.
@@ -41,7 +46,7 @@ _DEK_AD_LABEL = b"strongroom/v1/dek\x00"
 class KeyState(StrEnum):
     ACTIVE = "active"  # the primary: encrypts and decrypts
     DECRYPT_ONLY = "decrypt_only"  # decrypts; new keys start here, old primaries end here
-    RETIRED = "retired"  # neither; values still under it fail to decrypt
+    RETIRED = "retired"  # no writes, no blind-index lookups; still opens old envelopes
 
 
 class KeyringError(Exception):
@@ -110,7 +115,7 @@ class Keyring:
         for e in self.entries:
             if e.id == key_id:
                 return e
-        raise KeyringError(f"no key with id {key_id}")
+        raise KeyringError(f"no key with id {key_id} (`strongroom keys show` lists them)")
 
     def entries_for(self, column: str, purpose: Purpose | str) -> tuple[KeyEntry, ...]:
         p = Purpose(purpose)
@@ -159,11 +164,13 @@ class Keyring:
     def promote(self, key_id: int) -> Keyring:
         """Make a decrypt-only key the primary; the old primary becomes decrypt-only."""
         entry = self.get(key_id)
-        if entry.state is not KeyState.DECRYPT_ONLY:
+        if entry.state is KeyState.RETIRED:
             raise KeyringError(
-                f"key {key_id} is {entry.state.value}; only a decrypt_only key can be promoted"
-                " (add it and let every proxy load it first)"
+                f"key {key_id} is retired; `strongroom keys unretire {key_id}`, reload every "
+                "proxy, then promote it"
             )
+        if entry.state is not KeyState.DECRYPT_ONLY:
+            raise KeyringError(f"key {key_id} is already the primary of {entry.column}")
         old = self.primary(entry.column, entry.purpose)
         changes = {key_id: KeyState.ACTIVE}
         if old is not None:
@@ -171,13 +178,27 @@ class Keyring:
         return self._with_states(changes)
 
     def retire(self, key_id: int) -> Keyring:
-        """Stop using a decrypt-only key for anything. The primary cannot be retired."""
+        """Mark a decrypt-only key as no longer in use. The primary cannot be retired.
+
+        This only changes the state; whether stored data still uses the key is for the
+        caller to establish first (the CLI counts it in the database, keys.usage)."""
         entry = self.get(key_id)
         if entry.state is KeyState.ACTIVE:
-            raise KeyringError(f"key {key_id} is the primary; promote another key first")
+            raise KeyringError(
+                f"key {key_id} is the primary of {entry.column} ({entry.purpose.value}); "
+                "add and promote another key, rotate, then retire this one"
+            )
         if entry.state is KeyState.RETIRED:
             raise KeyringError(f"key {key_id} is already retired")
         return self._with_states({key_id: KeyState.RETIRED})
+
+    def unretire(self, key_id: int) -> Keyring:
+        """A retired key back to decrypt-only (a retire made by mistake); promote it
+        afterwards if it should write again."""
+        entry = self.get(key_id)
+        if entry.state is not KeyState.RETIRED:
+            raise KeyringError(f"key {key_id} is not retired (it is {entry.state.value})")
+        return self._with_states({key_id: KeyState.DECRYPT_ONLY})
 
     def _with_states(self, changes: dict[int, KeyState]) -> Keyring:
         entries = tuple(
@@ -207,10 +228,17 @@ class Keyring:
 
     # ---- unwrapping ----------------------------------------------------------------
     def column_keys(self, column: str, purpose: Purpose | str, provider: KekProvider) -> ColumnKeys:
-        """Unwrap the live keys of one column for one purpose (what ciphers are built from)."""
+        """Unwrap the keys of one column for one purpose (what ciphers are built from).
+
+        Encrypt keys: every key, retired ones included, so an envelope under a retired key
+        (restored from a backup, or written by a proxy that had not reloaded yet) still
+        opens; only the primary writes. Blind-index keys: the active and decrypt-only ones,
+        since each live key costs every lookup one more HMAC; indexes under a retired key
+        come back with `keys rotate --reindex`."""
         self._check_provider(provider)
         p = Purpose(purpose)
-        live = [e for e in self.entries_for(column, p) if e.state is not KeyState.RETIRED]
+        live = [e for e in self.entries_for(column, p)
+                if p is Purpose.ENCRYPT or e.state is not KeyState.RETIRED]
         primary = [e for e in live if e.state is KeyState.ACTIVE]
         if len(primary) != 1:
             raise KeyringError(f"{column} ({p.value}) has no active key")
@@ -282,7 +310,8 @@ def load(path: str | os.PathLike[str]) -> Keyring:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise KeyringError(f"keyring {path} does not exist") from None
+        raise KeyringError(f"keyring {path} does not exist; create it with "
+                           "`strongroom keys init --config FILE`") from None
     return Keyring.from_json(text)
 
 

@@ -107,8 +107,8 @@ def _passwords(args: argparse.Namespace) -> list[str]:
     DSN's), to keep them out of printed errors."""
     from urllib.parse import urlsplit
 
-    found = [args.password or "", os.environ.get("PGPASSWORD", "")]
-    if args.dsn:
+    found = [getattr(args, "password", None) or "", os.environ.get("PGPASSWORD", "")]
+    if getattr(args, "dsn", None):
         try:
             found.append(urlsplit(args.dsn).password or "")
         except ValueError:
@@ -376,7 +376,8 @@ def _keys_context(config: str) -> tuple[settings_mod.Settings, str, str | None, 
     cfg = settings_mod.load(config)
     keys_cfg = cfg.raw.get("keys") or {}
     if not keys_cfg:
-        raise SystemExit(f"{config}: no `keys:` section")
+        raise CliError(f"{config}: no `keys:` section; add one (see "
+                       "config/strongroom.example.yaml)")
     base = str(Path(config).resolve().parent)
     keyring = resolve(base, keys_cfg["keyring"])
     kek = resolve(base, keys_cfg["path"]) if keys_cfg.get("provider", "local") == "local" else None
@@ -396,12 +397,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from keys import cli_ops
     from proxy.encryption import make_provider, protect_columns_for_keys
 
-    try:
-        cfg, keyring, kek, provider = _keys_context(args.config)
-    except settings_mod.ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return 1
+    cfg, keyring, kek, provider = _keys_context(args.config)
     if args.keys_command == "init":
+        for path in (keyring, kek):
+            if path is not None and _make_private_dir(Path(path).parent):
+                print(f"created directory {Path(path).parent} (mode 0700)")
         columns = protect_columns_for_keys(cfg.raw.get("protect") or {})
         _print_keys(cli_ops.init(kek, keyring, columns, provider=provider))  # type: ignore[arg-type]
         _init_audit_key(cfg)
@@ -409,6 +409,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_command == "show":
         _print_keys(cli_ops.show(keyring))
         return 0
+    if args.keys_command == "unretire":
+        cli_ops.unretire(keyring, args.key_id)
+        print(f"key {args.key_id} is decrypt-only again; promote it if it should write "
+              "(then reload every proxy)")
+        return 0
+    if args.keys_command == "retire":
+        return cmd_keys_retire(args, keyring)
     if provider is None:
         provider = make_provider(cfg.raw["keys"], str(Path(args.config).resolve().parent))
     if args.keys_command == "rewrap":
@@ -420,32 +427,69 @@ def cmd_keys(args: argparse.Namespace) -> int:
     elif args.keys_command == "promote":
         cli_ops.promote(keyring, args.key_id)
         print(f"key {args.key_id} is now primary; reload every proxy (SIGHUP)")
-    elif args.keys_command == "retire":
-        cli_ops.retire(keyring, args.key_id)
-        print(f"key {args.key_id} retired")
+    return 0
+
+
+def _make_private_dir(path: Path) -> bool:
+    """Create a directory for key files (mode 0700) if it is missing; True if created."""
+    if path.is_dir():
+        return False
+    path.mkdir(mode=0o700, parents=True)
+    path.chmod(0o700)  # mkdir's mode is filtered by the umask
+    return True
+
+
+def cmd_keys_retire(args: argparse.Namespace, keyring: str) -> int:
+    """`keys retire`: refused while the database still holds values or blind indexes
+    under the key (counted per column, printed); there is no --force. A retired key still
+    decrypts, so even a later restore of an older backup reads."""
+    import asyncio
+
+    from keys import cli_ops, usage
+    from keys import keyring as kr
+    from proxy import migrate
+
+    ring = kr.load(keyring)
+    ring.retire(args.key_id)  # primary, unknown or already retired: refused before any I/O
+    entry = ring.get(args.key_id)
+
+    async def count() -> list[usage.Use]:
+        cfg, enc, _ = _migration_context(args)
+        conn: Any = await _direct_connection(args, cfg)
+        try:
+            bar = migrate.progress_bar(args.progress_every)
+            return await usage.key_usage(conn, enc, ring, args.key_id, bar)
+        finally:
+            await conn.close()
+
+    uses = asyncio.run(count())
+    where = f"database {uses[0].database}" if uses else "the database"
+    busy = [u for u in uses if u.count]
+    if busy:
+        column = busy[0].column
+        raise CliError(
+            f"key {args.key_id} ({entry.column}, {entry.purpose.value}) is still in use in "
+            f"{where}: {'; '.join(u.describe() for u in busy)}; run `strongroom keys rotate "
+            f"--column {column}` (once every proxy has reloaded since the promote), then "
+            "retire again")
+    cli_ops.retire(keyring, args.key_id)
+    print(f"checked {where}: {'; '.join(u.describe() for u in uses)}")
+    print(f"key {args.key_id} retired (it still opens old envelopes, e.g. from a restored "
+          "backup; `strongroom keys unretire` undoes this); reload every proxy (SIGHUP)")
     return 0
 
 
 def _rewrap(keyring: str, old: object, to: str) -> int:
     """`keys rewrap`: the keyring re-wrapped for the KEK that `to`'s keys: section names."""
     from keys import cli_ops
-    from keys.keyring import KeyringError
 
-    try:
-        _, new_keyring, new_kek, new_provider = _keys_context(to)
-    except settings_mod.ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return 1
+    _, new_keyring, new_kek, new_provider = _keys_context(to)
     if new_provider is None:
         assert new_kek is not None
         new_provider, created = cli_ops.local_provider(new_kek)
         if created:
             print(f"created KEK file {new_kek} (mode 0600)")
-    try:
-        kek_id = cli_ops.rewrap(keyring, old, new_provider, new_keyring)  # type: ignore[arg-type]
-    except KeyringError as exc:
-        print(f"keys rewrap: {exc}", file=sys.stderr)
-        return 1
+    kek_id = cli_ops.rewrap(keyring, old, new_provider, new_keyring)  # type: ignore[arg-type]
     print(f"{new_keyring}: every key re-wrapped by KEK {kek_id}; switch each proxy to {to} "
           "(SIGHUP), then retire the old KEK")
     return 0
@@ -460,37 +504,51 @@ def _init_audit_key(cfg: settings_mod.Settings) -> None:
         print(f"created audit key {path} (mode 0600; `strongroom audit verify` needs it)")
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    from proxy.audit import audit_verify_main
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """`audit verify`: 0 when the chain holds, 1 when it does not (or the key is unusable)."""
+    from proxy.audit import order_rotated, read_key_file, verify
 
-    rest = list(args.rest)
-    if rest[:1] == ["keygen"] and len(rest) == 2:
-        from proxy.observability import create_key_file
-
-        if not create_key_file(rest[1]):
-            print(f"{rest[1]} exists; not overwritten", file=sys.stderr)
-            return 1
-        print(f"created audit key {rest[1]} (mode 0600)")
+    key = read_key_file(args.key_file)  # OSError: one line, exit 1
+    if not key:
+        raise CliError(f"key file {args.key_file} is empty")
+    files = list(args.files) if args.keep_order else order_rotated(args.files)
+    result = verify(files, key, require_stop=args.require_stop)
+    if result.ok:
+        print(f"OK: {result.records} records in {len(files)} file(s)")
         return 0
-    if rest[:1] != ["verify"]:
-        print("usage: strongroom audit verify FILE... --key-file K | audit keygen FILE",
-              file=sys.stderr)
-        return 2
-    return int(audit_verify_main(rest[1:]))
+    print(f"FAIL {result.where}: {result.reason}")
+    return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_audit_keygen(args: argparse.Namespace) -> int:
+    from proxy.observability import create_key_file
+
+    if not create_key_file(args.file):
+        raise CliError(f"{args.file} exists; not overwritten")
+    print(f"created audit key {args.file} (mode 0600)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and option; tests walk it (help texts, no tracebacks)."""
+    from proxy import __version__
+
     parser = argparse.ArgumentParser(prog="strongroom", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"strongroom {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (default: one line)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the proxy")
-    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--config", "-c", required=True, help="configuration file (YAML)")
     p.add_argument("--port", type=int, help="override listen.port")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="override log_level")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file")
-    p.add_argument("file")
+    p.add_argument("file", help="configuration file (YAML)")
     p.add_argument("--live", action="store_true",
                    help="also check that the keyring unwraps with the KEK and that every "
                    "protected column exists and is bytea in the database (direct "
@@ -511,19 +569,31 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("keys", help="manage data keys (never prints key bytes)")
-    ksub = p.add_subparsers(dest="keys_command", required=True)
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    config_help = "configuration file whose keys: section names the KEK and keyring"
     for name, text in (("init", "create the KEK (local) and one key per protected column"),
                        ("show", "list key ids, columns, states and creation times")):
         kp = ksub.add_parser(name, help=text)
-        kp.add_argument("--config", "-c", required=True)
+        kp.add_argument("--config", "-c", required=True, help=config_help)
     kp = ksub.add_parser("add", help="add a decrypt-only key to a column")
-    kp.add_argument("--config", "-c", required=True)
-    kp.add_argument("--column", required=True)
-    kp.add_argument("--purpose", choices=["encrypt", "blind_index"], default="encrypt")
-    for name in ("promote", "retire"):
-        kp = ksub.add_parser(name, help=f"{name} a key")
-        kp.add_argument("--config", "-c", required=True)
-        kp.add_argument("key_id", type=int)
+    kp.add_argument("--config", "-c", required=True, help=config_help)
+    kp.add_argument("--column", required=True,
+                    help="schema.table.column as in protect: (or joingroup.NAME.deterministic)")
+    kp.add_argument("--purpose", choices=["encrypt", "blind_index"], default="encrypt",
+                    help="what the key is for (default: encrypt)")
+    kp = ksub.add_parser("promote", help="make a decrypt-only key its column's primary")
+    kp.add_argument("--config", "-c", required=True, help=config_help)
+    kp.add_argument("key_id", type=int, help="key id (`strongroom keys show`)")
+    kp = ksub.add_parser("retire", help="retire a decrypt-only key once no stored value or "
+                         "blind index uses it (checked in the database; it still decrypts)")
+    _direct_connection_args(kp)
+    kp.add_argument("key_id", type=int, help="key id (`strongroom keys show`)")
+    kp.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                    help="without a terminal, log progress this often (default 5)")
+    kp = ksub.add_parser("unretire", help="make a retired key decrypt-only again (a retire "
+                         "made by mistake)")
+    kp.add_argument("--config", "-c", required=True, help=config_help)
+    kp.add_argument("key_id", type=int, help="key id (`strongroom keys show`)")
     kp = ksub.add_parser("rewrap", help="re-wrap every data key under another KEK (KEK "
                          "rotation or a provider move); stored values are untouched")
     kp.add_argument("--config", "-c", required=True, help="the current configuration")
@@ -533,34 +603,117 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_keys)
     _add_migration_commands(sub, ksub)
 
-    p = sub.add_parser("audit", help="audit log tools: `audit verify FILE... --key-file K`")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_audit)
+    p = sub.add_parser("audit", help="audit log tools (verify, keygen)")
+    asub = p.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
+    ap = asub.add_parser("verify", help="verify the HMAC chain of audit log files")
+    ap.add_argument("files", nargs="+", metavar="FILE",
+                    help="audit files; rotations (FILE.N) are put oldest first")
+    ap.add_argument("--key-file", required=True, help="audit key: hex text or raw bytes")
+    ap.add_argument("--require-stop", action="store_true",
+                    help="fail unless the log ends with a clean stop")
+    ap.add_argument("--keep-order", action="store_true",
+                    help="verify the files in the order given")
+    ap.set_defaults(func=cmd_audit_verify)
+    ap = asub.add_parser("keygen", help="create a new audit key file (hex, mode 0600)")
+    ap.add_argument("file", metavar="FILE", help="where to write the key; never overwritten")
+    ap.set_defaults(func=cmd_audit_keygen)
+    return parser
 
-    args = parser.parse_args(argv)
+
+class CliError(Exception):
+    """An expected failure of a command: one line on stderr, exit status 1."""
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures an operator causes (wrong id, missing file, no database): reported as one
+    line. Their messages name files, columns and ids, never values or key bytes."""
+    import asyncpg
+
+    from keys.keyring import KeyringError
+    from keys.providers.base import ProviderError, UnwrapError
+    from keys.usage import UsageUnknown
+    from proxy.migrate import MigrationError
+
+    return (CliError, KeyringError, ProviderError, UnwrapError, UsageUnknown, MigrationError,
+            OSError, asyncpg.InterfaceError)
+
+
+def _error_line(exc: BaseException, args: argparse.Namespace) -> str:
+    """One line for stderr. PostgreSQL errors: the primary message only (DETAIL is where
+    the server quotes row values). Passwords the command was given are masked."""
+    import asyncpg
+
+    if isinstance(exc, settings_mod.ConfigError):
+        text = "; ".join(exc.problems)
+    elif isinstance(exc, asyncpg.PostgresError):
+        text = f"PostgreSQL error {exc.sqlstate}: {exc.args[0] if exc.args else exc}"
+    elif isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    for secret in _passwords(args):
+        text = text.replace(secret, "***")
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Expected errors are one line on stderr and exit status 1; usage
+    errors exit 2 (argparse); a traceback is shown only with --debug."""
+    import asyncpg
+
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return int(args.func(args))
+    name = " ".join(x for x in (args.command, getattr(args, "keys_command", None),
+                                getattr(args, "audit_command", None)) if x)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"strongroom {name}: interrupted", file=sys.stderr)
+        return 130
+    except (settings_mod.ConfigError, asyncpg.PostgresError, *_expected_errors()) as exc:
+        if args.debug:
+            raise
+        print(f"strongroom {name}: {_error_line(exc, args)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if args.debug:
+            raise
+        # an unexpected failure: its message may quote anything, so only its type
+        print(f"strongroom {name}: internal error ({type(exc).__name__}); rerun with --debug "
+              "for the traceback and report it", file=sys.stderr)
+        return 1
 
 
 # ------------------------------------------------------------ column migration / rotation
+
+
+def _direct_connection_args(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that connect to PostgreSQL directly (never via the proxy)."""
+    p.add_argument("--config", "-c", required=True,
+                   help="configuration file (protect:, keys:, upstream:)")
+    p.add_argument("--dsn", help="connect here (default: the config's upstream host/port)")
+    p.add_argument("--user", "-U", help="role for the direct connection (default $PGUSER)")
+    p.add_argument("--password", help="prefer $PGPASSWORD: arguments are visible in ps")
+    p.add_argument("--database", "-d", help="database (default: upstream.database)")
 
 
 def _add_migration_commands(sub: argparse._SubParsersAction, ksub: argparse._SubParsersAction,
                             ) -> None:
     """`encrypt-column`, `decrypt-column` and `keys rotate` (proxy/migrate.py, keys/rotation.py).
 
-    Kept out of main() so the three commands are wired by one line there."""
+    Kept out of build_parser() so the three commands are wired by one line there."""
 
     def connection_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", required=True)
-        p.add_argument("--dsn", help="connect here (default: the config's upstream host/port)")
-        p.add_argument("--user", "-U", help="role for the direct connection (default $PGUSER)")
-        p.add_argument("--password", help="prefer $PGPASSWORD: arguments are visible in ps")
-        p.add_argument("--database", "-d", help="database (default: upstream.database)")
+        _direct_connection_args(p)
         p.add_argument("--batch", type=int, default=1000, help="rows per transaction")
         p.add_argument("--lock-timeout", type=float, default=10.0,
                        help="seconds to wait for table locks (DDL, swap)")
-        p.add_argument("--max-batches", type=int, help=argparse.SUPPRESS)  # tests / slicing
+        p.add_argument("--max-batches", type=int, metavar="N",
+                       help="stop after N batches (work in slices); a rerun continues")
+        p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                       help="without a terminal, log progress this often (default 5)")
 
     for name, text in (
         ("encrypt-column", "convert a live plaintext column to the encrypted layout"),
@@ -575,7 +728,7 @@ def _add_migration_commands(sub: argparse._SubParsersAction, ksub: argparse._Sub
         p.set_defaults(func=cmd_migrate_column, encrypt=name == "encrypt-column")
     kp = ksub.add_parser("rotate", help="re-encrypt a column's values under its primary key")
     connection_args(kp)
-    kp.add_argument("--column", required=True)
+    kp.add_argument("--column", required=True, help="schema.table.column, as in protect:")
     kp.add_argument("--reindex", action="store_true",
                     help="recompute every blind index (automatic while the column has more "
                     "than one live blind-index key)")
@@ -589,7 +742,8 @@ def _migration_context(args: argparse.Namespace) -> tuple[settings_mod.Settings,
     cfg = settings_mod.load(args.config)
     keys_cfg = cfg.raw.get("keys") or {}
     if not keys_cfg:
-        raise SystemExit(f"{args.config}: no `keys:` section")
+        raise CliError(f"{args.config}: no `keys:` section; add one (see "
+                       "config/strongroom.example.yaml)")
     base = str(Path(args.config).resolve().parent)
     return cfg, Encryption(cfg.raw.get("protect") or {}, keys_cfg, base, None), base
 
@@ -612,36 +766,20 @@ async def _direct_connection(args: argparse.Namespace, cfg: settings_mod.Setting
 
 
 def _run_migration_tool(args: argparse.Namespace, body: object) -> int:
-    """Common error handling: no tracebacks with values, distinct exit codes."""
+    """Runs a migration coroutine. A deliberate stop (--max-batches) exits 3, Ctrl-C 130;
+    every other error reaches main()'s one-line report."""
     import asyncio
 
-    import asyncpg
-
-    from keys.keyring import KeyringError
     from proxy import migrate
 
     try:
         return int(asyncio.run(body))  # type: ignore[arg-type]
-    except settings_mod.ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return 1
     except migrate.Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("interrupted; committed batches are kept, rerun to continue", file=sys.stderr)
         return 130
-    except migrate.MigrationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyringError as exc:
-        print(f"keyring: {exc}", file=sys.stderr)
-        return 1
-    except asyncpg.PostgresError as exc:
-        # The primary message only: DETAIL is where PostgreSQL quotes row values.
-        print(f"PostgreSQL error {exc.sqlstate}: {exc.args[0] if exc.args else exc}",
-              file=sys.stderr)
-        return 1
 
 
 def _column_key(encryption: object, column: str) -> tuple[str, str, str]:
@@ -667,7 +805,8 @@ def cmd_migrate_column(args: argparse.Namespace) -> int:
         try:
             run = migrate.encrypt_column if args.encrypt else migrate.decrypt_column
             out = await run(conn, rt, batch=args.batch,  # type: ignore[arg-type]
-                            max_batches=args.max_batches, bar=migrate.tqdm_bar,
+                            max_batches=args.max_batches,
+                            bar=migrate.progress_bar(args.progress_every),
                             lock_timeout=args.lock_timeout, vacuum_full=args.vacuum_full)
         finally:
             await conn.close()  # type: ignore[attr-defined]
@@ -711,7 +850,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         try:
             out = await rotation.rotate_column(
                 conn, rt, primary.id, batch=args.batch, reindex=reindex,  # type: ignore[arg-type]
-                max_batches=args.max_batches, bar=migrate.tqdm_bar,
+                max_batches=args.max_batches, bar=migrate.progress_bar(args.progress_every),
             )
         finally:
             await conn.close()  # type: ignore[attr-defined]
@@ -733,8 +872,8 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
                       "before retiring", file=sys.stderr)
         if old:
             print(f"no value of {out.column} uses keys {', '.join(map(str, old))} any more: "
-                  "`strongroom keys retire <id>` is safe once other columns sharing them "
-                  "are rotated")
+                  "`strongroom keys retire <id>` can follow (it checks every column "
+                  "sharing the key first)")
         return 0
 
     return _run_migration_tool(args, body())

@@ -127,6 +127,66 @@ def tqdm_bar(total: int, initial: int, desc: str) -> Bar:
                 dynamic_ncols=True, disable=None)
 
 
+class LogBar:
+    """Progress as log lines, for output that is not a terminal (a file, journald, a CI
+    log), where a tqdm bar would be hidden or a mess of carriage returns: a line when
+    the work starts, then at most one every `every` seconds, and one at the end, each
+    with rows done / total, percent, rate and the estimated time left."""
+
+    def __init__(self, total: int, initial: int, desc: str, every: float,
+                 clock: Callable[[], float] | None = None) -> None:
+        import logging
+        import time
+
+        self._log = logging.getLogger("strongroom.progress")
+        self._clock = clock or time.monotonic
+        self.total, self.done, self.desc, self.every = total, initial, desc, every
+        self._initial = initial
+        self._start = self._last = self._clock()
+        self._emit("started")
+
+    def _emit(self, what: str) -> None:
+        elapsed = self._clock() - self._start
+        rate = (self.done - self._initial) / elapsed if elapsed > 0 else 0.0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        left = self.total - self.done
+        eta = f", about {left / rate:.0f} s left" if rate > 0 and left > 0 else ""
+        self._log.info("%s: %s %d/%d rows (%.1f%%), %.0f rows/s%s", self.desc, what,
+                       self.done, self.total, pct, rate, eta)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = self._clock()
+        if now - self._last >= self.every:
+            self._last = now
+            self._emit("progress")
+
+    def close(self) -> None:
+        self._emit("finished")
+
+
+def progress_bar(every: float = 5.0) -> BarFactory:
+    """The CLI's progress: a tqdm bar on a terminal, else LogBar lines every `every`
+    seconds on stderr (logging is set up here if the command has not done it)."""
+    import logging
+    import sys
+
+    if sys.stderr.isatty():
+        return tqdm_bar
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                               "%(message)s"))
+        root.addHandler(handler)
+    logging.getLogger("strongroom.progress").setLevel(logging.INFO)
+
+    def factory(total: int, initial: int, desc: str) -> Bar:
+        return LogBar(total, initial, desc, every)
+
+    return factory
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What a run did, for the CLI summary. Counts only, never values."""

@@ -176,7 +176,7 @@ class ColumnCipher:
         return self._writer(plain)
 
     def decrypt(self, blob: bytes) -> bytes:
-        """Open one envelope; any malformation, unknown/retired key or tamper is DecryptError."""
+        """Open one envelope; any malformation, key not in the view, or tamper is DecryptError."""
         if self._only is not None:
             return self._only(blob)
         header = blob[:HEADER_LEN]

@@ -23,10 +23,11 @@ class Purpose(StrEnum):
 
 
 class ColumnKeys:
-    """Live (active or decrypt-only) DEKs of one column, keyed by uint32 id.
+    """The DEKs of one column that may open values, keyed by uint32 id.
 
-    `primary_id` is the key new values are written with; every other live key only reads.
-    Retired keys are simply absent, so asking for them fails like an unknown id.
+    `primary_id` is the key new values are written with; every other key only reads.
+    The keyring decides which keys are here (`Keyring.column_keys`: retired encrypt keys
+    still read, retired blind-index keys do not); an absent id fails like an unknown one.
     """
 
     __slots__ = ("_material", "column", "primary_id", "purpose")
@@ -59,7 +60,7 @@ class ColumnKeys:
         return (self.primary_id, *rest)
 
     def material(self, key_id: int) -> bytes:
-        """DEK bytes of a live key; KeyError for unknown or retired ids."""
+        """DEK bytes of a key of this view; KeyError for ids not in it."""
         return self._material[key_id]
 
     def __repr__(self) -> str:

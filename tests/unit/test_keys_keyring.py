@@ -90,8 +90,31 @@ def test_rotation_end_to_end(provider: LocalKekProvider) -> None:
     ring = ring.retire(k1)
     c3 = ColumnCipher(COL, "text", "randomized", ring.column_keys(COL, "encrypt", provider))
     assert c3.decrypt(new) == b"4111111111111111"
-    with pytest.raises(DecryptError):
-        c3.decrypt(old)
+    # a retired key never writes, but still opens what it wrote (a restored backup)
+    assert c3.decrypt(old) == b"4111111111111111"
+    assert c3.key_id_of(c3.encrypt(b"x")) == k2
+    with pytest.raises(KeyringError, match="unretire"):
+        ring.promote(k1)
+    ring = ring.unretire(k1)
+    assert ring.get(k1).state is KeyState.DECRYPT_ONLY
+    with pytest.raises(KeyringError, match="not retired"):
+        ring.unretire(k1)
+    with pytest.raises(DecryptError):  # a key that is not in the keyring opens nothing
+        ColumnCipher(COL, "text", "randomized",
+                     fresh(provider)[0].column_keys(COL, "encrypt", provider)).decrypt(old)
+
+
+def test_a_retired_blind_index_key_takes_no_part_in_lookups(provider: LocalKekProvider,
+                                                            ) -> None:
+    ring, b1 = kr.new_keyring(provider).add(COL, "blind_index", provider)
+    ring, b2 = ring.promote(b1).add(COL, "blind_index", provider)
+    ring = ring.promote(b2)
+    assert len(BlindIndex(COL, "text", ring.column_keys(COL, "blind_index", provider)
+                          ).lookup_values(b"v")) == 2
+    ring = ring.retire(b1)
+    assert BlindIndex(COL, "text", ring.column_keys(COL, "blind_index", provider)
+                      ).lookup_values(b"v") == [
+        BlindIndex(COL, "text", ring.column_keys(COL, "blind_index", provider)).compute(b"v")]
 
 
 def test_blind_index_dual_lookup_from_keyring(provider: LocalKekProvider) -> None:
