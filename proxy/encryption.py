@@ -512,6 +512,12 @@ class SessionProtector:
         self._tz: datetime.tzinfo = datetime.UTC
         self.wants_refresh = False
         self.ddl_sent = 0
+        # DDL was planned since the last reload was asked for / the reload asked for
+        # after it is on its way: the session holds the client's next request until the
+        # answer is in (`Session._client_tracking`), so a `*` the rewriter writes out
+        # from the catalog lists the table's columns as they are after that DDL.
+        self.ddl_pending = False
+        self.hold_after = False
 
     def _current_role(self) -> str:
         st = self.session.policy_state
@@ -706,6 +712,7 @@ class SessionProtector:
         if _is_ddl(self.session.gate, sql):
             # Tables may have appeared, vanished or changed: learn their oids/attnums.
             self.wants_refresh = True
+            self.ddl_pending = True
             self.ddl_sent += 1
             self.session.gate.functions_changed(self.session.database)  # also without policy
         if not rplan.touches_protected:
@@ -782,6 +789,7 @@ class SessionProtector:
         if not self.wants_refresh:
             return b""
         self.wants_refresh = False
+        self.hold_after, self.ddl_pending = self.ddl_pending, False
         return self.enc.refresh(self.session)
 
     def _copy(self, cp: Any) -> Any:

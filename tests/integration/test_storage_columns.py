@@ -265,3 +265,38 @@ def test_lookups_still_go_through_the_blind_index(sproxy: Any) -> None:
             c.execute("UPDATE sc_cards SET pan = %s WHERE id = 3", (PANS[3],))
         assert [r[0] for r in c.execute("SELECT id FROM sc_cards WHERE pan = %s ORDER BY id",
                                         (PANS[1],))] == [1, 3]
+
+
+def test_star_after_ddl_in_the_same_pipeline_lists_the_new_columns(sproxy: Any) -> None:
+    """`*` is written out from the catalog: a statement pipelined right behind DDL that
+    changed the table waits for the catalog reload the DDL triggers (observe, never
+    simulate), so it gets the table's columns as they are now, still without the
+    sibling."""
+    from proxy.protocol.rows import decode_data_row
+    from tests.conftest import (
+        APP_PASSWORD,
+        APP_USER,
+        SYNC,
+        RawPG,
+        bind_msg,
+        describe_msg,
+        execute_msg,
+        parse_msg,
+        query_msg,
+    )
+
+    with RawPG(sproxy.port) as raw:
+        raw.login(APP_USER, APP_PASSWORD)
+        try:
+            raw.send(query_msg("ALTER TABLE sc_cards ADD COLUMN added int")
+                     + parse_msg("SELECT * FROM sc_cards WHERE id = $1")
+                     + bind_msg((b"2",)) + describe_msg(b"P") + execute_msg() + SYNC)
+            replies = raw.read_until(b"Z") + raw.read_until(b"Z")
+            assert b"E" not in [k for k, _ in replies], replies
+            desc = next(b for k, b in replies if k == b"T")
+            (row,) = [decode_data_row(b) for k, b in replies if k == b"D"]
+            assert b"pan_bidx" not in desc and b"added" in desc
+            assert len(row) == len(CARD_COLUMNS) + 1 and row[-1] is None
+        finally:
+            raw.send(query_msg("ALTER TABLE sc_cards DROP COLUMN added"))
+            raw.read_until(b"Z")
