@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 from binascii import a2b_hex
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -301,19 +301,55 @@ class Untraceable:
         raise ValueError_("0A000", self.text)
 
 
+class StorageCell:
+    """A result field that is a storage column of the proxy (a blind-index sibling, or a
+    view column that is one). The rewriter keeps these out of every result (``*`` is
+    written out without them, naming one is refused); should one reach a RowDescription
+    all the same (a view or function the rewriter could not see into), its values are
+    refused, never passed on. Implements tracking.ColumnCrypto."""
+
+    __slots__ = ("text",)
+    logical_oid = 0  # keep the field's own type
+    typlen = -1
+    view = "plaintext"
+
+    def __init__(self, owner: ProtectedColumn) -> None:
+        self.text = (
+            f"permission denied by strongroom: a result column is a storage column of the "
+            f"proxy (the blind index of {owner.qualified}); name the columns to select"
+        )
+
+    def encrypt_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
+        raise ValueError_("42501", self.text)
+
+    blind_index_param = encrypt_param
+
+    def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
+        raise ValueError_("42501", self.text)
+
+
+@dataclass(frozen=True, slots=True)
+class ViewStorage:
+    """A view column that is a storage column: the protected column it indexes."""
+
+    owner: ProtectedColumn
+
+
 class SchemaWithViews(ProtectedSchema):
     """The configured protected columns plus views over them: a view column that is a
     plain reference to a protected column is that column for the rewriter (so literals
     compared with it are sealed with the base column's key, and expressions over it are
     refused like over the base column)."""
 
-    __slots__ = ()
+    __slots__ = ("_view_storage",)
 
     def __init__(self, base: ProtectedSchema,
-                 views: dict[TableKey, dict[str, ProtectedColumn]]) -> None:
+                 views: dict[TableKey, dict[str, ProtectedColumn]],
+                 storage: dict[TableKey, dict[str, ProtectedColumn]] | None = None) -> None:
         import json
 
         super().__init__([pc for cols in base.values() for pc in cols.values()])
+        self._view_storage = dict(storage or {})
         for key, cols in views.items():
             self._tables[key] = dict(cols)
         names = set(self._names) | {t for _, t in views}
@@ -323,8 +359,13 @@ class SchemaWithViews(ProtectedSchema):
             {f'"relname":{json.dumps(n, ensure_ascii=a)}' for n in names for a in (True, False)}
         ))
 
+    def storage(self, key: TableKey) -> Mapping[str, ProtectedColumn]:
+        """A view's storage columns (plain references to a sibling), else the table's."""
+        return self._view_storage.get(key) or super().storage(key)
 
-ViewMap = dict[tuple[int, int], "ProtectedColumn | str"]  # (oid, attnum) -> column | view
+
+# (oid, attnum) -> protected column | storage column | name of an untraceable view
+ViewMap = dict[tuple[int, int], "ProtectedColumn | ViewStorage | str"]
 
 
 def analyse_views(base: ProtectedSchema, snap: Snapshot) -> tuple[ProtectedSchema, ViewMap]:
@@ -338,6 +379,7 @@ def analyse_views(base: ProtectedSchema, snap: Snapshot) -> tuple[ProtectedSchem
     is not traceable maps to the view's name: reading it is refused.
     """
     view_cols: dict[TableKey, dict[str, ProtectedColumn]] = {}
+    view_storage: dict[TableKey, dict[str, ProtectedColumn]] = {}
     attrs: ViewMap = {}
     schema: ProtectedSchema = base
 
@@ -347,7 +389,8 @@ def analyse_views(base: ProtectedSchema, snap: Snapshot) -> tuple[ProtectedSchem
 
     for v in snap.views():
         sql = (v.definition or "").strip().rstrip(";")
-        rplan = plan_statement(sql, schema, snap.search_path, column_order=order)
+        rplan = plan_statement(sql, schema, snap.search_path, column_order=order,
+                               storage_ok=True)
         cols = rplan.columns_selected[0] if len(rplan.columns_selected) == 1 else None
         deps = {(snap.by_oid[o].schema, snap.by_oid[o].name) for o in v.depends
                 if o in snap.by_oid}
@@ -364,9 +407,15 @@ def analyse_views(base: ProtectedSchema, snap: Snapshot) -> tuple[ProtectedSchem
         mapped = {name: pc for name, pc in zip(v.columns, cols, strict=True) if pc is not None}
         for name, pc in mapped.items():
             attrs[(v.oid, v.attnums[name])] = pc
-        if mapped:
+        positions = rplan.storage_selected[0] if rplan.storage_selected else {}
+        storage = {v.columns[i]: owner for i, owner in positions.items()}
+        for name, owner in storage.items():
+            attrs[(v.oid, v.attnums[name])] = ViewStorage(owner)
+        if mapped or storage:
             view_cols[key] = mapped
-            schema = SchemaWithViews(base, view_cols)
+            if storage:
+                view_storage[key] = storage
+            schema = SchemaWithViews(base, view_cols, view_storage)
     return schema, attrs
 
 
@@ -466,6 +515,12 @@ class SessionProtector:
         self._tz: datetime.tzinfo = datetime.UTC
         self.wants_refresh = False
         self.ddl_sent = 0
+        # DDL was planned since the last reload was asked for / the reload asked for
+        # after it is on its way: the session holds the client's next request until the
+        # answer is in (`Session._client_tracking`), so a `*` the rewriter writes out
+        # from the catalog lists the table's columns as they are after that DDL.
+        self.ddl_pending = False
+        self.hold_after = False
 
     def _current_role(self) -> str:
         st = self.session.policy_state
@@ -561,10 +616,20 @@ class SessionProtector:
                     if info is not None and column in info.attnums:
                         self._by_attr[(info.oid, info.attnums[column])] = (
                             rc if self._readable(schema, table) else self._denied(rc))
+                for pcs in self.enc.schema.values():
+                    for pc in pcs.values():
+                        info = snap.table(pc.schema, pc.table)
+                        if (pc.blind_index and info is not None
+                                and pc.bidx_column in info.attnums):
+                            self._by_attr[(info.oid, info.attnums[pc.bidx_column])] = (
+                                StorageCell(pc))
                 _schema, views = self.enc.views_of(snap)
                 for attr, target in views.items():
                     if isinstance(target, str):
                         self._by_attr[attr] = Untraceable(target)
+                        continue
+                    if isinstance(target, ViewStorage):
+                        self._by_attr[attr] = StorageCell(target.owner)
                         continue
                     rc = cols[(target.schema, target.table, target.column)]
                     view = snap.by_oid.get(attr[0])
@@ -678,6 +743,7 @@ class SessionProtector:
         if _is_ddl(self.session.gate, sql):
             # Tables may have appeared, vanished or changed: learn their oids/attnums.
             self.wants_refresh = True
+            self.ddl_pending = True
             self.ddl_sent += 1
             self.session.gate.functions_changed(self.session.database)  # also without policy
         if not rplan.touches_protected:
@@ -690,7 +756,7 @@ class SessionProtector:
             if auditor is not None:
                 auditor.refused(sql, tables, rplan.refusal)
             return StatementPlan(sql=raw, touches_protected=True,
-                                 refusal=ClientRefusal("0A000", rplan.refusal))
+                                 refusal=self._plan_refusal(rplan))
         snap = self.catalog.snapshot
         for schema, table in getattr(rplan, "tables_referenced", ()):
             if snap is None or snap.table(schema, table) is None:
@@ -728,6 +794,17 @@ class SessionProtector:
                              derived=derived, outputs=outputs, source=sql, tables=tables,
                              literals=literals, rechecks=rechecks, shifts=shifts)
 
+    def _plan_refusal(self, rplan: Any) -> ClientRefusal:
+        """The rewriter's refusal as the client gets it: a storage column named (42501)
+        is a permission denial, worded like the policy's, naming the role in effect."""
+        state = getattr(rplan, "refusal_sqlstate", "0A000")
+        if state != "42501":
+            return ClientRefusal(state, rplan.refusal)
+        st = self.session.policy_state
+        role = st.role if st is not None else self.session.user
+        return ClientRefusal(
+            state, f'permission denied by strongroom: role "{role}": {rplan.refusal}')
+
     def _rechecks(self, rplan: Any) -> dict[int, list[RecheckSpec]]:
         """Per statement, its hidden recheck columns: the column and the equality keys of
         the searched literals (parameters are added per Bind)."""
@@ -743,6 +820,7 @@ class SessionProtector:
         if not self.wants_refresh:
             return b""
         self.wants_refresh = False
+        self.hold_after, self.ddl_pending = self.ddl_pending, False
         return self.enc.refresh(self.session)
 
     def _copy(self, cp: Any) -> Any:

@@ -27,7 +27,7 @@ from proxy.protocol.messages import ProtocolViolation
 from proxy.sql import encoding
 from proxy.sql.cache import AnalysisCache
 from proxy.sql.info import ALL, Analysis, StatementInfo
-from proxy.sql.names import parse_search_path
+from proxy.sql.names import parse_search_path, quote_ident
 from proxy.tracking import ClientRefusal, refusal_sql
 
 if TYPE_CHECKING:
@@ -413,7 +413,8 @@ class Gate:
                 rp = self.policy.role(session.user)
                 if rp is None or "set_role" not in rp.allow:
                     st.refuse_all = (
-                        f'role "{session.user}": a role startup option is set_role, not allowed'
+                        f'role "{session.user}": a role startup option is a set_role, which is '
+                        "not allowed (needs allow: set_role)"
                     )
             session.policy_state = st
             session.watch_ready = True
@@ -494,8 +495,8 @@ class Gate:
         if st is None:
             # The policy was loaded after this session started without one: its
             # search_path and role were never read, so nothing can be decided.
-            return self._refuse(session, "?", "this session started before the policy was "
-                                "loaded; reconnect")
+            return self._refuse(session, session.user, f'role "{session.user}": this session '
+                                "started before the policy was loaded; reconnect")
         if st.refuse_all is not None:
             return self._refuse(session, st.role, st.refuse_all)
         st.request_roles = ()
@@ -580,9 +581,9 @@ class Gate:
             if self._runs_user_code(st, info):
                 # The statements after it would run in a session the code may have
                 # changed (search_path, role) before the proxy could observe it.
-                return Decision(False, f"statement {index + 2} follows a call of user code "
-                                "(DO, CALL or a function outside pg_catalog) in the same "
-                                "string; send it separately", index + 1)
+                return Decision(False, f'role "{st.role}": statement {index + 2} follows a '
+                                "call of user code (DO, CALL or a function outside "
+                                "pg_catalog) in the same string; send it separately", index + 1)
         decision = self._decide_effects_text(cache, session, st, sql)
         if decision.allowed:
             return self._decide_fetches(cache, session, st, sql) or decision
@@ -617,7 +618,8 @@ class Gate:
                 found = decide(self.policy, st.role, query, path, session.database,
                                env=cache.env, prepared=st.prepared)
                 if not found.allowed:
-                    return Decision(False, f"cursor {info.name}: {found.reason}")
+                    return Decision(False, f"{found.reason} (the query of cursor "
+                                    f"{quote_ident(info.name)}, run by FETCH or MOVE)")
         return None
 
     def _decide_effects_text(self, cache: PolicyCache, session: Session, st: SessionPolicy,
@@ -686,7 +688,7 @@ class Gate:
             found = decide(self.policy, role, info, sim.path, session.database,
                            env=cache.env, prepared=sim.prepared)
             if not found.allowed:
-                return Decision(False, f"statement {index + 1}: {found.reason}", index)
+                return Decision(False, _at_statement(found.reason, role, index), index)
             self._apply_one(session, sim, info, scratch=True)
         return Decision(True, "allowed")
 
@@ -1115,3 +1117,12 @@ class Gate:
             return None
         session.heavy_done = sql
         return jobs
+
+
+def _at_statement(reason: str, role: str, index: int) -> str:
+    """A denial of one statement of a string, worded as the engine words one:
+    `role "r": statement n: ...` (the role first, as in every denial)."""
+    head = f'role "{role}": '
+    if reason.startswith(head):
+        return f"{head}statement {index + 1}: {reason[len(head):]}"
+    return f"{reason} (statement {index + 1})"

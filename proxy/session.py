@@ -455,6 +455,18 @@ class Session(asyncio.Protocol):
         st = self.policy_state
         return st is not None and st.user_code  # type: ignore[attr-defined]
 
+    @staticmethod
+    def _catalog_reloading(tracker: Any) -> bool:
+        """The request had DDL and the catalog reload after it was injected: the next
+        request is planned from the reloaded catalog (its `*` written out from the
+        table's columns as the DDL left them), so the observation barrier, injected
+        behind the reload, holds this client until both answers are in."""
+        protector = tracker.protector
+        if not getattr(protector, "hold_after", False):
+            return False
+        protector.hold_after = False
+        return True
+
     def _after_user_code(self, act: int) -> bytes:
         """A statement sent after an Execute of user code, before the Sync: it would run
         in a session the code may have changed before the proxy could observe it. It
@@ -960,9 +972,10 @@ class Session(asyncio.Protocol):
                     out.append(data[run:pos])
                 out.append(replacement)
                 run = stop
-            if (kind == _Q or kind == _F or (kind == _S and self._batch_user_code)) and \
-                    self._request_ran_user_code(
-                        _A_QUERY if kind == _Q else _A_FUNC if kind == _F else _A_SYNC):
+            if (kind == _Q or kind == _F or kind == _S) and (
+                    ((kind != _S or self._batch_user_code) and self._request_ran_user_code(
+                        _A_QUERY if kind == _Q else _A_FUNC if kind == _F else _A_SYNC))
+                    or self._catalog_reloading(tracker)):
                 if out is None:
                     out = []
                 if run < stop:

@@ -207,8 +207,9 @@ def decide(
             try:
                 checker.statement(info, path)
             except Denied as denied:
-                prefix = f"statement {index + 1}: " if len(stmts) > 1 else ""
-                return Decision(False, f"{prefix}{denied}", index)
+                # Every reason opens with the role, then which statement of a string.
+                where = f"statement {index + 1}: " if len(stmts) > 1 else ""
+                return Decision(False, f'role "{role}": {where}{denied}', index)
         if info.kind in _TXN_END:
             paths = list(seen)
         else:
@@ -261,17 +262,19 @@ class _Checker:
         self.views: list[ColumnView] = []
 
     def deny(self, message: str) -> Denied:
-        return Denied(f'role "{self.role}": {message}')
+        """A denial; `decide` words it as `role "r": [statement n: ]message`."""
+        return Denied(message)
 
     # -- statements --------------------------------------------------------------------
 
     def statement(self, info: StatementInfo, path: tuple[str, ...]) -> None:
         kind = info.kind
         if kind == "unknown":
-            raise self.deny(f"statement could not be classified ({info.detail or 'unknown'})")
+            raise self.deny(
+                f"the statement could not be classified ({info.detail or 'unknown'})")
         if kind in ("explain", "prepare", "declare"):
             if info.inner is None:
-                raise self.deny(f"{kind} without a statement")
+                raise self.deny(f"{kind.upper()} without a statement to check")
             tracked = sorted({c.param for c in info.inner.config_calls
                               if c.param in TRACKED_PARAMS})
             if tracked and not (kind == "explain" and info.explain_analyze):
@@ -285,7 +288,9 @@ class _Checker:
             self.touches(info, path)
             inner = self.prepared.get(info.name or "")
             if inner is None:
-                raise self.deny(f"execute of unknown prepared statement {info.name!r}")
+                raise self.deny(
+                    f"EXECUTE of prepared statement {quote_ident(info.name or '')}, which "
+                    "this session has not prepared through the proxy")
             self.statement(inner, path)
             return
         need = _NEEDS_ALLOW.get(kind)
@@ -330,7 +335,8 @@ class _Checker:
                 )
             if call.param in ("role", "session_authorization"):
                 if "set_role" not in self.rp.allow:
-                    raise self.deny(f"set_config('{call.param}') is set_role, not allowed")
+                    raise self.deny(f"set_config('{call.param}') is a set_role, which is not "
+                                    "allowed (needs allow: set_role)")
             elif call.param == "search_path" and (call.values is None or call.is_local is None):
                 raise self.deny("set_config('search_path') with a value the proxy cannot track")
 
@@ -390,7 +396,7 @@ class _Checker:
             return
         via = (*chain, _obj(schema, name))
         if len(via) > 64:  # PostgreSQL rejects cyclic views; this only bounds a bad map
-            raise self.deny(f"views nested too deeply under {via[0]}")
+            raise self.deny(f"views are nested too deeply under {via[0]}")
         reads = access in _VIEW_READS
         columns = self.env.view_columns.get((schema, name), {})
         for bschema, bname in sorted(direct):
@@ -445,11 +451,13 @@ class _Checker:
             if not whole and col not in cols:
                 continue
             if view == "deny":
-                how = "a whole-row read includes" if whole and col not in cols else "reads"
-                raise self.deny(
-                    f"statement {how} denied column {_obj(schema, name)}.{quote_ident(col)}"
-                    f"{note}"
-                )
+                column = f"{_obj(schema, name)}.{quote_ident(col)}"
+                if whole and col not in cols:
+                    raise self.deny(
+                        f"the statement reads every column of {_obj(schema, name)} (a "
+                        f"whole-row reference or *), including denied column {column}{note}"
+                    )
+                raise self.deny(f"the statement reads denied column {column}{note}")
             if view in ORACLE_VIEWS:
                 column = f"{_obj(schema, name)}.{quote_ident(col)}"
                 if col in used or ALL in used:
@@ -507,7 +515,7 @@ class _Checker:
         if is_admin_function(name) and "admin" not in self.rp.allow:
             raise self.deny(f"admin function pg_catalog.{name} is not allowed (needs allow: admin)")
         if name == "pg_notify" and "notify" not in self.rp.allow:
-            raise self.deny("pg_notify is notify, not allowed (needs allow: notify)")
+            raise self.deny("pg_notify sends a NOTIFY, which is not allowed (needs allow: notify)")
 
 
 def _how(rel: RelationName, info: StatementInfo) -> str | None:

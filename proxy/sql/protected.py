@@ -150,6 +150,14 @@ class ProtectedSchema(Mapping[TableKey, Mapping[str, ProtectedColumn]]):
         (both escapings of non-ASCII), so a tree can be screened without decoding it."""
         return self._needles
 
+    def storage(self, key: TableKey) -> Mapping[str, ProtectedColumn]:
+        """The proxy's storage columns of a relation (blind-index siblings), by name, each
+        with the protected column it serves. No role may read or write them: a sibling
+        holds an HMAC of its column, equal for equal values, so reading it links rows
+        (and tables) with the same value whatever the role's view of the column."""
+        return {pc.bidx_column: pc for pc in self._tables.get(key, {}).values()
+                if pc.blind_index and pc.bidx_column is not None and pc.table_key == key}
+
     def lookup(
         self,
         relation: tuple[str | None, str],

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any
 
@@ -143,6 +143,25 @@ _EXPR_NODES = frozenset(
 class _Refuse(Exception):
     """Internal: stop planning, the statement is refused with this message."""
 
+    sqlstate = "0A000"
+
+
+class _StorageRefuse(_Refuse):
+    """Internal: the statement names a storage column of the proxy (a permission matter:
+    no role may read or write one, whatever its view of the protected column)."""
+
+    sqlstate = "42501"
+
+
+def _storage_msg(name: str, owner: ProtectedColumn, rel: str | None) -> str:
+    """Why a blind-index sibling may not be named; never a value."""
+    where = f" of {rel}" if rel else ""
+    return (
+        f"column {quote_ident(name)}{where} is a storage column of the proxy (the blind "
+        f"index of {owner.qualified}) and may not be named in any clause; "
+        f"use {quote_ident(owner.column)} itself"
+    )
+
 
 # --------------------------------------------------------------------------- messages
 
@@ -189,6 +208,9 @@ class _Rel:
     ``ordered``: every column name in order when known (lets ``*`` be expanded and tells
     an unprotected column apart from an outer reference); None when unknown.
     ``table``: the protected base table, None for derived tables and unprotected ones.
+    ``storage``: the proxy's storage columns (blind-index siblings) under this entry, by
+    visible name, with the protected column each serves; they are in ``ordered`` (a
+    column alias list counts them) but never in a result and never nameable.
     """
 
     name: str | None
@@ -196,6 +218,14 @@ class _Rel:
     cols: dict[str, ProtectedColumn]
     ordered: list[tuple[str, ProtectedColumn | None]] | None
     table: TableKey | None
+    storage: dict[str, ProtectedColumn] = field(default_factory=dict)
+    exact: bool = True  # ``ordered`` is the entry's real column list (not a merged join)
+
+    def visible(self) -> list[tuple[str, ProtectedColumn | None]] | None:
+        """``ordered`` without the storage columns: what ``*`` shows of this entry."""
+        if self.ordered is None:
+            return None
+        return [(n, pc) for n, pc in self.ordered if n not in self.storage]
 
 
 @dataclass(slots=True)
@@ -206,6 +236,10 @@ class _Out:
     items: list[tuple[str, ProtectedColumn | None]] = field(default_factory=list)
     cols: dict[str, ProtectedColumn] = field(default_factory=dict)
     known: bool = True
+    # Result columns that are storage columns, by name and by position (only ever set
+    # when planning a view's definition: `storage_ok`; elsewhere naming one is refused).
+    storage: dict[str, ProtectedColumn] = field(default_factory=dict)
+    storage_at: dict[int, ProtectedColumn] = field(default_factory=dict)
 
     def add(self, name: str, pc: ProtectedColumn | None) -> None:
         self.items.append((name, pc))
@@ -223,12 +257,13 @@ class _Out:
 class _Scope:
     """One query level: its FROM entries and CTEs; ``parent`` for correlated refs."""
 
-    __slots__ = ("ctes", "parent", "rels")
+    __slots__ = ("ctes", "merged", "parent", "rels")
 
     def __init__(self, parent: _Scope | None) -> None:
         self.parent = parent
         self.rels: list[_Rel] = []
         self.ctes: dict[str, _Out] = {}
+        self.merged = False  # a JOIN ... USING / NATURAL here: `*` merges its columns
 
     def cte(self, name: str) -> _Out | None:
         s: _Scope | None = self
@@ -247,6 +282,14 @@ class _Star:
 @dataclass(slots=True)
 class _WholeRow:
     rel: _Rel
+
+
+@dataclass(slots=True)
+class _StorageRef:
+    """A reference to a storage column (only resolved as such in a view definition)."""
+
+    name: str
+    owner: ProtectedColumn
 
 
 @dataclass(slots=True)
@@ -376,6 +419,19 @@ def _select_node(body: Node) -> Node:
     return body if "SelectStmt" in body else {"SelectStmt": body}
 
 
+def _table_form(b: Node) -> Node | None:
+    """The relation of a ``TABLE t`` query (parsed as ``SELECT *`` whose ``*`` has no
+    location: it is not in the text), else None."""
+    targets = b.get("targetList") or []
+    froms = b.get("fromClause") or []
+    if len(targets) != 1 or len(froms) != 1 or "RangeVar" not in froms[0]:
+        return None
+    ref = (targets[0].get("ResTarget", {}).get("val") or {}).get("ColumnRef") or {}
+    if ref.get("location", 0) != -1 or "A_Star" not in (ref.get("fields") or [{}])[-1]:
+        return None
+    return froms[0]["RangeVar"]
+
+
 def _target_name(rt: Node) -> str:
     if rt.get("name"):
         return str(rt["name"])
@@ -416,8 +472,12 @@ class _Planner:
         table_exists: TableExists | None,
         column_order: ColumnOrder | None,
         prepared: PreparedLookup | None,
+        storage_ok: bool = False,
     ) -> None:
         self.sql = sql
+        # Planning a view's definition (encryption.analyse_views): a storage column in
+        # its select list is traced as one (the view's own storage column), not refused.
+        self.storage_ok = storage_ok
         self.schema = schema
         self.search_path = search_path
         self.table_exists = table_exists
@@ -464,7 +524,7 @@ class _Planner:
         if not colnames:
             return rel
         if rel.ordered is None:
-            if rel.cols:
+            if rel.cols or rel.storage:
                 pc = next(iter(rel.cols.values()))
                 raise _Refuse(
                     _msg(
@@ -480,7 +540,12 @@ class _Planner:
             (colnames[i] if i < len(colnames) else n, pc) for i, (n, pc) in enumerate(rel.ordered)
         ]
         cols = {n: pc for n, pc in ordered if pc is not None}
-        return _Rel(rel.name, rel.schema, cols, ordered, rel.table)
+        storage = {
+            new: rel.storage[old]
+            for (old, _), (new, _) in zip(rel.ordered, ordered, strict=True)
+            if old in rel.storage
+        }
+        return _Rel(rel.name, rel.schema, cols, ordered, rel.table, storage, rel.exact)
 
     def _range_var(self, rv: Node, scope: _Scope, *, ctes: bool = True) -> _Rel:
         schema = rv.get("schemaname")
@@ -497,6 +562,7 @@ class _Planner:
                     dict(cte.cols),
                     list(cte.items) if cte.known else None,
                     None,
+                    dict(cte.storage),
                 )
                 return self._apply_alias_cols(rel, colnames)
         key = self.schema.lookup((schema, name), self.search_path, self.table_exists)
@@ -506,7 +572,8 @@ class _Planner:
         cols = dict(self.schema[key])
         order = self.column_order(*key) if self.column_order else None
         ordered = [(c, cols.get(c)) for c in order] if order else None
-        rel = _Rel(aname or name, None if aname else key[0], cols, ordered, key)
+        rel = _Rel(aname or name, None if aname else key[0], cols, ordered, key,
+                   dict(self.schema.storage(key)))
         return self._apply_alias_cols(rel, colnames)
 
     def _rel_from_out(self, out: _Out, alias: Node | None) -> _Rel:
@@ -517,6 +584,7 @@ class _Planner:
             dict(out.cols),
             list(out.items) if out.known else None,
             None,
+            dict(out.storage),
         )
         return self._apply_alias_cols(rel, _names(alias.get("colnames")))
 
@@ -529,12 +597,21 @@ class _Planner:
             s = s.parent
         return None
 
+    def _storage(self, name: str, rel: _Rel, shown: bool) -> _StorageRef:
+        """A storage column named: refused (42501), except as a plain result column of a
+        view's definition being traced (``shown``), where it becomes the view's own."""
+        owner = rel.storage[name]
+        if self.storage_ok and shown:
+            return _StorageRef(name, owner)
+        raise _StorageRefuse(_storage_msg(name, owner, rel.name))
+
     def _resolve(
-        self, ref: Node, scope: _Scope
-    ) -> tuple[ProtectedColumn | _Star | _WholeRow | None, _Rel | None]:
+        self, ref: Node, scope: _Scope, *, shown: bool = False
+    ) -> tuple[ProtectedColumn | _Star | _WholeRow | _StorageRef | None, _Rel | None]:
         """What a ColumnRef denotes, resolved the way PostgreSQL does, failing closed:
         an unqualified name not provably an unprotected column of the current level
-        is looked up in outer levels (a correlated reference)."""
+        is looked up in outer levels (a correlated reference). A storage column of any
+        relation in scope is refused (``_storage``)."""
         fields = ref.get("fields", [])
         if fields and "A_Star" in fields[-1]:
             if len(fields) == 1:
@@ -547,6 +624,9 @@ class _Planner:
             s: _Scope | None = scope
             while s is not None:
                 known_plain = False
+                for rel in s.rels:
+                    if col in rel.storage:
+                        return self._storage(col, rel, shown), rel
                 for rel in s.rels:
                     if col in rel.cols:
                         return rel.cols[col], rel
@@ -562,6 +642,8 @@ class _Planner:
         rel = self._find_rel(names[:-1], scope)
         if rel is None:
             return None, None
+        if names[-1] in rel.storage:
+            return self._storage(names[-1], rel, shown), rel
         return rel.cols.get(names[-1]), rel
 
     def _pref(self, node: Node | None, scope: _Scope) -> ProtectedColumn | None:
@@ -1064,10 +1146,14 @@ class _Planner:
             colnames = _names(cte.get("aliascolnames"))
             if colnames:
                 rel = self._apply_alias_cols(
-                    _Rel(name, None, dict(out.cols), list(out.items) if out.known else None, None),
+                    _Rel(name, None, dict(out.cols), list(out.items) if out.known else None, None,
+                         dict(out.storage)),
                     colnames,
                 )
-                out = _Out(list(rel.ordered or []), dict(rel.cols), rel.ordered is not None)
+                out = _Out(list(rel.ordered or []), dict(rel.cols), rel.ordered is not None,
+                           dict(rel.storage),
+                           {i: rel.storage[n] for i, (n, _) in enumerate(rel.ordered or [])
+                            if n in rel.storage})
             scope.ctes[name] = out
 
     def _select(
@@ -1157,6 +1243,7 @@ class _Planner:
             self._from_item(item, scope)
         self._free(b.get("whereClause"), scope, "a WHERE condition")
         out = _Out()
+        table_rv = _table_form(b)
         for i, t in enumerate(b.get("targetList") or []):
             rt = t.get("ResTarget", {})
             pc = feeds[i] if feeds and i < len(feeds) else None
@@ -1178,7 +1265,7 @@ class _Planner:
                 self._free(rt.get("val"), scope, "a value written to an unencrypted column")
                 out.add(_target_name(rt), None)
             else:
-                self._target(rt, scope, out)
+                self._target(rt, scope, out, table_rv)
         self._group(b.get("groupClause"), scope, out)
         self._free(b.get("havingClause"), scope, "HAVING")
         self._distinct(b.get("distinctClause"), scope, out)
@@ -1187,24 +1274,33 @@ class _Planner:
         self._free([b.get("limitCount"), b.get("limitOffset")], scope, "LIMIT")
         return out
 
-    def _target(self, rt: Node, scope: _Scope, out: _Out) -> None:
-        """One select-list / RETURNING item: plain protected references are fine."""
+    def _target(self, rt: Node, scope: _Scope, out: _Out,
+                table_rv: Node | None = None) -> None:
+        """One select-list / RETURNING item: plain protected references are fine.
+        ``table_rv``: the relation of a ``TABLE t`` query, whose ``*`` has no token."""
         val = rt.get("val") or {}
         k, b = _kind(val)
         name = _target_name(rt)
         if k == "ColumnRef" and not rt.get("indirection"):
-            r, _ = self._resolve(b, scope)
+            r, _ = self._resolve(b, scope, shown=True)
             if isinstance(r, _Star):
+                self._expand_star(b, r.rels, scope, table_rv)
                 for rel in r.rels:
-                    if rel.ordered is None:
+                    visible = rel.visible()
+                    if visible is None:
                         out.known = False
                         out.cols.update(rel.cols)
                     else:
-                        for n, pc in rel.ordered:
+                        for n, pc in visible:
                             out.add(n, pc)
                 return
             if isinstance(r, _WholeRow):
                 raise _Refuse(self._whole_row_msg(r.rel))
+            if isinstance(r, _StorageRef):
+                out.storage_at[len(out.items)] = r.owner
+                out.storage[name] = r.owner
+                out.add(name, None)
+                return
             out.add(name, r)
             return
         if k == "SubLink" and b.get("subLinkType") == "EXPR_SUBLINK":
@@ -1223,6 +1319,62 @@ class _Planner:
             return
         self._free(val, scope, "an expression in the select list")
         out.add(name, None)
+
+    def _expand_star(self, ref: Node, rels: list[_Rel], scope: _Scope,
+                     table_rv: Node | None) -> None:
+        """Write a ``*`` / ``t.*`` over a relation with storage columns out as the
+        relation's visible columns, qualified, in PostgreSQL's order (each relation's
+        columns in turn). Then the server never returns a storage column, in any format,
+        portal, cursor or COPY of the query: the shape is forced, not filtered per row.
+        Where the exact expansion is not known (column order unknown, a JOIN ... USING
+        or NATURAL merging columns, duplicate names under a join alias), refused."""
+        if not any(rel.storage for rel in rels):
+            return
+        owner = next(iter(next(rel for rel in rels if rel.storage).storage.values()))
+        fields = ref.get("fields", [])
+
+        def refuse(why: str) -> _Refuse:
+            return _Refuse(_msg(owner, f"{why}, so the proxy cannot leave its storage "
+                                "column out of `*`", "name the columns"))
+
+        if len(fields) == 1 and scope.merged:
+            raise refuse("`*` over a JOIN ... USING / NATURAL merges columns")
+        counts: dict[str | None, int] = {}
+        for rel in scope.rels:
+            counts[rel.name] = counts.get(rel.name, 0) + 1
+        parts: list[str] = []
+        for rel in rels:
+            if rel.name is None:
+                raise refuse("a relation without a name is in `*`")
+            qual = quote_ident(rel.name)
+            if counts.get(rel.name, 0) > 1 and rel.schema is not None:
+                qual = f"{quote_ident(rel.schema)}.{qual}"
+            if not rel.storage:
+                parts.append(f"{qual}.*")
+                continue
+            visible = rel.visible()
+            if visible is None or not rel.exact:
+                raise refuse(f"the columns of {rel.name} are not known in order")
+            names = [n for n, _ in visible]
+            if len(set(names)) != len(names):
+                raise refuse(f"{rel.name} has duplicate column names")
+            parts.extend(f"{qual}.{quote_ident(n)}" for n in names)
+        tok = self.tok
+        if table_rv is not None:  # TABLE t (TABLE ONLY t): the keyword becomes SELECT
+            i = self._relation_first_token(table_rv) - 1
+            while tok.name(i) == "ONLY":
+                i -= 1
+            if tok.name(i) != "TABLE":
+                raise TokenError("expected TABLE before the relation")
+            self._splice(tok.starts[i], tok.ends[i], ACTION_RENAME, owner,
+                         replacement=f"SELECT {', '.join(parts)} FROM")
+            return
+        first = tok.at(ref.get("location", -1))
+        last = tok.ident_path_last(first, len(fields))
+        if tok.name(last) != "ASCII_42":
+            raise TokenError("expected * at the end of the column reference")
+        self._splice(tok.starts[first], tok.ends[last], ACTION_RENAME, owner,
+                     replacement=", ".join(parts))
 
     def _output_ref(self, node: Node | None, out: _Out) -> tuple[bool, ProtectedColumn | None]:
         """Does an ORDER BY / GROUP BY item name an output column (by position or name)?"""
@@ -1302,6 +1454,8 @@ class _Planner:
             mid = len(scope.rels)
             self._from_item(b["rarg"], scope)
             left, right = scope.rels[before:mid], scope.rels[mid:]
+            merging = bool(b.get("isNatural") or b.get("usingClause"))
+            scope.merged = scope.merged or merging
             if b.get("isNatural"):
                 for rel in left + right:
                     if rel.cols:
@@ -1334,13 +1488,16 @@ class _Planner:
                 rels = scope.rels[before:]
                 ordered: list[tuple[str, ProtectedColumn | None]] | None = []
                 cols: dict[str, ProtectedColumn] = {}
+                storage: dict[str, ProtectedColumn] = {}
                 for rel in rels:
                     cols.update(rel.cols)
+                    storage.update(rel.storage)
                     if ordered is not None and rel.ordered is not None:
                         ordered.extend(rel.ordered)
                     else:
                         ordered = None
-                merged = _Rel(alias.get("aliasname"), None, cols, ordered, None)
+                merged = _Rel(alias.get("aliasname"), None, cols, ordered, None, storage,
+                              not merging and all(rel.exact for rel in rels))
                 del scope.rels[before:]
                 scope.rels.append(self._apply_alias_cols(merged, _names(alias.get("colnames"))))
         elif k == "RangeFunction":
@@ -1360,10 +1517,15 @@ class _Planner:
         rc = b.get("returningClause")
         if not rc:
             return None
-        rscope = _Scope(scope)
+        # `old` / `new` (PostgreSQL 18) name the target's row versions; they are not in
+        # RETURNING's `*`, so they sit in a level of their own, searched after the target.
+        pseudo = _Scope(scope.parent)
+        pseudo.ctes = scope.ctes
+        pseudo.rels = [_Rel(n, None, target.cols, target.ordered, target.table,
+                            dict(target.storage)) for n in ("old", "new")]
+        rscope = _Scope(pseudo)
         rscope.rels = [*scope.rels]
-        for n in ("old", "new"):
-            rscope.rels.append(_Rel(n, None, target.cols, target.ordered, target.table))
+        rscope.merged = scope.merged
         out = _Out()
         for t in rc.get("exprs", []):
             self._target(t.get("ResTarget", {}), rscope, out)
@@ -1371,21 +1533,13 @@ class _Planner:
 
     def _set_list(self, targets: list[Node], target: _Rel, scope: _Scope) -> None:
         """UPDATE SET / ON CONFLICT DO UPDATE SET items."""
-        bidx_names = {pc.bidx_column for pc in target.cols.values() if pc.blind_index}
         for t in targets:
             rt = t.get("ResTarget", {})
             name = rt.get("name", "")
             pc = target.cols.get(name)
             val = rt.get("val") or {}
-            if name in bidx_names:
-                owner = next(p for p in target.cols.values() if p.bidx_column == name)
-                raise _Refuse(
-                    _msg(
-                        owner,
-                        f"its blind-index column {quote_ident(name)} is maintained by the proxy",
-                        "write the column itself",
-                    )
-                )
+            if name in target.storage:
+                raise _StorageRefuse(_storage_msg(name, target.storage[name], target.name))
             if pc is not None and rt.get("indirection"):
                 raise _Refuse(_not_value(pc, "written to part of"))
             if "MultiAssignRef" in val:
@@ -1418,22 +1572,13 @@ class _Planner:
         sel = b.get("selectStmt")
         feeds: list[ProtectedColumn | None] = []
         if cols:
-            bidx_names = {pc.bidx_column for pc in tcols.values() if pc.blind_index}
             tok = self.tok if any(pc.blind_index for pc in tcols.values()) else None
             for c in cols:
                 rt = c.get("ResTarget", {})
                 name = rt.get("name", "")
                 pc = tcols.get(name)
-                if name in bidx_names:
-                    owner = next(p for p in tcols.values() if p.bidx_column == name)
-                    raise _Refuse(
-                        _msg(
-                            owner,
-                            f"its blind-index column {quote_ident(name)} "
-                            "is maintained by the proxy",
-                            "write the column itself",
-                        )
-                    )
+                if name in target.storage:
+                    raise _StorageRefuse(_storage_msg(name, target.storage[name], target.name))
                 if pc is not None and rt.get("indirection"):
                     raise _Refuse(_not_value(pc, "written to part of"))
                 feeds.append(pc)
@@ -1479,6 +1624,10 @@ class _Planner:
                 self._free(oc.get("whereClause"), cscope, "ON CONFLICT ... WHERE")
         scope.rels = [target]
         return self._returning(b, scope, target)
+
+    def _relation_first_token(self, rv: Node) -> int:
+        """Index of the first token of a RangeVar's name."""
+        return self.tok.at(rv.get("location", -1))
 
     def _relation_last_token(self, rv: Node) -> int:
         """Index of the last token of a RangeVar's (possibly qualified) name."""
@@ -1581,6 +1730,9 @@ class _Planner:
         wscope.rels = [target]
         self._free(b.get("whereClause"), wscope, "COPY ... WHERE")
         attlist = _names(b.get("attlist")) or None
+        for name in attlist or []:
+            if name in target.storage:
+                raise _StorageRefuse(_storage_msg(name, target.storage[name], target.name))
         index_cols: list[tuple[str, ProtectedColumn]] = []
         if direction == "in":
             bidx = [pc for pc in target.cols.values() if pc.blind_index]
@@ -1594,14 +1746,6 @@ class _Planner:
                     )
                 )
             for name in attlist or []:
-                if any(pc.bidx_column == name for pc in bidx):
-                    raise _Refuse(
-                        _msg(
-                            pc0,
-                            f"blind-index column {quote_ident(name)} is maintained by the proxy",
-                            "leave it out",
-                        )
-                    )
                 pc = target.cols.get(name)
                 if pc is not None and pc.blind_index:
                     index_cols.append((pc.bidx_column or "", pc))
@@ -1624,6 +1768,8 @@ class _Planner:
             if order is None:
                 raise _Refuse(_msg(pc0, f"COPY of {quote_ident(pc0.table)}: its columns are "
                                    "not known yet", "name the columns"))
+            # (without the storage columns: a COPY TO lists what `*` shows)
+            order = tuple(n for n in order if n not in target.storage)
             self._name_columns(rv, order, pc0)
             attlist = list(order)
         self.copies[order_at] = (direction, CopyPlan(
@@ -1932,6 +2078,7 @@ def plan_statement(
     table_exists: TableExists | None = None,
     column_order: ColumnOrder | None = None,
     prepared: PreparedLookup | None = None,
+    storage_ok: bool = False,
 ) -> RewritePlan:
     """Plan the rewriting of one SQL string (one or more statements).
 
@@ -1940,7 +2087,9 @@ def plan_statement(
     a protected one; ``column_order(schema, table)`` maps INSERT without a column list and
     expands ``*``; ``prepared(name)`` gives the plan of a prepared statement so
     ``EXECUTE name(args)`` can be encrypted (without it, EXECUTE with arguments is refused
-    when any column is protected).  Returns :data:`NO_PROTECTED` when nothing protected is
+    when any column is protected). ``storage_ok``: the string is a view's definition,
+    whose plain result columns may be storage columns (reported in ``storage_selected``).
+    Returns :data:`NO_PROTECTED` when nothing protected is
     involved.  Splice offsets are UTF-8 byte offsets.
     """
     if not len(schema) or not _could_touch(sql, schema):
@@ -1955,17 +2104,24 @@ def plan_statement(
         )
     if not _json_mentions(text, schema):
         return _copies_only(sql, text)
-    planner = _Planner(sql, schema, search_path, table_exists, column_order, prepared)
+    planner = _Planner(sql, schema, search_path, table_exists, column_order, prepared,
+                       storage_ok)
     columns: list[OutputColumns] = []
+    storage: list[dict[int, ProtectedColumn]] = []
     try:
         for n, stmt in enumerate(json.loads(text).get("stmts", [])):
             planner.statement = n
             out = planner._statement(stmt.get("stmt", {}), _Scope(None), top=True)
             columns.append(out.columns() if out is not None else ())
-        return planner.finish(columns)
+            storage.append(dict(out.storage_at) if out is not None else {})
+        plan = planner.finish(columns)
+        if any(storage) and plan.touches_protected:
+            plan = replace(plan, storage_selected=tuple(storage))
+        return plan
     except _Refuse as exc:
         return RewritePlan(
-            touches_protected=True, refusal=str(exc), tables_referenced=frozenset(planner.tables)
+            touches_protected=True, refusal=str(exc), tables_referenced=frozenset(planner.tables),
+            refusal_sqlstate=exc.sqlstate,
         )
     except TokenError:
         return RewritePlan(

@@ -131,6 +131,12 @@ class RewritePlan:
     copies: tuple[CopyStep, ...] = ()
     tables_referenced: frozenset[TableKey] = frozenset()
     columns_selected: tuple[OutputColumns, ...] = ()
+    # SQLSTATE of ``refusal``: 0A000 (encryption cannot do it), 42501 (a storage column
+    # of the proxy named: no role may, so it is a permission matter).
+    refusal_sqlstate: str = "0A000"
+    # Per statement: result positions that are storage columns, with the protected column
+    # each serves (only when planning a view's definition, `storage_ok`).
+    storage_selected: tuple[Mapping[int, ProtectedColumn], ...] = ()
 
     @property
     def copy(self) -> CopyPlan | None:

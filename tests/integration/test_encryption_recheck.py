@@ -46,7 +46,7 @@ CREATE TABLE k_tokens (id int PRIMARY KEY, note text, tok bytea, tok_bidx bytea,
                        amount bytea, amount_bidx bytea);
 GRANT SELECT ON k_tokens TO PUBLIC;
 """
-COLUMNS = ["id", "note", "tok", "tok_bidx", "amount", "amount_bidx"]
+COLUMNS = ["id", "note", "tok", "amount"]  # `*` never shows the blind indexes
 
 
 def _colliding(proxy) -> tuple[str, str]:
@@ -253,7 +253,7 @@ def test_reparsed_statement_follows_ddl(pg_aux) -> None:
             raw.login(PW_USER, PW_PASSWORD, database=APP_DB)
             for _ in range(3):
                 (row,) = _rows(raw, sql, b"1")
-                assert (row[0], row[1], row[2], row[4]) == (b"1", b"n1", a.encode(), b"1.50")
+                assert row == [b"1", b"n1", a.encode(), b"1.50"]
             raw.send(query_msg(
                 "ALTER TABLE k_tokens RENAME TO k_tokens_old; CREATE TABLE k_tokens "
                 "(note text, amount bytea, amount_bidx bytea, tok_bidx bytea, tok bytea, "
@@ -262,7 +262,7 @@ def test_reparsed_statement_follows_ddl(pg_aux) -> None:
             assert b"E" not in [k for k, _ in raw.read_until(b"Z")]
             for _ in range(2):
                 (row,) = _rows(raw, sql, b"1")
-                assert (row[0], row[1], row[4], row[5]) == (b"new", None, b"replaced", b"1")
+                assert row == [b"new", None, b"replaced", b"1"]
     finally:
         p.stop()
         pg_aux.psql("DROP TABLE IF EXISTS k_tokens, k_tokens_old; "

@@ -17,17 +17,19 @@ DENIALS = {
     'role "x" is not in the policy (default: deny)': "default_deny",
     'role "x": statement does not parse; denied': "unparsable",
     'role "x": statement could not be classified (AlterFoo)': "unclassified",
-    'role "x": statement reads denied column public.c.tax_id': "column_denied",
-    'role "x": statement a whole-row read includes denied column public.c.tax_id':
-        "column_denied",
+    'role "x": the statement reads denied column public.c.tax_id': "column_denied",
+    'role "x": the statement reads every column of public.c (a whole-row reference or *), '
+    "including denied column public.c.tax_id": "column_denied",
     'role "x": ddl statements are not allowed (needs allow: ddl)': "kind_not_allowed",
     'role "x": select on public.zz is not allowed': "table_not_allowed",
     'role "x": relation zz does not resolve in search_path': "table_not_allowed",
-    'role "x": set_config(\'role\') is set_role, not allowed': "role_change",
-    'role "x": a role startup option is set_role, not allowed': "role_change",
+    'role "x": set_config(\'role\') is a set_role, which is not allowed (needs allow: '
+    'set_role)': "role_change",
+    'role "x": a role startup option is a set_role, which is not allowed (needs allow: '
+    'set_role)': "role_change",
     'role "x": select on public.c is not allowed (read by view public.v -> public.w)':
         "table_not_allowed",
-    'role "x": statement reads denied column public.c.tax_id (read by view public.v)':
+    'role "x": the statement reads denied column public.c.tax_id (read by view public.v)':
         "column_denied",
     'role "x": select on public.c: view dependencies were not loaded for this session '
     '(expand_views was turned on after it started); reconnect': "unsupported",

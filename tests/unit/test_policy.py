@@ -569,7 +569,8 @@ def test_reason_names_role_kind_object_not_values() -> None:
 
 def test_multi_statement_reports_index() -> None:
     d = decide(POLICY, SA, analyze("SELECT 1; SELECT 2; DROP TABLE orders"), PATH, DB, env=ENV)
-    assert not d.allowed and d.statement_index == 2 and d.reason.startswith("statement 3:")
+    assert not d.allowed and d.statement_index == 2
+    assert d.reason.startswith('role "support_agent": statement 3:')
 
 
 def test_column_views_returned() -> None:

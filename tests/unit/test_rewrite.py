@@ -715,10 +715,11 @@ def test_search_path_resolution() -> None:
 def test_columns_selected() -> None:
     p = plan("SELECT c.pan AS p, id, expiry, (SELECT iban FROM accounts LIMIT 1) FROM cards c")
     assert p.columns_selected == ((PAN, None, EXPIRY, IBAN),)
-    p = plan("SELECT * FROM cards")
+    p = plan("SELECT * FROM accounts")  # column order unknown
     assert p.columns_selected == (None,)
+    # (`*` over a table with a blind index is written out without its storage column)
     p = plan("SELECT * FROM cards", column_order=lambda s, t: ("id", "pan", "pan_bidx", "expiry"))
-    assert p.columns_selected == ((None, PAN, None, EXPIRY),)
+    assert p.columns_selected == ((None, PAN, EXPIRY),)
     p = plan("UPDATE cards SET id = 2 RETURNING pan, id")
     assert p.columns_selected == ((PAN, None),)
     p = plan("SELECT x.i FROM (SELECT iban AS i FROM accounts) x; DELETE FROM accounts")
@@ -770,9 +771,9 @@ def _rechecks(p: RewritePlan) -> list[tuple[str, int, tuple[str, ...], tuple[int
             [("pan", 0, (), (1,))],
         ),
         (  # one hidden column per condition; IN collects every accepted value
-            "SELECT * FROM cards c JOIN customers u ON u.id = c.id "
+            "SELECT c.id, u.id FROM cards c JOIN customers u ON u.id = c.id "
             "WHERE u.tax_id IN ('a', NULL, $2) AND c.pan = '4111' LIMIT 5",
-            "SELECT * , u.tax_id AS strongroom_recheck_1, c.pan AS strongroom_recheck_2 "
+            "SELECT c.id, u.id , u.tax_id AS strongroom_recheck_1, c.pan AS strongroom_recheck_2 "
             "FROM cards c JOIN customers u ON u.id = c.id "
             "WHERE u.tax_id_bidx IN (B[a], NULL, $2) AND c.pan_bidx = B[4111] LIMIT 5",
             [("tax_id", 0, ("a",), (2,)), ("pan", 0, ("4111",), ())],
