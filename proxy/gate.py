@@ -605,15 +605,17 @@ class Gate:
             elif info.kind in ("fetch", "move") and info.name is not None:
                 if info.name in declared:
                     if role_changes:  # declared as one role, fetched as another
-                        return Decision(False, f"{info.kind.upper()} of {info.name}: a cursor "
-                                        "declared in a string that changes the role")
+                        return Decision(False, f'role "{st.role}": {info.kind.upper()} of '
+                                        f"{info.name}: a cursor declared in a string that "
+                                        "changes the role")
                     continue  # decided with its DECLARE, as the same role, just before
                 cursor = st.cursors.get(info.name)
                 if cursor is None:
                     # A portal the client bound with the protocol: FETCH would run it
                     # (and any set_config in it) where no Execute shows it to the proxy.
-                    return Decision(False, f"{info.kind.upper()} of {info.name}: not a cursor "
-                                    "declared with DECLARE (a protocol portal: use Execute)")
+                    return Decision(False, f'role "{st.role}": {info.kind.upper()} of '
+                                    f"{info.name}: not a cursor declared with DECLARE "
+                                    "(a protocol portal: use Execute)")
                 query, path, _roles = cursor
                 found = decide(self.policy, st.role, query, path, session.database,
                                env=cache.env, prepared=st.prepared)
