@@ -69,6 +69,12 @@ def init(
     if provider is None:
         if path_kek is None:
             raise ValueError("path_kek is required for the local provider")
+        if Path(path_keyring).exists() and not Path(path_kek).exists():
+            # A new KEK could not open the keys already in the keyring: making one would
+            # only hide that the KEK is lost (and wrap new keys under another KEK).
+            raise kr.KeyringError(
+                f"keyring {path_keyring} exists but its KEK {path_kek} is missing: restore "
+                "the KEK file (a new KEK cannot open this keyring)")
         provider, _ = local_provider(path_kek)
     specs = _specs(columns)
     for path in (path_keyring, path_kek):

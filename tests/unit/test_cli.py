@@ -217,3 +217,19 @@ def test_audit_keygen_and_verify(tmp_path: Path) -> None:
     line = one_line_error(run("audit", "verify", str(tmp_path / "none.jsonl"),
                               "--key-file", str(tmp_path / "none.key")))
     assert "none.key" in line
+
+
+def test_keys_init_refuses_a_keyring_whose_kek_is_missing(tmp_path: Path) -> None:
+    """A new KEK could not open the existing keyring: init must not make one quietly."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((ROOT / "config" / "strongroom.example.yaml").read_text())
+    first = run("keys", "init", "-c", str(cfg))
+    assert first.returncode == 0, first.stderr
+    kek = tmp_path / "keys" / "dev.kek"
+    ring = (tmp_path / "keys" / "keyring.json").read_bytes()
+    kek.unlink()
+    again = run("keys", "init", "-c", str(cfg))
+    assert again.returncode == 1, again.stdout
+    assert "KEK" in again.stderr and "Traceback" not in again.stderr
+    assert not kek.exists()
+    assert (tmp_path / "keys" / "keyring.json").read_bytes() == ring
