@@ -36,6 +36,7 @@ from typing import Any
 
 from proxy.protocol.messages import message
 from proxy.protocol.rows import bytea_from_text
+from proxy.sql.encoding import UTF8_NAMES, clean_encoding_name
 from proxy.tracking import ColumnCrypto, ValueError_
 
 BAD_COPY_FILE_FORMAT = "22P04"
@@ -121,9 +122,25 @@ def _column_list(value: Any) -> tuple[frozenset[str], bool]:
     return frozenset(n for n in names if n != "*"), "*" in names
 
 
+def _check_encoding(value: Any) -> None:
+    """COPY's ENCODING option makes the server decode (or encode) that COPY's data in
+    another encoding than the session's. The data stream is split into fields byte by
+    byte as UTF-8, which is the server's reading only when the data is UTF-8: in GBK,
+    BIG5 or SJIS the byte 0x5C can end a character, so the two would disagree on which
+    tab is a delimiter and a protected value could reach the server unsealed. Anything
+    but UTF8 is refused, before the statement is sent (observe or force, never guess)."""
+    if value is None or clean_encoding_name(str(value)) in UTF8_NAMES:
+        return
+    raise ValueError_(
+        "0A000", "COPY with ENCODING other than UTF8 over encrypted columns is not "
+        "supported: the proxy reads the data as UTF-8; convert the data to UTF-8 and "
+        "leave ENCODING out")
+
+
 def copy_format(fmt: str | None, options: Mapping[str, Any]) -> CopyFormat:
     """Normalize a CopyPlan's format and options (PostgreSQL's defaults applied)."""
     opts = {str(k).lower(): v for k, v in options.items()}
+    _check_encoding(opts.get("encoding"))
     kind = str(fmt or opts.get("format") or "text").lower()
     if kind not in ("text", "csv", "binary"):
         raise ValueError_(INVALID_PARAMETER_VALUE, f"COPY format {kind!r} not recognized")

@@ -31,7 +31,7 @@ WATCHED = frozenset({"client_encoding", "server_encoding", "standard_conforming_
 
 SQLSTATE = "0A000"  # feature_not_supported: the session asks for what the proxy cannot parse
 
-_UTF8 = frozenset({"utf8", "unicode"})  # pg_encname_tbl's names of PG_UTF8, cleaned
+UTF8_NAMES = frozenset({"utf8", "unicode"})  # pg_encname_tbl's names of PG_UTF8, cleaned
 _SQL_ASCII = "sqlascii"
 _PRINTABLE = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 _RULE = "the proxy parses statements as UTF-8 with standard_conforming_strings on"
@@ -48,7 +48,7 @@ def clean_encoding_name(name: str) -> str:
 def encoding_handled(client: str, server: str) -> bool:
     """Whether the proxy's UTF-8 parse of statement text is the server's parse."""
     c = clean_encoding_name(client)
-    return c in _UTF8 or (c == _SQL_ASCII and clean_encoding_name(server) in _UTF8)
+    return c in UTF8_NAMES or (c == _SQL_ASCII and clean_encoding_name(server) in UTF8_NAMES)
 
 
 def bool_on(value: str) -> bool:
