@@ -51,7 +51,11 @@ _STATEMENT_TYPES = frozenset((_Q, _P, _B, ord("E"), _F))  # run or prepare a sta
 # worker process before the session handles it: the parse of a 2.7 MB IN list holds the
 # event loop for about two seconds, which would stall every other session.
 OFFLOAD_BYTES = 64 * 1024
-OFFLOAD_TIMEOUT = 60.0  # then the statement is analysed inline after all (slow, correct)
+OFFLOAD_TIMEOUT = 30.0  # then the session ends with 53400: never analysed on the loop
+# Big statements being analysed at once, in this process: beyond it a new one ends its
+# session with 53400 rather than queue (one worker; a queue would only grow).
+MAX_OFFLOAD_INFLIGHT = 4
+_offload_inflight = 0
 
 
 async def _bounded(waiting: list[asyncio.Future[Any]]) -> list[Any]:
@@ -404,9 +408,17 @@ class Session(asyncio.Protocol):
         meanwhile."""
         if self._held is not None or self._cframer.error is not None:
             return False
+        global _offload_inflight
+        if _offload_inflight >= MAX_OFFLOAD_INFLIGHT:
+            # Fail this session, not every session: analysing it inline would stall all.
+            self._held = bytearray()
+            self.expire("53400", "too many large statements are being analysed at once; "
+                        "retry later")
+            return True
         jobs = self.gate.heavy_work(self, kind, body)
         if not jobs:
             return False
+        _offload_inflight += 1
         self._held = bytearray()
         metrics = getattr(self.server, "metrics", None)
         if metrics is not None:
@@ -420,13 +432,19 @@ class Session(asyncio.Protocol):
 
     def _heavy_done(self, results: asyncio.Future[list[Any]],
                     installs: list[Callable[[Any], None]]) -> None:
+        global _offload_inflight
+        _offload_inflight -= 1
         for result, install in zip(results.result(), installs, strict=True):
             if isinstance(result, BaseException):
-                # (never the text: only the kind of failure) The statement is then
-                # analysed inline, as before: correct, only slower.
+                # (never the text: only the kind of failure) Analysing it here instead
+                # would hold every session of the process: this one ends instead.
                 log.warning("session %s: a large statement could not be analysed in the "
                             "worker process (%s)", self.id, type(result).__name__)
-                continue
+                self._held = None
+                if self.state is not _CLOSED:
+                    self.expire("53400", "a large statement could not be analysed in time; "
+                                "retry later")
+                return
             try:
                 install(result)
             except Exception:

@@ -18,6 +18,7 @@ import copyreg
 import multiprocessing
 import types
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from proxy.sql.analyzer import AnalysisError
@@ -60,12 +61,21 @@ def _plan(sql: str, schema: Any, path: tuple[str, ...],
     return plan_statement(sql, schema, path, column_order=lambda s, t: orders.get((s, t)))
 
 
+def _submit(fn: Any, *args: Any) -> Future[Any]:
+    global _POOL
+    try:
+        return _pool().submit(fn, *args)
+    except BrokenProcessPool:  # it died since the last job and nobody noticed yet
+        _POOL = None
+        return _pool().submit(fn, *args)
+
+
 def analyse(sql: str) -> Future[tuple[str | None, Analysis | AnalysisError]]:
     """`AnalysisCache.prepare(sql)`, in the worker process."""
-    return _pool().submit(_analyse, sql)
+    return _submit(_analyse, sql)
 
 
 def plan(sql: str, schema: Any, path: tuple[str, ...],
          orders: dict[tuple[str, str], tuple[str, ...]]) -> Future[Any]:
     """`plan_statement`, in the worker process; ``orders`` is each table's columns."""
-    return _pool().submit(_plan, sql, schema, path, orders)
+    return _submit(_plan, sql, schema, path, orders)
