@@ -182,3 +182,25 @@ def test_retire_of_a_blind_index_key_waits_for_the_reindex(rproxy: Any) -> None:
     with psycopg.connect(p.conninfo(), autocommit=True) as c:
         assert c.execute("SELECT id FROM kr_cards WHERE pan = %s",
                          (ROWS[2][1],)).fetchall() == [(3,)]
+
+
+def test_retire_of_a_blind_index_key_during_an_unfinished_encrypt_column(pg: Any) -> None:
+    """Found by the second red-team pass: `encrypt-column` writes blind indexes while the
+    column is still plaintext; the usage count skipped such a table, so the key could be
+    retired and lookups silently missed the rows indexed under it."""
+    setup_sql(pg, "CREATE TABLE kr_half (id int PRIMARY KEY, pan text, pan_bidx bytea)")
+    p = start_encrypted(pg, {"public.kr_half.pan": {"type": "text", "search": "blind_index"}},
+                        start=False)
+    try:
+        setup_sql(pg, "INSERT INTO kr_half VALUES (1, '4111000011110000', '\\x0102')")
+        column = "public.kr_half.pan"
+        old = _keys(p, column, "blind_index")["active"]
+        assert keys_cli(p, "add", "--column", column, "--purpose", "blind_index").returncode == 0
+        new = _keys(p, column, "blind_index")["decrypt_only"]
+        assert keys_cli(p, "promote", str(new)).returncode == 0
+        res = keys_cli(p, "retire", str(old), *_dsn(p))
+        assert res.returncode == 1, res.stdout
+        assert column in _one_line_error(res)
+        assert _state(p, old) == "decrypt_only"
+    finally:
+        setup_sql(pg, "DROP TABLE kr_half")
