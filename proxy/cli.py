@@ -84,10 +84,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for line in exc.problems:
             print(line)
         return 1
+    from proxy.observability import audit_key_mode_problem
+
     protect = cfg.raw.get("protect") or {}
     live = bool(args.live or args.dsn)
-    problems: list[str] = []
-    if protect and live:
+    key_problem = audit_key_mode_problem(cfg)  # serve refuses it: say so before it does
+    problems: list[str] = [key_problem] if key_problem else []
+    if protect and live and not problems:
         problems = _check_keys(args.file, cfg) or _check_live(args, cfg)
     if problems:
         for line in problems:

@@ -25,7 +25,7 @@ from proxy.crypto.blind_index import BlindIndex
 from proxy.crypto.envelope import ColumnCipher, DecryptError
 from proxy.crypto.masking import MaskConfigError, make_masker
 from proxy.protocol.rows import NULL_CELL, bytea_from_text, bytea_to_text, cell_length
-from proxy.settings import ConfigError
+from proxy.settings import ConfigError, join_group_problem
 from proxy.sql.positions import Shift
 from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
@@ -920,6 +920,9 @@ class Encryption:
         self.options: dict[tuple[str, str, str], dict[str, Any]] = {}
         for name, spec in protect.items():
             schema, table, column = name.split(".")
+            why = join_group_problem(spec)
+            if why:  # settings refuse it with a line; this covers configs built in code
+                raise EncryptionConfigError([f"protect.{name}.join_group: {why}"])
             search = spec.get("search")
             self.specs[(schema, table, column)] = ProtectedColumn(
                 schema, table, column, spec.get("type", "text"),

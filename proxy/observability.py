@@ -309,9 +309,34 @@ def create_key_file(path: str | os.PathLike[str]) -> bool:
     return True
 
 
+def audit_key_mode_problem(settings: Settings) -> str | None:
+    """Why the configured audit key file may not be used, or None (no audit, no file yet,
+    or mode 0600/0400). Whoever can read the key can recompute every MAC of the chain and
+    so rewrite the audit trail unnoticed: a key group or others can reach is refused,
+    never just warned about (`serve`, reload and `check-config` alike)."""
+    path = audit_key_path(settings)
+    if path is None:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # a missing key is load_audit_key's message
+    if not mode & 0o077:
+        return None
+    from proxy.settings import line_in_file
+
+    line = line_in_file(settings.source, ["audit", "key_file"]) if settings.source else 1
+    return (f"{settings.source}:{line}: audit.key_file: {path} is accessible by group or "
+            f"others (mode {mode & 0o777:04o}): anyone who can read it can rewrite the audit "
+            f"trail unnoticed; chmod 600 {path}")
+
+
 def load_audit_key(settings: Settings) -> bytes:
     path = audit_key_path(settings)
     assert path is not None
+    problem = audit_key_mode_problem(settings)
+    if problem:
+        raise ConfigError([problem])
     try:
         key = read_key_file(path)
     except OSError as exc:
@@ -322,8 +347,6 @@ def load_audit_key(settings: Settings) -> bytes:
     if len(key) < 16:
         raise ConfigError([f"{settings.source}: audit.key_file: {path} holds no usable key "
                            "(need at least 16 bytes; 32 random bytes in hex recommended)"])
-    if os.stat(path).st_mode & 0o077:
-        log.warning("audit key file %s is readable by group/others; chmod 600 it", path)
     return key
 
 

@@ -197,6 +197,7 @@ def parse_text(text: str, source: str = "<string>") -> Settings:
         problems.append(f"{source}:{line}: {where}: {err.message}")
     problems += _check_files(doc, source)
     if not problems:
+        problems += _check_protect(doc, source)
         problems += _check_policy(doc, source)
     if problems:
         raise ConfigError(problems)
@@ -219,6 +220,32 @@ def _check_policy(doc: dict[str, Any], source: str) -> list[str]:
             for issue in exc.issues
         ]
     return []
+
+
+def join_group_problem(spec: dict[str, Any]) -> str | None:
+    """Why a protected column's `join_group` cannot be honoured, or None.
+
+    A join group shares one deterministic key (`joingroup.<name>.deterministic`) between
+    columns so equal values encrypt alike; a randomized column would instead be bound to
+    that shared name rather than to its own column (its envelopes then open in any
+    column of the group) while joining on it can never work. Refused, never ignored."""
+    if spec.get("join_group") and spec.get("mode", "randomized") != "deterministic":
+        return (f"join_group {spec['join_group']!r} needs mode: deterministic (this column "
+                f"is {spec.get('mode', 'randomized')}); randomized columns cannot be joined "
+                "on, remove join_group or make the column deterministic")
+    return None
+
+
+def _check_protect(doc: dict[str, Any], source: str) -> list[str]:
+    """`protect:` options that are valid one by one but not together, with lines."""
+    problems = []
+    protect = doc.get("protect") or {}
+    for name, spec in protect.items():
+        why = join_group_problem(spec) if isinstance(spec, dict) else None
+        if why:
+            line = _line_of(doc, ["protect", name, "join_group"])
+            problems.append(f"{source}:{line}: protect.{name}.join_group: {why}")
+    return problems
 
 
 def _check_files(doc: dict[str, Any], source: str) -> list[str]:

@@ -7,17 +7,34 @@ accented letter or an emoji and never produces invalid text.
 
 Masks that keep characters only apply to text types; for any other logical type the only
 masks are `null` (the default) and `fixed` (a constant literal), because `****` is not a
-number or a date. When a string is too short for a mask to hide anything, every character
-is masked: a mask never reveals the whole value.
+number or a date.
+
+A mask never reveals more than half of a value: at most floor(n / 2) of its n characters
+appear in the output (see `revealed_limit`). Each mask therefore has a minimum length
+below which it shows less (the same list is in the README):
+
+- `last4`: the last 4 characters, length kept, from 8 characters; shorter: all `*`.
+- `first6last4`: first 6 and last 4, length kept, from 20 characters; shorter: `last4`
+  (so a 16-digit PAN shows its last 4 only).
+- `{keep_prefix: p, keep_suffix: s}`: from 2 * (p + s) characters; shorter: all masked.
+- `email`: `***@` + the domain of an address `x@y.z` when `@` + domain is at most half;
+  else `***@***` + the longest run of trailing labels that fits (`***@***.com`); else,
+  and for anything that is not `x@y.z`, `****`. The local part is never shown.
+- `redact`: `****` (not even the length); `null`, `{fixed: ...}`: nothing of the value.
+
+NULL stays NULL for every mask. An empty value stays empty for the length-keeping masks
+(their output has the value's length anyway, so emptiness is already shown) and becomes
+`****` for `redact` and `email`, which hide the length.
 """
 
 from __future__ import annotations
 
 import unicodedata
 from collections.abc import Callable, Mapping
+from functools import wraps
 from typing import Any
 
-Masker = Callable[[str], str | None]
+Masker = Callable[[str | None], str | None]
 
 TEXT_TYPES = frozenset({"text", "varchar"})
 MASK_CHAR = "*"
@@ -60,50 +77,90 @@ def graphemes(s: str) -> list[str]:
     return out
 
 
+def revealed_limit(n: int) -> int:
+    """How many of a value's `n` characters a mask may show: half, rounded down. More
+    than half turns a "partial" view into most of the value (`*2345` of `12345`), and a
+    short value is exactly where a fixed number of kept characters is most of it."""
+    return n // 2
+
+
+def _keeps_null(fn: Callable[[str], str | None]) -> Masker:
+    """NULL is shown as NULL by every mask: it says nothing the column's NULL-ness
+    does not already say, and `****` for a NULL would invent a value."""
+
+    @wraps(fn)
+    def masker(value: str | None) -> str | None:
+        return None if value is None else fn(value)
+
+    return masker
+
+
 def keep(value: str, prefix: int, suffix: int, char: str = MASK_CHAR) -> str:
     """Replace each character by `char` except the first `prefix` and last `suffix`.
 
-    Length (in characters) is kept. If prefix + suffix would reveal every character, all
-    are masked.
+    Length (in characters) is kept. The kept characters are shown only when they are at
+    most half of the value (n >= 2 * (prefix + suffix)); below that every character is
+    masked.
     """
     if prefix < 0 or suffix < 0:
         raise ValueError("prefix and suffix must be >= 0")
     g = graphemes(value)
     n = len(g)
-    if prefix + suffix >= n:
+    if prefix + suffix > revealed_limit(n) or prefix + suffix >= n:
         return char * n
     return "".join(g[:prefix]) + char * (n - prefix - suffix) + "".join(g[n - suffix :])
 
 
+@_keeps_null
 def last4(value: str) -> str:
-    """`************1234`: everything but the last 4 characters masked, length kept."""
+    """`************1234`: everything but the last 4 characters masked, length kept.
+    Values under 8 characters are fully masked (4 would be more than half)."""
     return keep(value, 0, 4)
 
 
+@_keeps_null
 def first6last4(value: str) -> str:
-    """`411111******1111`: card-number style, first 6 and last 4 kept, length kept."""
-    return keep(value, 6, 4)
+    """`411111**********1111`: first 6 and last 4 kept, length kept, for values of 20
+    characters or more. Shorter values (a 16-digit PAN included) get `last4`: 10 of 16
+    would be more than half of the value."""
+    if len(graphemes(value)) >= 20:
+        return keep(value, 6, 4)
+    return keep(value, 0, 4)
 
 
+def _is_address(local: str, domain: str) -> bool:
+    """`x@y.z`: a non-empty local part and a domain of at least two non-empty labels."""
+    labels = domain.split(".")
+    return bool(local) and len(labels) >= 2 and all(labels)
+
+
+@_keeps_null
 def email(value: str) -> str:
-    """`j***@example.com`: first character of the local part, then `***`, then the domain.
-
-    Not an address (no `@`, empty domain): fully redacted.
-    """
+    """`***@example.com`: the local part always masked, the domain of a real address
+    (`x@y.z`) shown when `@` + domain is at most half of the value; else `***@***.` and
+    the longest run of trailing labels that fits (`***@***.com`); else, and for anything
+    that is not an address, `****`. The output never shows the local part's length."""
     local, at, domain = value.rpartition("@")
-    if not at or not domain:
+    if not at or not _is_address(local, domain):
         return redact(value)
-    g = graphemes(local)
-    head = g[0] if len(g) > 1 else ""
-    return f"{head}***@{domain}"
+    budget = revealed_limit(len(graphemes(value)))
+    if 1 + len(graphemes(domain)) <= budget:
+        return f"***@{domain}"
+    labels = domain.split(".")
+    for i in range(1, len(labels)):
+        tail = "." + ".".join(labels[i:])
+        if 1 + len(graphemes(tail)) <= budget:
+            return f"***@***{tail}"
+    return redact(value)
 
 
+@_keeps_null
 def redact(value: str) -> str:
     """`****` whatever the input, so not even the length leaks."""
     return "****"
 
 
-def null(value: str) -> None:
+def null(value: str | None) -> None:
     """Show NULL."""
     return None
 
@@ -151,7 +208,7 @@ def make_masker(spec: str | Mapping[str, Any] | None, logical_type: str) -> Mask
                 get_codec(logical_type).from_text(fixed.encode())
             except CodecError:
                 raise MaskConfigError(f"fixed mask is not a valid {logical_type}") from None
-        return lambda value: fixed
+        return _keeps_null(lambda value: fixed)
     allowed = {"keep_prefix", "keep_suffix", "char"}
     if not set(spec) <= allowed:
         raise MaskConfigError(f"custom mask keys are {sorted(allowed)}")
@@ -164,4 +221,4 @@ def make_masker(spec: str | Mapping[str, Any] | None, logical_type: str) -> Mask
         raise MaskConfigError("keep_prefix and keep_suffix must be integers >= 0")
     if not isinstance(char, str) or len(graphemes(char)) != 1:
         raise MaskConfigError("char must be exactly one character")
-    return lambda value: keep(value, prefix, suffix, char)
+    return _keeps_null(lambda value: keep(value, prefix, suffix, char))
