@@ -44,6 +44,17 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(level.upper())
 
 
+def root_warning(euid: int) -> str | None:
+    """The warning `serve` logs when run as root, or None. Root is not refused (a
+    container may have no other user), but the proxy holds every column key and needs
+    no privilege, so whoever runs it as root should hear that a bug in it is then a
+    bug with root's powers."""
+    if euid != 0:
+        return None
+    return ("running as root (uid 0): strongroom needs no privileges and holds every "
+            "column key; run it as an unprivileged user that owns its config and keys")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.server import serve
 
@@ -61,6 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         cfg = dataclasses.replace(cfg, listen=dataclasses.replace(cfg.listen, **overrides))
     setup_logging(args.log_level or cfg.log_level, cfg.log_format)
+    warning = root_warning(os.geteuid())
+    if warning:
+        logging.getLogger("strongroom").warning("%s", warning)
     try:
         # Build the gate once before listening: keys that cannot be unwrapped or a policy
         # that cannot be built stop the start with a message, not a traceback.

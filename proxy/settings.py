@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,8 +316,32 @@ def line_in_file(path: str | os.PathLike[str], keys: list[Any]) -> int:
     return _line_of(doc, keys)
 
 
+def writable_by_others(path: str | os.PathLike[str]) -> list[str]:
+    """`file: message` problems for a config file, or its directory, that a group or
+    everyone may write: whoever can write the config (or swap the file in its directory)
+    can give themselves any role's access, point `upstream` at their own server or name
+    their own keys, so such a file is refused rather than trusted. Symlinks are
+    followed: what is checked is what is read."""
+    p = Path(path)
+    problems = []
+    for target, what in ((p, "config file"), (p.resolve().parent, "directory of the config file")):
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except OSError:
+            continue  # reading it reports the problem
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problems.append(
+                f"{target}: {what} is group- or world-writable (mode {mode:04o}); "
+                f"refusing it: `chmod go-w {target}`"
+            )
+    return problems
+
+
 def load(path: str | os.PathLike[str]) -> Settings:
     p = Path(path)
+    problems = writable_by_others(p)
+    if problems:
+        raise ConfigError(problems)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:

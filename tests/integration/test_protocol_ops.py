@@ -6,6 +6,7 @@ system would (signals, files), then check what clients and the server observe.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -310,6 +311,59 @@ def test_serve_refuses_broken_config(tmp_path: Path) -> None:
                          cwd=str(ROOT), capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert f"{path}:2:" in res.stderr
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+@pytest.mark.parametrize("mode", [0o020, 0o002])
+def test_serve_refuses_config_others_can_write(tmp_path: Path, what: str, mode: int) -> None:
+    """Whoever can write the config (or replace it in its directory) can grant themselves
+    any access: a group- or world-writable one is refused at start, and by check-config,
+    with a `file: message` naming the culprit."""
+    conf = tmp_path / "conf"
+    conf.mkdir(mode=0o700)
+    path = conf / "strongroom.yaml"
+    path.write_text("listen:\n  port: 0\n")
+    target = path if what == "file" else conf
+    target.chmod(target.stat().st_mode & 0o777 | mode)
+    res = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)],
+                         cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith(f"{target}: "), res.stderr
+    assert "group- or world-writable" in res.stderr
+    checked = check_config(path)
+    assert checked.returncode == 1 and checked.stdout.startswith(f"{target}: "), checked.stdout
+
+
+def test_sighup_refuses_config_others_can_write(make_proxy) -> None:
+    """A reload of a config others can write keeps the running one, counted as failed."""
+    p = make_proxy({"limits": {"max_clients": 10},
+                    "metrics": {"host": "127.0.0.1", "port": devcluster.free_port()}})
+    wait_metrics(p)
+    loosened = dict(p.config)
+    loosened["limits"] = {"max_clients": 1}
+    p.write_config(loosened)
+    p.config_path.chmod(0o666)
+    p.signal(signal.SIGHUP)
+    wait_log(p, "reload rejected, keeping the running configuration")
+    assert f"{p.config_path}: config file is group- or world-writable" in p.log()
+    assert 'strongroom_config_reloads_total{result="failed"} 1.0' in scrape(p)
+    with psycopg.connect(p.conninfo()) as c1, psycopg.connect(p.conninfo()) as c2:
+        assert c1.execute("select 1").fetchone() == c2.execute("select 1").fetchone()
+    p.config_path.chmod(0o600)
+    p.signal(signal.SIGHUP)
+    wait_log(p, "configuration reloaded")
+    with psycopg.connect(p.conninfo()), pytest.raises(psycopg.OperationalError):
+        psycopg.connect(p.conninfo())
+
+
+def test_serve_warns_when_root(make_proxy) -> None:
+    """Running as root is allowed (containers) but logged as a WARNING."""
+    from proxy.cli import root_warning
+
+    assert root_warning(1000) is None
+    assert "running as root" in (root_warning(0) or "")
+    p = make_proxy()
+    assert ("WARNING strongroom: running as root" in p.log()) == (os.geteuid() == 0), p.log()
 
 
 # ---------------------------------------------------------------------- workers
