@@ -56,8 +56,11 @@ def root_warning(euid: int) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.hardening import harden_process
     from proxy.server import serve
 
+    # Before anything secret is read: no core file, no same-user ptrace.
+    harden_process()
     try:
         cfg = settings_mod.load(args.config)
     except settings_mod.ConfigError as exc:

@@ -433,3 +433,51 @@ def test_workers_sighup_and_yaml_roundtrip(make_proxy) -> None:
     while p.log().count("configuration reloaded") < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert p.log().count("configuration reloaded") == 2
+
+
+# ---------------------------------------------------------------------- process hygiene
+
+
+def _core_limit(pid: int) -> list[str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            return line.split()[4:6]
+    raise AssertionError(f"no core limit for {pid}")
+
+
+def test_serve_has_no_core_file(make_proxy) -> None:
+    """A crash must not write keys and plaintext to disk: the core-file limit of the
+    proxy and of each forked worker is 0, soft and hard."""
+    p = make_proxy({"workers": 2})
+    assert p.proc is not None
+    assert _core_limit(p.proc.pid) == ["0", "0"]
+    workers = _worker_pids(p)
+    assert len(workers) == 2
+    for pid in workers:
+        assert _core_limit(pid) == ["0", "0"]
+
+
+SERVE_PROBE = """
+import ctypes, resource, sys
+from proxy import cli, server
+libc = ctypes.CDLL(None)
+PR_GET_DUMPABLE = 3
+assert libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1, "a fresh python is dumpable"
+def probe(settings, config_path):
+    print(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE))
+    return 0
+server.serve = probe
+sys.exit(cli.main(["serve", "--config", sys.argv[1]]))
+"""
+
+
+def test_serve_is_not_dumpable(tmp_path: Path) -> None:
+    """Not dumpable: no core file, and no ptrace or /proc/<pid>/mem by the same user.
+    The flag is only readable by the process itself (prctl), so `serve` runs for real in
+    a child python, with the listening loop replaced by a probe that reports it."""
+    path = tmp_path / "strongroom.yaml"
+    path.write_text("listen:\n  port: 0\n")
+    res = subprocess.run([sys.executable, "-c", SERVE_PROBE, str(path)], cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[0] == "0 (0, 0)", res.stdout + res.stderr
