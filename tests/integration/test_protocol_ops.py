@@ -481,3 +481,39 @@ def test_serve_is_not_dumpable(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[0] == "0 (0, 0)", res.stdout + res.stderr
+
+
+def test_env_kek_leaves_the_proxy_environment(pg: devcluster.Cluster,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `env` provider's KEK is gone from /proc/<pid>/environ (which shows the block
+    the process started with) once the proxy has read it; a reload still has the key."""
+    from keys.providers.env import generate_env_value
+    from tests.integration.encryption_env import keys_cli, setup_sql
+
+    kek = generate_env_value()
+    monkeypatch.setenv("STRONGROOM_TEST_ENV_KEK", kek)
+    setup_sql(pg, "CREATE TABLE envkek_t (id int, secret bytea)")
+    p = ProxyProcess(pg, {
+        "keys": {"provider": "env", "env_var": "STRONGROOM_TEST_ENV_KEK",
+                 "keyring": "keyring.json"},
+        "protect": {"public.envkek_t.secret": {"type": "text"}},
+    })
+    try:
+        p.write_config()
+        res = keys_cli(p, "init")
+        assert res.returncode == 0, res.stderr
+        p.start()
+        assert p.proc is not None
+        environ = Path(f"/proc/{p.proc.pid}/environ").read_bytes()
+        # Booleans, so a failure does not print the key.
+        named, valued = b"STRONGROOM_TEST_ENV_KEK" in environ, kek.encode() in environ
+        assert not named and not valued, "the KEK variable is in /proc/<pid>/environ"
+        assert b"PATH=" in environ  # the rest of the environment is still there
+        p.signal(signal.SIGHUP)
+        wait_log(p, "configuration reloaded")
+        with psycopg.connect(p.conninfo(), autocommit=True) as conn:
+            conn.execute("INSERT INTO envkek_t VALUES (1, 'env-kek-value')")
+            assert conn.execute("SELECT secret FROM envkek_t").fetchone() == ("env-kek-value",)
+    finally:
+        p.stop()
+        setup_sql(pg, "DROP TABLE envkek_t")
