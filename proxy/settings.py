@@ -37,6 +37,8 @@ class ListenSettings:
     port: int = 6432
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Refuse clients that did not negotiate TLS (like pg_hba's hostssl).
+    tls_required: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +265,7 @@ def _build(doc: dict[str, Any], source: str) -> Settings:
             port=int(listen.get("port", 6432)),
             tls_cert=_resolve(base, ltls["cert_file"]) if ltls.get("cert_file") else None,
             tls_key=_resolve(base, ltls["key_file"]) if ltls.get("key_file") else None,
+            tls_required=bool(ltls.get("required", False)),
         ),
         upstream=UpstreamSettings(
             host=up.get("host", "127.0.0.1"),
