@@ -75,9 +75,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         cfg = dataclasses.replace(cfg, listen=dataclasses.replace(cfg.listen, **overrides))
     setup_logging(args.log_level or cfg.log_level, cfg.log_format)
-    warning = root_warning(os.geteuid())
-    if warning:
-        logging.getLogger("strongroom").warning("%s", warning)
     try:
         # Build the gate once before listening: keys that cannot be unwrapped or a policy
         # that cannot be built stop the start with a message, not a traceback.
@@ -87,6 +84,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         Gate(cfg)
         if observability.audit_settings(cfg) is not None:
             observability.load_audit_key(cfg)
+        # Once the start can no longer fail on the config: a refusal stays one line.
+        warning = root_warning(os.geteuid())
+        if warning:
+            logging.getLogger("strongroom").warning("%s", warning)
         return serve(cfg, args.config)
     except settings_mod.ConfigError as exc:
         for line in exc.problems:
