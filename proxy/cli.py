@@ -44,9 +44,23 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(level.upper())
 
 
+def root_warning(euid: int) -> str | None:
+    """The warning `serve` logs when run as root, or None. Root is not refused (a
+    container may have no other user), but the proxy holds every column key and needs
+    no privilege, so whoever runs it as root should hear that a bug in it is then a
+    bug with root's powers."""
+    if euid != 0:
+        return None
+    return ("running as root (uid 0): strongroom needs no privileges and holds every "
+            "column key; run it as an unprivileged user that owns its config and keys")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.hardening import harden_process
     from proxy.server import serve
 
+    # Before anything secret is read: no core file, no same-user ptrace.
+    harden_process()
     try:
         cfg = settings_mod.load(args.config)
     except settings_mod.ConfigError as exc:
@@ -70,6 +84,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         Gate(cfg)
         if observability.audit_settings(cfg) is not None:
             observability.load_audit_key(cfg)
+        # Once the start can no longer fail on the config: a refusal stays one line.
+        warning = root_warning(os.geteuid())
+        if warning:
+            logging.getLogger("strongroom").warning("%s", warning)
         return serve(cfg, args.config)
     except settings_mod.ConfigError as exc:
         for line in exc.problems:

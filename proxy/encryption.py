@@ -1053,11 +1053,10 @@ def make_provider(cfg: dict[str, Any], base: str) -> Any:
 
         return EnvKekProvider(cfg.get("env_var", "STRONGROOM_KEK"))
     if kind == "pkcs11":
-        import os
-
         from keys.providers.pkcs11 import DEFAULT_MODULE, Pkcs11KekProvider
+        from keys.providers.secret_env import take_secret
 
-        pin = os.environ.get(cfg.get("pin_env", "STRONGROOM_HSM_PIN"), "")
+        pin = take_secret(cfg.get("pin_env", "STRONGROOM_HSM_PIN")) or ""
         return Pkcs11KekProvider(cfg["token_label"], pin, cfg["key_label"],
                                  module=cfg.get("module", DEFAULT_MODULE))
     if kind == "aws_kms":

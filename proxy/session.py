@@ -676,6 +676,14 @@ class Session(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self._violation(str(exc))
                 return
+            if not self.tls and self.server.settings.listen.tls_required:
+                # Checked before anything reaches the server: a plaintext client would
+                # otherwise send its password and every value in the clear.
+                log.info("session %s %s: refused, no TLS (listen.tls.required)",
+                         self.id, self.peer)
+                self._fatal("28000", "this proxy requires TLS: connect with sslmode=require "
+                            "or stronger (listen.tls.required)")
+                return
             self._begin_session(packet)
         else:
             # PostgreSQL's own answer (SQLSTATE 0A000, same text); a 3.x minor version

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ class ListenSettings:
     port: int = 6432
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Refuse clients that did not negotiate TLS (like pg_hba's hostssl).
+    tls_required: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +292,7 @@ def _build(doc: dict[str, Any], source: str) -> Settings:
             port=int(listen.get("port", 6432)),
             tls_cert=_resolve(base, ltls["cert_file"]) if ltls.get("cert_file") else None,
             tls_key=_resolve(base, ltls["key_file"]) if ltls.get("key_file") else None,
+            tls_required=bool(ltls.get("required", False)),
         ),
         upstream=UpstreamSettings(
             host=up.get("host", "127.0.0.1"),
@@ -342,8 +346,32 @@ def line_in_file(path: str | os.PathLike[str], keys: list[Any]) -> int:
     return _line_of(doc, keys)
 
 
+def writable_by_others(path: str | os.PathLike[str]) -> list[str]:
+    """`file: message` problems for a config file, or its directory, that a group or
+    everyone may write: whoever can write the config (or swap the file in its directory)
+    can give themselves any role's access, point `upstream` at their own server or name
+    their own keys, so such a file is refused rather than trusted. Symlinks are
+    followed: what is checked is what is read."""
+    p = Path(path)
+    problems = []
+    for target, what in ((p, "config file"), (p.resolve().parent, "directory of the config file")):
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except OSError:
+            continue  # reading it reports the problem
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problems.append(
+                f"{target}: {what} is group- or world-writable (mode {mode:04o}); "
+                f"refusing it: `chmod go-w {target}`"
+            )
+    return problems
+
+
 def load(path: str | os.PathLike[str]) -> Settings:
     p = Path(path)
+    problems = writable_by_others(p)
+    if problems:
+        raise ConfigError(problems)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:

@@ -1,7 +1,8 @@
 """`env` KEK provider: a base64-encoded 32-byte KEK in an environment variable.
 
 For containers whose orchestrator injects secrets as environment variables. The variable
-is read once at construction; the value never appears in errors or reprs.
+is read once and then removed from the process environment (`take_secret`); the value
+never appears in errors or reprs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 
 from keys.providers.aesgcm_kek import KEK_LEN, AesGcmKek
 from keys.providers.base import ProviderError
+from keys.providers.secret_env import take_secret
 
 DEFAULT_VAR = "STRONGROOM_KEK"
 
@@ -30,9 +32,8 @@ class EnvKekProvider(AesGcmKek):
     kind = "env"
 
     def __init__(self, var: str = DEFAULT_VAR, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
         self.var = var
-        value = env.get(var)
+        value = take_secret(var) if environ is None else environ.get(var)
         if not value:
             raise EnvKekError(f"environment variable {var} is not set")
         try:

@@ -6,6 +6,7 @@ system would (signals, files), then check what clients and the server observe.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -312,6 +313,59 @@ def test_serve_refuses_broken_config(tmp_path: Path) -> None:
     assert f"{path}:2:" in res.stderr
 
 
+@pytest.mark.parametrize("what", ["file", "directory"])
+@pytest.mark.parametrize("mode", [0o020, 0o002])
+def test_serve_refuses_config_others_can_write(tmp_path: Path, what: str, mode: int) -> None:
+    """Whoever can write the config (or replace it in its directory) can grant themselves
+    any access: a group- or world-writable one is refused at start, and by check-config,
+    with a `file: message` naming the culprit."""
+    conf = tmp_path / "conf"
+    conf.mkdir(mode=0o700)
+    path = conf / "strongroom.yaml"
+    path.write_text("listen:\n  port: 0\n")
+    target = path if what == "file" else conf
+    target.chmod(target.stat().st_mode & 0o777 | mode)
+    res = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)],
+                         cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.startswith(f"{target}: "), res.stderr
+    assert "group- or world-writable" in res.stderr
+    checked = check_config(path)
+    assert checked.returncode == 1 and checked.stdout.startswith(f"{target}: "), checked.stdout
+
+
+def test_sighup_refuses_config_others_can_write(make_proxy) -> None:
+    """A reload of a config others can write keeps the running one, counted as failed."""
+    p = make_proxy({"limits": {"max_clients": 10},
+                    "metrics": {"host": "127.0.0.1", "port": devcluster.free_port()}})
+    wait_metrics(p)
+    loosened = dict(p.config)
+    loosened["limits"] = {"max_clients": 1}
+    p.write_config(loosened)
+    p.config_path.chmod(0o666)
+    p.signal(signal.SIGHUP)
+    wait_log(p, "reload rejected, keeping the running configuration")
+    assert f"{p.config_path}: config file is group- or world-writable" in p.log()
+    assert 'strongroom_config_reloads_total{result="failed"} 1.0' in scrape(p)
+    with psycopg.connect(p.conninfo()) as c1, psycopg.connect(p.conninfo()) as c2:
+        assert c1.execute("select 1").fetchone() == c2.execute("select 1").fetchone()
+    p.config_path.chmod(0o600)
+    p.signal(signal.SIGHUP)
+    wait_log(p, "configuration reloaded")
+    with psycopg.connect(p.conninfo()), pytest.raises(psycopg.OperationalError):
+        psycopg.connect(p.conninfo())
+
+
+def test_serve_warns_when_root(make_proxy) -> None:
+    """Running as root is allowed (containers) but logged as a WARNING."""
+    from proxy.cli import root_warning
+
+    assert root_warning(1000) is None
+    assert "running as root" in (root_warning(0) or "")
+    p = make_proxy()
+    assert ("WARNING strongroom: running as root" in p.log()) == (os.geteuid() == 0), p.log()
+
+
 # ---------------------------------------------------------------------- workers
 
 
@@ -379,3 +433,87 @@ def test_workers_sighup_and_yaml_roundtrip(make_proxy) -> None:
     while p.log().count("configuration reloaded") < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert p.log().count("configuration reloaded") == 2
+
+
+# ---------------------------------------------------------------------- process hygiene
+
+
+def _core_limit(pid: int) -> list[str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            return line.split()[4:6]
+    raise AssertionError(f"no core limit for {pid}")
+
+
+def test_serve_has_no_core_file(make_proxy) -> None:
+    """A crash must not write keys and plaintext to disk: the core-file limit of the
+    proxy and of each forked worker is 0, soft and hard."""
+    p = make_proxy({"workers": 2})
+    assert p.proc is not None
+    assert _core_limit(p.proc.pid) == ["0", "0"]
+    workers = _worker_pids(p)
+    assert len(workers) == 2
+    for pid in workers:
+        assert _core_limit(pid) == ["0", "0"]
+
+
+SERVE_PROBE = """
+import ctypes, resource, sys
+from proxy import cli, server
+libc = ctypes.CDLL(None)
+PR_GET_DUMPABLE = 3
+assert libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1, "a fresh python is dumpable"
+def probe(settings, config_path):
+    print(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE))
+    return 0
+server.serve = probe
+sys.exit(cli.main(["serve", "--config", sys.argv[1]]))
+"""
+
+
+def test_serve_is_not_dumpable(tmp_path: Path) -> None:
+    """Not dumpable: no core file, and no ptrace or /proc/<pid>/mem by the same user.
+    The flag is only readable by the process itself (prctl), so `serve` runs for real in
+    a child python, with the listening loop replaced by a probe that reports it."""
+    path = tmp_path / "strongroom.yaml"
+    path.write_text("listen:\n  port: 0\n")
+    res = subprocess.run([sys.executable, "-c", SERVE_PROBE, str(path)], cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[0] == "0 (0, 0)", res.stdout + res.stderr
+
+
+def test_env_kek_leaves_the_proxy_environment(pg: devcluster.Cluster,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `env` provider's KEK is gone from /proc/<pid>/environ (which shows the block
+    the process started with) once the proxy has read it; a reload still has the key."""
+    from keys.providers.env import generate_env_value
+    from tests.integration.encryption_env import keys_cli, setup_sql
+
+    kek = generate_env_value()
+    monkeypatch.setenv("STRONGROOM_TEST_ENV_KEK", kek)
+    setup_sql(pg, "CREATE TABLE envkek_t (id int, secret bytea)")
+    p = ProxyProcess(pg, {
+        "keys": {"provider": "env", "env_var": "STRONGROOM_TEST_ENV_KEK",
+                 "keyring": "keyring.json"},
+        "protect": {"public.envkek_t.secret": {"type": "text"}},
+    })
+    try:
+        p.write_config()
+        res = keys_cli(p, "init")
+        assert res.returncode == 0, res.stderr
+        p.start()
+        assert p.proc is not None
+        environ = Path(f"/proc/{p.proc.pid}/environ").read_bytes()
+        # Booleans, so a failure does not print the key.
+        named, valued = b"STRONGROOM_TEST_ENV_KEK" in environ, kek.encode() in environ
+        assert not named and not valued, "the KEK variable is in /proc/<pid>/environ"
+        assert b"PATH=" in environ  # the rest of the environment is still there
+        p.signal(signal.SIGHUP)
+        wait_log(p, "configuration reloaded")
+        with psycopg.connect(p.conninfo(), autocommit=True) as conn:
+            conn.execute("INSERT INTO envkek_t VALUES (1, 'env-kek-value')")
+            assert conn.execute("SELECT secret FROM envkek_t").fetchone() == ("env-kek-value",)
+    finally:
+        p.stop()
+        setup_sql(pg, "DROP TABLE envkek_t")

@@ -313,3 +313,25 @@ def test_upstream_verify_full_rejects_wrong_ca(pg: devcluster.Cluster, make_prox
     assert [k for k, _ in msgs] == [b"E"]
     assert error_fields(msgs[0][1])["C"] == "08006"
     assert "Traceback" not in p.log()
+
+
+def test_tls_required_refuses_plaintext_clients(pg: devcluster.Cluster,
+                                                proxy_cert: tuple[Path, Path]) -> None:
+    """`listen.tls.required`: a startup packet that did not come over TLS gets FATAL 28000
+    (like pg_hba's hostssl) before anything reaches the server; TLS clients get in."""
+    config = _tls_config(proxy_cert, "disable")
+    config["listen"]["tls"]["required"] = True
+    p = ProxyProcess(pg, config).start()
+    try:
+        with pytest.raises(psycopg.OperationalError, match="requires TLS"):
+            psycopg.connect(p.conninfo(sslmode="disable"))
+        with RawPG(p.port) as raw:
+            raw.send(startup_packet({"user": APP_USER, "database": APP_DB}))
+            kind, body = raw.read_msg()
+            assert kind == b"E" and error_fields(body)["C"] == "28000"
+        for mode in ("require", "prefer"):
+            with psycopg.connect(p.conninfo(sslmode=mode)) as conn:
+                assert conn.info.pgconn.ssl_in_use
+                assert conn.execute("select current_user").fetchone()[0] == APP_USER
+    finally:
+        p.stop()

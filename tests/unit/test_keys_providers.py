@@ -286,3 +286,27 @@ def test_aws_kms_keyring_end_to_end(kms: Any, tmp_path: Path) -> None:
     e = ring.entries[0]
     with pytest.raises(UnwrapError):
         p.unwrap(e.wrapped, kr.dek_associated_data(e.id + 1, e.column, e.purpose))
+
+
+def test_pkcs11_pin_leaves_the_environment(softhsm: dict[str, str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PIN variable is read once and removed: children do not inherit it, and a
+    second provider (a reload) still finds the PIN."""
+    from keys.providers.pkcs11 import create_kek
+    from proxy.encryption import make_provider
+
+    create_kek(softhsm["module"], softhsm["token_label"], softhsm["pin"], "kek-pin-env")
+    monkeypatch.setenv("STRONGROOM_TEST_HSM_PIN", softhsm["pin"])
+    cfg = {"provider": "pkcs11", "token_label": softhsm["token_label"],
+           "key_label": "kek-pin-env", "module": softhsm["module"],
+           "pin_env": "STRONGROOM_TEST_HSM_PIN"}
+    first = make_provider(cfg, ".")
+    try:
+        assert "STRONGROOM_TEST_HSM_PIN" not in os.environ
+        child = subprocess.run(["env"], capture_output=True, text=True, check=True).stdout
+        assert "STRONGROOM_TEST_HSM_PIN" not in child
+        again = make_provider(cfg, ".")
+        assert again.unwrap(first.wrap(DEK)) == DEK
+        again.close()
+    finally:
+        first.close()
