@@ -275,15 +275,32 @@ class RoleColumn:
         return rt.cached((self.view, self._mask if masked else None, fmt), convert)
 
 
-class Untraceable:
-    """A column of a view whose definition the proxy cannot map to protected base
-    columns (it computes on one, or could not be analysed): its values are refused,
-    never passed on as ciphertext. Implements tracking.ColumnCrypto."""
+class RefusedCell:
+    """A result field whose values are refused, never passed on: every value raises
+    `sqlstate` with `text`. Implements tracking.ColumnCrypto."""
 
     __slots__ = ("text",)
     logical_oid = 0  # keep the field's own type
     typlen = -1
     view = "plaintext"
+    sqlstate = "0A000"
+    text: str
+
+    def encrypt_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
+        raise ValueError_(self.sqlstate, self.text)
+
+    blind_index_param = encrypt_param
+
+    def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
+        raise ValueError_(self.sqlstate, self.text)
+
+
+class Untraceable(RefusedCell):
+    """A column of a view whose definition the proxy cannot map to protected base
+    columns (it computes on one, or could not be analysed): its values are refused,
+    never passed on as ciphertext."""
+
+    __slots__ = ()
 
     def __init__(self, view: str) -> None:
         self.text = (
@@ -292,40 +309,22 @@ class Untraceable:
             "its result cannot be decrypted; select the encrypted columns plainly in the view"
         )
 
-    def encrypt_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
-        raise ValueError_("0A000", self.text)
 
-    blind_index_param = encrypt_param
-
-    def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
-        raise ValueError_("0A000", self.text)
-
-
-class StorageCell:
+class StorageCell(RefusedCell):
     """A result field that is a storage column of the proxy (a blind-index sibling, or a
     view column that is one). The rewriter keeps these out of every result (``*`` is
     written out without them, naming one is refused); should one reach a RowDescription
     all the same (a view or function the rewriter could not see into), its values are
-    refused, never passed on. Implements tracking.ColumnCrypto."""
+    refused, never passed on."""
 
-    __slots__ = ("text",)
-    logical_oid = 0  # keep the field's own type
-    typlen = -1
-    view = "plaintext"
+    __slots__ = ()
+    sqlstate = "42501"
 
     def __init__(self, owner: ProtectedColumn) -> None:
         self.text = (
             f"permission denied by strongroom: a result column is a storage column of the "
             f"proxy (the blind index of {owner.qualified}); name the columns to select"
         )
-
-    def encrypt_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
-        raise ValueError_("42501", self.text)
-
-    blind_index_param = encrypt_param
-
-    def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
-        raise ValueError_("42501", self.text)
 
 
 @dataclass(frozen=True, slots=True)

@@ -450,13 +450,7 @@ class Session(asyncio.Protocol):
             except Exception:
                 log.exception("session %s: installing a large statement's analysis failed",
                               self.id)
-        held, self._held = self._held, None
-        if self.state is _CLOSED or held is None:
-            return
-        self.transport.resume_reading()  # type: ignore[union-attr]
-        if held:
-            self._m_in[0] -= len(held)
-            self.data_received(bytes(held))
+        self._release_held()
 
     # ------------------------------------------------------------------ observation
 
