@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -35,6 +37,22 @@ def start_encrypted(pg: devcluster.Cluster, protect: dict[str, Any],
     res = keys_cli(p, "init")
     assert res.returncode == 0, res.stderr
     return p.start() if start else p
+
+
+@contextmanager
+def both_paths(pg: devcluster.Cluster, protect: dict[str, Any], config: dict[str, Any],
+               extra: Callable[[], dict[str, Any]] = dict) -> Iterator[dict[str, ProxyProcess]]:
+    """The two client paths with one policy: "relay" (policy only) and "tracking"
+    (`protect:` configured too), each with `extra()` merged into its config; both are
+    stopped on the way out, whatever happened."""
+    started: list[ProxyProcess] = []
+    try:
+        started.append(ProxyProcess(pg, {**config, **extra()}).start())
+        started.append(start_encrypted(pg, protect, {**config, **extra()}))
+        yield {"relay": started[0], "tracking": started[1]}
+    finally:
+        for p in started:
+            p.stop()
 
 
 def direct(pg: devcluster.Cluster, db: str = APP_DB, **kw: Any) -> psycopg.Connection:

@@ -19,7 +19,7 @@ import pytest
 
 from proxy import devcluster
 from tests.conftest import ProxyProcess
-from tests.integration.encryption_env import direct, start_encrypted
+from tests.integration.encryption_env import both_paths, direct
 
 ROLE, PASSWORD = "big_user", "big-user-pw"
 SETUP = f"""
@@ -46,11 +46,8 @@ PROTECT = {"public.big_cards.pan": {"type": "text", "search": "blind_index"}}
 @pytest.fixture(scope="module")
 def proxies(pg: Any) -> Iterator[dict[str, ProxyProcess]]:
     pg.psql(SETUP, db="app")
-    relay = ProxyProcess(pg, {**POLICY, "metrics": _metrics()}).start()
-    tracking = start_encrypted(pg, PROTECT, {**POLICY, "metrics": _metrics()})
-    yield {"relay": relay, "tracking": tracking}
-    relay.stop()
-    tracking.stop()
+    with both_paths(pg, PROTECT, POLICY, extra=lambda: {"metrics": _metrics()}) as started:
+        yield started
 
 
 def _metrics() -> dict[str, Any]:

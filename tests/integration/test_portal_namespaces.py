@@ -29,7 +29,7 @@ from tests.conftest import (
     parse_msg,
     query_msg,
 )
-from tests.integration.encryption_env import direct, start_encrypted
+from tests.integration.encryption_env import both_paths, direct
 from tests.integration.test_session_state import (
     PROBE_SETUP,
     PROTECT,
@@ -56,11 +56,8 @@ POLICY: dict[str, Any] = {
 def proxies(pg: Any) -> Iterator[dict[str, ProxyProcess]]:
     pg.psql(SETUP, db="app")
     pg.psql(PROBE_SETUP, db="app")
-    relay = ProxyProcess(pg, POLICY).start()
-    tracking = start_encrypted(pg, PROTECT, POLICY)
-    yield {"relay": relay, "tracking": tracking}
-    relay.stop()
-    tracking.stop()
+    with both_paths(pg, PROTECT, POLICY) as started:
+        yield started
 
 
 @pytest.fixture(params=["relay", "tracking"])

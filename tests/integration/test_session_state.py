@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from tests.conftest import ProxyProcess
-from tests.integration.encryption_env import direct, start_encrypted
+from tests.integration.encryption_env import both_paths, direct, start_encrypted
 
 ROLES = {"st_login": "st-login-pw", "st_peon": "st-peon-pw", "st_boss": "st-boss-pw"}
 SECRET = "4999000011112222"
@@ -67,14 +67,11 @@ PROTECT = {"public.st_cards.pan": {"type": "text", "mode": "randomized", "mask":
 @pytest.fixture(scope="module")
 def proxies(pg: Any) -> Iterator[dict[str, ProxyProcess]]:
     pg.psql(SETUP, db="app")
-    relay = ProxyProcess(pg, POLICY).start()
-    tracking = start_encrypted(pg, PROTECT, POLICY)
-    with psycopg.connect(tracking.conninfo(user="st_boss", password=ROLES["st_boss"]),
-                         autocommit=True) as conn:
-        conn.execute("INSERT INTO st_cards VALUES (1, %s)", (SECRET,))
-    yield {"relay": relay, "tracking": tracking}
-    relay.stop()
-    tracking.stop()
+    with both_paths(pg, PROTECT, POLICY) as started:
+        with psycopg.connect(started["tracking"].conninfo(
+                user="st_boss", password=ROLES["st_boss"]), autocommit=True) as conn:
+            conn.execute("INSERT INTO st_cards VALUES (1, %s)", (SECRET,))
+        yield started
 
 
 @pytest.fixture(params=["relay", "tracking"])

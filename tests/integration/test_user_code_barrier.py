@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from tests.conftest import ProxyProcess
-from tests.integration.encryption_env import start_encrypted
+from tests.integration.encryption_env import both_paths
 from tests.integration.test_session_state import PROBE_SETUP, PROTECT, _probe, _server_truth
 
 ROLE, PASSWORD = "uc_user", "uc-user-pw"
@@ -57,11 +57,8 @@ POLICY: dict[str, Any] = {
 def proxies(pg: Any) -> Iterator[dict[str, ProxyProcess]]:
     pg.psql(PROBE_SETUP, db="app")
     pg.psql(SETUP, db="app")
-    relay = ProxyProcess(pg, POLICY).start()
-    tracking = start_encrypted(pg, PROTECT, POLICY)
-    yield {"relay": relay, "tracking": tracking}
-    relay.stop()
-    tracking.stop()
+    with both_paths(pg, PROTECT, POLICY) as started:
+        yield started
 
 
 @pytest.fixture(params=["relay", "tracking"])
