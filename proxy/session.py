@@ -312,7 +312,7 @@ class Session(asyncio.Protocol):
                         break
                     replacement = None
                     if self._batch_user_code and act != _A_SYNC and act != _A_TERMINATE:
-                        replacement = self._after_user_code(act)
+                        replacement = self._after_user_code(kind)
                         if out is None:
                             out = []
                         if run < pos:
@@ -366,7 +366,7 @@ class Session(asyncio.Protocol):
                         out.append(replacement)
                         run = stop
                     if ((self._batch_user_code or act == _A_QUERY or act == _A_FUNC)
-                            and self._request_ran_user_code(act)):
+                            and self._request_ran_user_code(kind)):
                         # The request is complete: ask the server what it now has, and
                         # hold everything after it until the answer (`_observe_barrier`).
                         if out is None:
@@ -454,15 +454,16 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ observation
 
-    def _request_ran_user_code(self, act: int) -> bool:
-        """A Query or FunctionCall that ran user code, or the Sync ending a batch in which
-        an Execute did: the request is complete once the server answers it."""
-        if act == _A_SYNC:
+    def _request_ran_user_code(self, kind: int) -> bool:
+        """A Query or FunctionCall (message type `kind`) that ran user code, or the Sync
+        ending a batch in which an Execute did: the request is complete once the server
+        answers it."""
+        if kind == _S:
             if self._batch_user_code:
                 self._batch_user_code = False
                 return True
             return False
-        if act != _A_QUERY and act != _A_FUNC:
+        if kind != _Q and kind != _F:
             return False
         st = self.policy_state
         return st is not None and st.user_code  # type: ignore[attr-defined]
@@ -479,12 +480,12 @@ class Session(asyncio.Protocol):
         protector.hold_after = False
         return True
 
-    def _after_user_code(self, act: int) -> bytes:
+    def _after_user_code(self, kind: int) -> bytes:
         """A statement sent after an Execute of user code, before the Sync: it would run
         in a session the code may have changed before the proxy could observe it. It
         becomes a Bind of a statement that cannot exist, named with the reason: the
         server fails it and skips the rest of the batch to the Sync, as for any error."""
-        if act == _A_QUERY or act == _A_FUNC:
+        if kind == _Q or kind == _F:
             raise ProtocolViolation("a Query or FunctionCall inside an extended-protocol "
                                     "batch after a call of user code; send Sync first")
         from proxy.protocol import rows
@@ -968,14 +969,14 @@ class Session(asyncio.Protocol):
             try:
                 after_user_code = self._batch_user_code and kind in _STATEMENT_TYPES
                 if after_user_code and (kind == _Q or kind == _F):
-                    self._after_user_code(_A_QUERY)  # raises: refuses the session
+                    self._after_user_code(kind)  # raises: refuses the session
                 replacement = handlers[kind](tracker, kind, msg)
                 if kind == _F:
                     # Queued as a FunctionCall either way: a refusal's ErrorResponse and
                     # ReadyForQuery answer it as the call's own would.
                     replacement = self.gate.function_call(self, msg[5:])
                 if after_user_code:
-                    replacement = self._after_user_code(_A_PARSE)
+                    replacement = self._after_user_code(kind)
                 elif kind == _E:
                     st = self.policy_state
                     if st is not None and st.user_code:  # type: ignore[attr-defined]
@@ -993,8 +994,8 @@ class Session(asyncio.Protocol):
                 out.append(replacement)
                 run = stop
             if (kind == _Q or kind == _F or kind == _S) and (
-                    ((kind != _S or self._batch_user_code) and self._request_ran_user_code(
-                        _A_QUERY if kind == _Q else _A_FUNC if kind == _F else _A_SYNC))
+                    ((kind != _S or self._batch_user_code)
+                     and self._request_ran_user_code(kind))
                     or self._catalog_reloading(tracker)):
                 if out is None:
                     out = []
