@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
 import logging
 import os
 import re
+import stat
 import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -60,7 +62,8 @@ log = logging.getLogger("strongroom.audit")
 GENESIS = "0" * 64
 VIEWS = frozenset({"plaintext", "masked", "ciphertext", "deny"})
 EVENTS = frozenset(
-    {"start", "stop", "rotate", "connect", "disconnect", "auth_failure", "statement"}
+    {"start", "stop", "rotate", "connect", "disconnect", "auth_failure", "statement",
+     "anchor_gap"}
 )
 _LITERAL_TOKENS = frozenset(
     {"SCONST", "USCONST", "ICONST", "FCONST", "BCONST", "XCONST", "TRUE_P", "FALSE_P"}
@@ -198,6 +201,9 @@ class AuditLog:
         self.dropped = 0
         if self.path is not None:
             self._open_file()
+        # The head found on disk, before this process wrote anything: what the external
+        # anchor (proxy/audit_anchor.py) compares with the head it last published.
+        self.resumed: tuple[int, str] = (self.seq, self.last_mac)
         self._append({"event": "start", "pid": os.getpid()})
 
     def __repr__(self) -> str:  # never the key
@@ -257,6 +263,23 @@ class AuditLog:
                 "sqlstate": sqlstate,
             }
         )
+
+    def anchor_gap(self, anchored_seq: int, anchored_mac: str, found_seq: int,
+                   reason: str) -> None:
+        """The file was behind (or disagreed with) its external anchor at start: records
+        after `found_seq` up to `anchored_seq` were cut. Recorded inside the chain so the
+        gap stays visible (and MAC-protected) after the anchor moves on."""
+        self._append({"event": "anchor_gap", "anchored_seq": anchored_seq,
+                      "anchored_mac": anchored_mac, "found_seq": found_seq, "reason": reason})
+
+    def durable_head(self) -> tuple[int, str, int | None]:
+        """(seq, mac, a duplicate of the file descriptor or None) taken under the lock:
+        every record up to `seq` has been handed to that descriptor, so fsyncing it (off
+        the event loop; the caller closes it) makes the head durable before it is anchored.
+        A duplicate stays valid when rotation closes the original."""
+        with self._lock:
+            fd = os.dup(self._fh.fileno()) if self._fh is not None else None
+            return self.seq, self.last_mac, fd
 
     def statement(
         self,
@@ -319,7 +342,7 @@ class AuditLog:
     def _open_file(self) -> None:
         """Open for append, continuing the chain from the last record already in the file."""
         assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         seq, mac, partial = _tail_state(self.path)
         if seq is not None and mac is not None:
             self.seq, self.last_mac = seq, mac
@@ -406,6 +429,30 @@ def _open_private(path: Path) -> IO[bytes]:
         raise
 
 
+def private_dir(directory: Path) -> None:
+    """Create the audit directory 0700; refuse one that group or others may write.
+
+    Whoever can write the directory can rename, delete or replace the (0600) audit files
+    in it without reading them, so a group- or world-writable directory is refused (with
+    the sticky bit too: the owner of a planted file could still swap it). A directory
+    only group/others can list is warned about: the files stay unreadable to them, but
+    their names and sizes (the amount of activity) are visible."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    for d in reversed(missing):  # pathlib would create the parents at the umask's mode
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+    mode = stat.S_IMODE(os.stat(directory).st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            errno.EPERM, f"audit directory {directory} is group- or world-writable "
+            f"(mode {mode:04o}): anyone who can write it can delete or replace the audit "
+            f"files; chmod 700 {directory}"
+        )
+    if mode & 0o077:
+        log.warning("audit directory %s is accessible by group or others (mode %04o); "
+                    "chmod 700 %s", directory, mode, directory)
+
+
 def _tail_state(path: Path) -> tuple[int | None, str | None, bool]:
     """(seq, mac) of the last complete record of `path`, and whether a partial line follows."""
     try:
@@ -444,6 +491,8 @@ class VerifyResult:
     reason: str
     file: str | None = None
     records: int = 0
+    # Intact but not provably complete (older files missing, a recorded anchor gap).
+    incomplete: bool = False
 
     @property
     def where(self) -> str:
@@ -469,14 +518,21 @@ def order_rotated(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 
 def verify(
-    paths: Sequence[str | os.PathLike[str]], key: bytes, *, require_stop: bool = False
+    paths: Sequence[str | os.PathLike[str]], key: bytes, *, require_stop: bool = False,
+    anchor: tuple[int, str] | None = None,
 ) -> VerifyResult:
     """Check one chain across `paths` (oldest first). Names the first bad file:line.
 
     Detects: an edited field or reformatted line (MAC or canonical form), a deleted,
     reordered or inserted line (`prev`/`seq` break), a half-written or cut last line,
-    a file set that does not start at a chain start or rotation, and with `require_stop`
-    a log whose newest record is not a clean `stop`.
+    a file set that does not start at a chain start, with `require_stop` a log whose
+    newest record is not a clean `stop`, and with `anchor` (the (seq, mac) published
+    outside the file, see proxy/audit_anchor.py) whole records cut from the end or a
+    chain replaced by another one.
+
+    A chain that is intact but cannot be shown complete is not OK either: it is reported
+    with `incomplete=True` - a first record that chains from a previous file that was not
+    given ("older files missing"), or an `anchor_gap` record (a start found the file cut).
     """
     prev: str | None = None
     seq: int | None = None
@@ -484,7 +540,9 @@ def verify(
     last_event: str | None = None
     last_file: str | None = None
     last_line = 0
-    anchored_at_rotation = False
+    first: tuple[int, str, int] | None = None  # (seq, file, line) of the first record
+    at_anchor: tuple[str, str, int] | None = None  # (mac, file, line) of the anchored seq
+    gaps: list[str] = []
     for p in paths:
         name = str(p)
         try:
@@ -503,19 +561,50 @@ def verify(
             if bad:
                 return VerifyResult(False, lineno, bad, name, count)
             rec = json.loads(raw)
-            if count == 0:
-                anchored_at_rotation = rec["prev"] != GENESIS
+            if count == 0 and rec["prev"] != GENESIS:
+                first = (rec["seq"], name, lineno)
+            if anchor is not None and rec["seq"] == anchor[0]:
+                at_anchor = (rec["mac"], name, lineno)
+            if rec["event"] == "anchor_gap":
+                gaps.append(f"{name}:{lineno} (records {rec.get('found_seq', 0) + 1}.."
+                            f"{rec.get('anchored_seq')} cut before a restart)")
             prev, seq, last_event = rec["mac"], rec["seq"], rec["event"]
             count += 1
             last_file, last_line = name, lineno
     if count == 0:
         return VerifyResult(False, None, "no records", None, 0)
+    if anchor is not None:
+        bad_anchor = _anchor_problem(anchor, seq or 0, at_anchor)
+        if bad_anchor:
+            return VerifyResult(False, last_line, bad_anchor, last_file, count)
     if require_stop and last_event != "stop":
         return VerifyResult(
             False, last_line, "log does not end with a clean stop record", last_file, count
         )
-    note = " (chain starts at a rotation: older files were removed)" if anchored_at_rotation else ""
+    if first is not None:
+        return VerifyResult(
+            False, first[2], f"older files missing: the chain starts at a rotation (seq "
+            f"{first[0]} chains from a previous file that was not given); pass every "
+            "rotated file to prove the log complete", first[1], count, incomplete=True,
+        )
+    if gaps:
+        return VerifyResult(False, None, "the chain records a gap: " + "; ".join(gaps),
+                            None, count, incomplete=True)
+    note = f", head seq {seq} matches the anchor" if anchor is not None else ""
     return VerifyResult(True, None, f"{count} records verified{note}", None, count)
+
+
+def _anchor_problem(anchor: tuple[int, str], last_seq: int,
+                    at_anchor: tuple[str, str, int] | None) -> str:
+    """Why the verified chain contradicts its anchored head, or "" (see verify)."""
+    a_seq, a_mac = anchor
+    if last_seq < a_seq:
+        return (f"behind its anchor: the anchor says the chain reached seq {a_seq}, the "
+                f"files end at seq {last_seq}: records {last_seq + 1}..{a_seq} were cut")
+    if at_anchor is not None and not hmac.compare_digest(at_anchor[0], a_mac):
+        return (f"record seq {a_seq} ({at_anchor[1]}:{at_anchor[2]}) is not the anchored "
+                "one (different MAC): the chain was replaced or rewritten")
+    return ""
 
 
 def _check_line(raw: bytes, key: bytes, prev: str | None, seq: int | None, first: bool) -> str:
@@ -560,18 +649,59 @@ def read_key_file(path: str | os.PathLike[str]) -> bytes:
     return data
 
 
+def add_verify_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of `strongroom audit verify` (shared by proxy/cli.py and this module)."""
+    ap.add_argument("files", nargs="+", metavar="FILE",
+                    help="audit files; rotations (FILE.N) are put oldest first")
+    ap.add_argument("--key-file", required=True, help="audit key: hex text or raw bytes")
+    ap.add_argument("--require-stop", action="store_true",
+                    help="fail unless the log ends with a clean stop")
+    ap.add_argument("--keep-order", action="store_true",
+                    help="verify the files in the order given")
+    ap.add_argument("--anchor", metavar="DSN",
+                    help="check the files against the head the proxy published to this "
+                    "database (audit.anchor): fails when records were cut from the end")
+    ap.add_argument("--anchor-table", default="strongroom_audit_anchor", metavar="TABLE",
+                    help="[schema.]table of the anchor (default strongroom_audit_anchor)")
+    ap.add_argument("--anchor-id", metavar="ID",
+                    help="row of the anchor table (default: the absolute path of the "
+                    "newest file, as the proxy names it)")
+
+
+def verify_command(args: argparse.Namespace, key: bytes) -> int:
+    """Run and print a verification: 0 complete and intact, 1 tampered (or contradicting
+    the anchor), 3 intact but not provably complete (older files missing, a recorded
+    anchor gap); 2 stays argparse's usage error."""
+    files = list(args.files) if args.keep_order else order_rotated(args.files)
+    anchor = None
+    if args.anchor:
+        from proxy import audit_anchor
+
+        ident = args.anchor_id or audit_anchor.log_id(files[-1])
+        try:
+            anchor = audit_anchor.fetch_anchor(args.anchor, args.anchor_table, ident)
+        except LookupError as exc:
+            print(f"FAIL: {exc}")
+            return 1
+    result = verify(files, key, require_stop=args.require_stop, anchor=anchor)
+    if result.ok:
+        print(f"OK: {result.records} records in {len(files)} file(s)"
+              + (f", head matches the anchor (seq {anchor[0]})" if anchor else ""))
+        return 0
+    if result.incomplete:
+        print(f"INCOMPLETE {result.where}: {result.reason}")
+        return 3
+    print(f"FAIL {result.where}: {result.reason}")
+    return 1
+
+
 def audit_verify_main(argv: Sequence[str] | None = None) -> int:
-    """`strongroom audit verify FILE... --key-file K`: 0 valid, 1 tampered, 2 usage error."""
+    """`strongroom audit verify FILE... --key-file K`: see verify_command; 2 usage error."""
     ap = argparse.ArgumentParser(
         prog="strongroom audit verify",
         description="Verify the HMAC chain of audit log files (rotated files oldest first).",
     )
-    ap.add_argument("files", nargs="+", help="audit files; FILE.N rotations are ordered")
-    ap.add_argument("--key-file", required=True, help="audit key: hex text or raw bytes")
-    ap.add_argument(
-        "--require-stop", action="store_true", help="fail unless the log ends with a clean stop"
-    )
-    ap.add_argument("--keep-order", action="store_true", help="verify files in the order given")
+    add_verify_arguments(ap)
     args = ap.parse_args(argv)
     try:
         key = read_key_file(args.key_file)
@@ -581,10 +711,4 @@ def audit_verify_main(argv: Sequence[str] | None = None) -> int:
     if not key:
         print(f"key file {args.key_file} is empty", file=sys.stderr)
         return 2
-    files = list(args.files) if args.keep_order else order_rotated(args.files)
-    result = verify(files, key, require_stop=args.require_stop)
-    if result.ok:
-        print(f"OK: {result.records} records in {len(files)} file(s)")
-        return 0
-    print(f"FAIL {result.where}: {result.reason}")
-    return 1
+    return verify_command(args, key)

@@ -129,11 +129,12 @@ def _passwords(args: argparse.Namespace) -> list[str]:
     from urllib.parse import urlsplit
 
     found = [getattr(args, "password", None) or "", os.environ.get("PGPASSWORD", "")]
-    if getattr(args, "dsn", None):
-        try:
-            found.append(urlsplit(args.dsn).password or "")
-        except ValueError:
-            pass
+    for dsn in (getattr(args, "dsn", None), getattr(args, "anchor", None)):  # audit --anchor
+        if dsn:
+            try:
+                found.append(urlsplit(dsn).password or "")
+            except ValueError:
+                pass
     return [p for p in found if p]
 
 
@@ -527,19 +528,14 @@ def _init_audit_key(cfg: settings_mod.Settings) -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """`audit verify`: 0 when the chain holds, 1 when it does not (or the key is unusable)."""
-    from proxy.audit import order_rotated, read_key_file, verify
+    """`audit verify`: 0 complete and intact, 1 tampered, cut (--anchor) or an unusable key,
+    3 intact but not provably complete (older files missing, a recorded anchor gap)."""
+    from proxy.audit import read_key_file, verify_command
 
     key = read_key_file(args.key_file)  # OSError: one line, exit 1
     if not key:
         raise CliError(f"key file {args.key_file} is empty")
-    files = list(args.files) if args.keep_order else order_rotated(args.files)
-    result = verify(files, key, require_stop=args.require_stop)
-    if result.ok:
-        print(f"OK: {result.records} records in {len(files)} file(s)")
-        return 0
-    print(f"FAIL {result.where}: {result.reason}")
-    return 1
+    return verify_command(args, key)
 
 
 def cmd_audit_keygen(args: argparse.Namespace) -> int:
@@ -628,13 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="audit log tools (verify, keygen)")
     asub = p.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
     ap = asub.add_parser("verify", help="verify the HMAC chain of audit log files")
-    ap.add_argument("files", nargs="+", metavar="FILE",
-                    help="audit files; rotations (FILE.N) are put oldest first")
-    ap.add_argument("--key-file", required=True, help="audit key: hex text or raw bytes")
-    ap.add_argument("--require-stop", action="store_true",
-                    help="fail unless the log ends with a clean stop")
-    ap.add_argument("--keep-order", action="store_true",
-                    help="verify the files in the order given")
+    from proxy.audit import add_verify_arguments
+
+    add_verify_arguments(ap)
     ap.set_defaults(func=cmd_audit_verify)
     ap = asub.add_parser("keygen", help="create a new audit key file (hex, mode 0600)")
     ap.add_argument("file", metavar="FILE", help="where to write the key; never overwritten")

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from proxy import observability
+from proxy import audit_anchor, observability
 from proxy.gate import Gate
 from proxy.metrics import stop_http, worker_port
 from proxy.protocol import messages as m
@@ -47,6 +47,7 @@ class Server:
             settings, self.gate, worker_index
         )
         self.query_kinds = observability.QueryKinds(self.metrics, self.gate)
+        self.anchor = audit_anchor.build(settings, self.audit, self.metrics)
         self._metrics_http: Any = None
         self.metrics_port = 0
         self.sessions: set[Session] = set()
@@ -80,6 +81,8 @@ class Server:
             sock = make_listen_socket(
                 self.settings.listen.host, self.settings.listen.port, self.worker_count > 1
             )
+        if self.anchor is not None:
+            await self.anchor.start()
         srv = await loop.create_server(lambda: Session(self), sock=sock, backlog=4096)
         self._servers.append(srv)
         self._janitor = loop.create_task(self._janitor_loop())
@@ -119,6 +122,8 @@ class Server:
             await asyncio.sleep(0.01)
         if self.audit is not None:
             self.audit.close()
+        if self.anchor is not None:
+            await self.anchor.stop()  # the head now is the stop record
         if self._metrics_http is not None:
             stop_http(self._metrics_http)
             self._metrics_http = None
