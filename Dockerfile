@@ -22,7 +22,7 @@ RUN pip install . \
        --shell /usr/sbin/nologin strongroom \
     && mkdir -p /etc/strongroom /var/lib/strongroom/keys /var/log/strongroom \
     && chown -R strongroom:strongroom /var/lib/strongroom /var/log/strongroom \
-    && chmod 0700 /var/lib/strongroom/keys \
+    && chmod 0700 /var/lib/strongroom/keys /var/log/strongroom \
     && rm -rf /src
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/strongroom-entrypoint
 

@@ -15,13 +15,17 @@ Rotation by size. When the file grows past `max_bytes` it is renamed to `FILE.1`
 ones shift to `FILE.2` ... `FILE.<keep>`, the oldest beyond `keep` is removed) and the new
 file starts with a `rotate` record whose `prev` is the last MAC of the previous file, so
 `verify([FILE.2, FILE.1, FILE], key)` checks one unbroken chain across files. A file set
-whose oldest file begins with a `rotate` record is accepted as "anchored at rotation":
-its predecessor was removed by retention, which the verifier reports.
+whose oldest file begins with a `rotate` record is intact but not provably complete: the
+verifier reports it as "older files missing" (`incomplete`, CLI exit 3), never as OK.
 
-What it cannot see. A chain alone cannot prove that complete records were cut from the
-end of the newest file; a half-written last line is detected, and `require_stop=True`
-(CLI `--require-stop`) fails unless the newest record is the `stop` written on clean
-shutdown. Ship records off the host (SIEM) for the rest.
+What the chain cannot see. It cannot prove that complete records were cut from the end of
+the newest file; a half-written last line is detected, `require_stop=True` (CLI
+`--require-stop`) fails unless the newest record is a `stop`, and the head anchored outside
+the file (proxy/audit_anchor.py: a database row and a Prometheus gauge; CLI `--anchor DSN`)
+finds a tail cut back even to an earlier clean stop.
+
+Files are 0600 in a directory created 0700; a group- or world-writable directory is
+refused (`private_dir`).
 
 No values. Statements are logged as the pglast fingerprint and a normalized text in which
 every literal (string, number, bit string, boolean) is replaced by `$n` and comments are

@@ -149,9 +149,19 @@ def test_init_sql_creates_protected_bytea_columns() -> None:
 
 
 def _exported_names() -> set[str]:
+    """Every series of a proxy with audit.anchor configured (no connection is made)."""
+    import tempfile
+
+    from proxy.audit import AuditLog
+    from proxy.audit_anchor import Anchor, AnchorConfig, AuditCollector
+
     m = Metrics()
     m.set_protected_columns(["public.cards.pan"])
     m.set_key_ids({"public.cards.pan": [1]})
+    with tempfile.TemporaryDirectory() as tmp:
+        audit = AuditLog(Path(tmp) / "audit.jsonl", b"k" * 32)
+        audit.close()
+    m.registry.register(AuditCollector(audit, Anchor(audit, AnchorConfig(dsn="postgresql://"))))
     names = {"up"}
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     for fam in text_string_to_metric_families(m.render().decode()):
