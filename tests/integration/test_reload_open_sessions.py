@@ -28,8 +28,10 @@ import psycopg
 import pytest
 
 from keys import cli_ops
+from proxy.devcluster import free_port
 from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, ProxyProcess
 from tests.integration.encryption_env import direct, keys_cli, setup_sql, start_encrypted
+from tests.integration.observability_env import scrape
 
 PAN = "public.rl_cards.pan"
 PROTECT = {PAN: {"type": "text", "mask": "last4"}}
@@ -46,7 +48,8 @@ def _policy(view: str = "plaintext", notes: bool = True) -> dict[str, Any]:
             "default": "deny"}
 
 
-def _start(pg: Any, tracking: bool = True) -> ProxyProcess:
+def _start(pg: Any, tracking: bool = True, protect: dict[str, Any] = PROTECT,
+           extra: dict[str, Any] | None = None) -> ProxyProcess:
     """The tables, and a proxy: tracking (`protect:` and the policy) or the plain relay
     (the policy only), with two cards inserted through the tracking one."""
     setup_sql(pg, "DROP TABLE IF EXISTS rl_cards, rl_notes; "
@@ -55,7 +58,7 @@ def _start(pg: Any, tracking: bool = True) -> ProxyProcess:
                   "INSERT INTO rl_notes VALUES (1, 'n1')")
     if not tracking:
         return ProxyProcess(pg, _policy()).start()
-    p = start_encrypted(pg, PROTECT, _policy())
+    p = start_encrypted(pg, protect, {**_policy(), **(extra or {})})
     with psycopg.connect(p.conninfo(), autocommit=True) as c:
         for i, pan in PANS.items():
             c.execute("INSERT INTO rl_cards (id, pan) VALUES (%s, %s)", (i, pan))
@@ -229,3 +232,81 @@ def test_a_key_retired_reaches_open_sessions(rl: ProxyProcess, pg: Any) -> None:
             await pool.close()
 
     asyncio.run(run())
+
+
+# ------------------------------------------------------------------ dropping protection
+
+
+EMPTY = "public.rl_empty.secret"
+
+
+@pytest.fixture(params=[APP_PASSWORD])
+def guarded(pg: Any, monkeypatch: pytest.MonkeyPatch, request: Any) -> Iterator[ProxyProcess]:
+    """`rl` with the credentials the proxy checks stored values with in its environment
+    (as `keys retire` and `decrypt-column` take them; the password is the fixture's
+    parameter), metrics, and a second protected table that stays empty."""
+    monkeypatch.setenv("PGUSER", APP_USER)
+    monkeypatch.setenv("PGPASSWORD", request.param)
+    setup_sql(pg, "DROP TABLE IF EXISTS rl_empty; "
+                  "CREATE TABLE rl_empty (id int PRIMARY KEY, secret bytea)")
+    p = _start(pg, protect={**PROTECT, EMPTY: {"type": "text"}},
+               extra={"metrics": {"host": "127.0.0.1", "port": free_port()}})
+    try:
+        yield p
+    finally:
+        p.stop()
+        setup_sql(pg, "DROP TABLE IF EXISTS rl_cards, rl_notes, rl_empty")
+
+
+def _stored(pg: Any, row: int) -> bytes:
+    with direct(pg) as d:
+        (value,) = d.execute("SELECT pan FROM rl_cards WHERE id = %s", (row,)).fetchone()
+    return bytes(value)
+
+
+def _failed_reloads(p: ProxyProcess) -> float:
+    line = next(x for x in scrape(p).splitlines()
+                if x.startswith('strongroom_config_reloads_total{result="failed"}'))
+    return float(line.split()[-1])
+
+
+def test_a_reload_dropping_protection_of_stored_values_is_refused(
+        guarded: ProxyProcess, pg: Any) -> None:
+    p = guarded
+    protect = dict(p.config["protect"])
+    with psycopg.connect(p.conninfo(), autocommit=True) as c:
+        assert _pans(c) == PANS
+        for n, change in enumerate((
+                {k: v for k, v in protect.items() if k != PAN},  # the entry removed
+                {**protect, PAN: {"type": "date"}})):  # its type changed: AD differs
+            _reload(p, {"protect": change}, expect="reload rejected")
+            log = p.log()
+            assert "strongroom decrypt-column" in log and f"{PAN} (" in log
+            assert _failed_reloads(p) == n + 1
+            assert _pans(c) == PANS  # the open session still decrypts
+            with psycopg.connect(p.conninfo(), autocommit=True) as fresh:  # a new one too
+                assert _pans(fresh) == PANS
+            c.execute("INSERT INTO rl_cards (id, pan) VALUES (%s, %s)", (7, PANS[1]))
+            assert PANS[1].encode() not in _stored(pg, 7)  # the next INSERT still seals
+            assert _pans(c)[7] == PANS[1]
+            c.execute("DELETE FROM rl_cards WHERE id = 7")
+        assert "configuration reloaded" not in p.log()
+        # The empty table's protection may go: nothing is stranded.
+        _reload(p, {"protect": {PAN: protect[PAN]}})
+        assert _failed_reloads(p) == 2
+        assert _pans(c) == PANS
+
+
+@pytest.mark.parametrize("guarded", ["not-the-password"], indirect=True)
+def test_a_reload_that_cannot_check_stored_values_is_refused(
+        guarded: ProxyProcess, pg: Any) -> None:
+    """Fail closed: the database cannot be asked (the proxy's credentials for the check
+    are refused), so even dropping the empty table's protection is refused."""
+    p = guarded
+    with psycopg.connect(p.conninfo(), autocommit=True) as c:
+        assert _pans(c) == PANS
+        _reload(p, {"protect": {PAN: p.config["protect"][PAN]}}, expect="reload rejected")
+        assert "could not be asked" in p.log() and "not-the-password" not in p.log()
+        assert _failed_reloads(p) == 1
+        assert _pans(c) == PANS
+        assert "configuration reloaded" not in p.log()
