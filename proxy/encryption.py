@@ -733,15 +733,16 @@ class SessionProtector:
         if plan.refusal is not None:
             return plan.refusal
         old = stmt.plan
-        if _sealing(plan) != _sealing(old) or (reloaded and old.literals):
+        if _sealing(plan) != _sealing(old) or (reloaded and (
+                old.literals or plan.sql != old.sql)):
             why = ("the configuration was reloaded" if reloaded
                    else "search_path or role changed")
             return ClientRefusal(
                 "0A000", "prepared statement would now resolve to other protected columns "
                 f"({why} since it was prepared); prepare it again")
         if reloaded:
-            # The server holds the text rewritten at Parse (the same splices, since no
-            # literal was sealed in it): only the columns it seals and reveals change.
+            # The server holds the text rewritten at Parse (the same text: no literal was
+            # sealed in it): only the columns it seals and reveals change.
             stmt.plan = replace(old, params=plan.params, derived=plan.derived,
                                 outputs=plan.outputs, rechecks=plan.rechecks,
                                 copies=plan.copies)
