@@ -16,7 +16,7 @@ from binascii import a2b_hex
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from proxy.catalog import MAX_AGE as CATALOG_MAX_AGE
@@ -478,10 +478,12 @@ def literal_bytea(envelope: bytes) -> bytes:
 
 
 def _sealing(plan: StatementPlan) -> tuple[Any, ...]:
-    """What a plan does to protected values, without its fresh ciphertexts."""
+    """What a plan does to protected values, without its fresh ciphertexts. Columns are
+    named by their spec, not by object, so plans made before and after a reload (a new
+    Encryption) compare equal when they seal the same columns the same way."""
     return (plan.touches_protected, plan.tables,
-            sorted((i, a, id(c.runtime)) for i, (a, c) in plan.params.items()),
-            sorted((n, src, a, id(c.runtime)) for n, src, a, c in plan.derived),
+            sorted((i, a, repr(c.runtime.spec)) for i, (a, c) in plan.params.items()),
+            sorted((n, src, a, repr(c.runtime.spec)) for n, src, a, c in plan.derived),
             tuple(d for d, _ in plan.copies), bool(plan.rechecks))
 
 
@@ -489,6 +491,10 @@ _READ_KINDS = frozenset({"select", "copy_out"})  # grants that let a role read a
 
 # Column views from most to least revealing: combining views keeps the strictest.
 _STRICTNESS = {"plaintext": 0, "masked": 1, "ciphertext": 2, "deny": 3}
+
+
+_STALE = object()
+"""`SessionProtector.follow_reload` when no rules apply any more: matches no statement."""
 
 
 class SessionProtector:
@@ -520,6 +526,36 @@ class SessionProtector:
         # from the catalog lists the table's columns as they are after that DDL.
         self.ddl_pending = False
         self.hold_after = False
+        # The columns of the rules this session followed before the last reload: rows of
+        # a statement already running are still revealed with them, and counted.
+        self._previous: list[dict[tuple[str, str, str], RoleColumn]] = []
+        self.stale: str | None = None  # why no statement can be planned any more
+
+    def follow_reload(self) -> object:
+        """The rules in force (an Encryption), switched to the gate's current ones when a
+        reload built new ones. Called at statement boundaries only (a Query, a Parse, a
+        Bind): row plans made before keep their columns, so a result stream never changes
+        rules midway, and from the next statement on every view, right and key is the
+        reloaded one. Plans are cached per Encryption, so none made under the old rules is
+        used again."""
+        enc = self.session.gate.encryption
+        if enc is self.enc:
+            return enc
+        if enc is None:
+            # Protection removed by a reload (only ever with no envelope stored): this
+            # session's statements were planned to seal; it must start again.
+            self.stale = ("the configuration was reloaded and no longer protects columns "
+                          "this session was started with; reconnect")
+            return _STALE
+        self._previous = [*self._viewers.values()][-8:]
+        self.enc = enc
+        self.catalog = enc.catalog_for(self.session.database)
+        self._viewers = {}
+        self._role = self._columns_for(self.base_viewer)
+        self._by_attr = {}
+        self._attr_snapshot = None
+        self._deny_cols = {}
+        return enc
 
     def _current_role(self) -> str:
         st = self.session.policy_state
@@ -591,7 +627,8 @@ class SessionProtector:
         if tracker is not None:  # cells revealed in a result set still being read
             tracker.flush_counts()
         out: list[tuple[str, str, int, int]] = []
-        for rc in (rc for cols in self._viewers.values() for rc in cols.values()):
+        for rc in (rc for cols in (*self._viewers.values(), *self._previous)
+                   for rc in cols.values()):
             if rc.n_encrypt or rc.n_decrypt or rc.n_bidx or rc.n_failed:
                 col = rc.runtime.qualified
                 if rc.n_decrypt or rc.n_failed:
@@ -684,21 +721,35 @@ class SessionProtector:
 
     def recheck_role(self, stmt: Any) -> ClientRefusal | None:
         """A statement parsed under one role and search_path, bound under others (SET
-        ROLE or SET search_path since). The server re-analyses it under the path of this
-        execution, so it must pass the policy again, and it must seal exactly what it
-        was rewritten to seal at Parse, or it is refused (prepare it again)."""
+        ROLE or SET search_path since), or under rules a reload has replaced since. The
+        server re-analyses it under the path of this execution, so it must pass the
+        policy again, and it must seal exactly what it was rewritten to seal at Parse, or
+        it is refused (prepare it again). After a reload it is sealed, and its rows are
+        revealed, with the new rules' columns (views, keys) from now on."""
         if stmt.sql is None:
             return None
+        reloaded = stmt.rules is not self.enc
         plan = self.plan_query(stmt.sql, apply=False)
         if plan.refusal is not None:
             return plan.refusal
         old = stmt.plan
-        if _sealing(plan) != _sealing(old):
+        if _sealing(plan) != _sealing(old) or (reloaded and (
+                old.literals or plan.sql != old.sql)):
+            why = ("the configuration was reloaded" if reloaded
+                   else "search_path or role changed")
             return ClientRefusal(
                 "0A000", "prepared statement would now resolve to other protected columns "
-                "(search_path or role changed since it was prepared); prepare it again")
+                f"({why} since it was prepared); prepare it again")
+        if reloaded:
+            # The server holds the text rewritten at Parse (the same text: no literal was
+            # sealed in it): only the columns it seals and reveals change.
+            stmt.plan = replace(old, params=plan.params, derived=plan.derived,
+                                outputs=plan.outputs, rechecks=plan.rechecks,
+                                copies=plan.copies)
+            stmt.rules = self.enc
         st = self.session.policy_state
-        stmt.role, stmt.path = st.role, st.path
+        if st is not None:
+            stmt.role, stmt.path = st.role, st.path
         return None
 
     def heavy_plan(self, sql: str) -> tuple[Future[Any], Callable[[Any], None]] | None:
@@ -726,6 +777,9 @@ class SessionProtector:
 
     def plan_query(self, sql: str, apply: bool = True) -> StatementPlan:
         raw = sql.encode(errors="surrogateescape")
+        if self.stale is not None:
+            return StatementPlan(sql=raw, touches_protected=True,
+                                 refusal=ClientRefusal("0A000", self.stale))
         refusal = self.session.gate.decide(self.session, sql, apply=apply)
         if refusal is not None:
             return StatementPlan(sql=raw, touches_protected=True, refusal=refusal)
@@ -998,6 +1052,20 @@ class Encryption:
                     view = seen
             out[key] = (view, masks[key])
         return out
+
+    def inherit(self, old: Encryption) -> None:
+        """After a reload: start from the catalog snapshots of the rules replaced, so the
+        sessions that switch to these rules at their next statement need not wait for a
+        catalog query. Reloaded at the first chance when the protected tables changed
+        (then the snapshot may lack some of them)."""
+        same = old.catalog_sql() == self.catalog_sql()
+        for database, cat in old.catalogs.items():
+            if cat.snapshot is None:
+                continue
+            mine = self.catalog_for(database)
+            mine.update(cat.snapshot)
+            if not same:
+                mine.loaded_at = 0.0
 
     def catalog_sql(self) -> str:
         return catalog_query(sorted({(s, t) for s, t, _ in self.specs}))

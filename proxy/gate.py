@@ -158,8 +158,9 @@ class SessionPolicy:
     prepared_path: dict[str, tuple[str, ...]] = field(default_factory=dict)
     refused: set[bytes] = field(default_factory=set)  # statement names substituted
     staged: dict[bytes, Analysis] = field(default_factory=dict)  # effects applied at Bind
-    named: dict[bytes, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
-    """Allowed named statements: (text, role, search_path) they were decided with."""
+    named: dict[bytes, tuple[str, str, tuple[str, ...], int]] = field(default_factory=dict)
+    """Allowed named statements: (text, role, search_path, policy generation) they were
+    decided with (`Gate.generation`: a reload decides them again at their next Bind)."""
     last_status: bytes = b"I"
     # The last unnamed Parse body allowed without effects, with what it was decided
     # under (role, search_path, decision cache): a driver that re-sends the same Parse
@@ -278,6 +279,11 @@ class Gate:
         self._effects: dict[str, bool] = {}
         self._template_user_code: dict[str, bool] = {}  # template key -> runs user code
         self.encryption: Any = None  # proxy.encryption wiring, when `protect:` is configured
+        # Bumped by every (re)load. Named statements remember the generation they were
+        # decided under; the sessions with a policy state are kept (weakly) so a reload
+        # can send their next Binds of those statements through `bind` again.
+        self.generation = 0
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         if settings is not None:
             self.configure(settings)
 
@@ -301,6 +307,12 @@ class Gate:
             self._views.clear()
         for (db, reset), cache in self._caches.items():
             cache.swap(policy=self.policy, env=self._env(db, reset))
+        self.generation += 1
+        for session in self._sessions:
+            st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+            if st is not None:
+                st.unnamed_ok = None
+                self._watch_named(session, st)
         if raw.get("protect"):
             import os
 
@@ -308,7 +320,10 @@ class Gate:
 
             base = os.path.dirname(os.path.abspath(settings.source)) \
                 if not settings.source.startswith("<") else os.getcwd()
+            old = self.encryption
             self.encryption = Encryption(raw["protect"], raw.get("keys") or {}, base, self)
+            if old is not None:
+                self.encryption.inherit(old)
             if "catalog_max_age" in raw:
                 self.encryption.catalog_max_age = float(raw["catalog_max_age"])
         else:
@@ -418,6 +433,7 @@ class Gate:
                     )
             session.policy_state = st
             session.watch_ready = True
+            self._sessions.add(session)
         if self.encryption is not None:
             self.encryption.attach(session, results[2] if catalog and len(results) > 2 else [])
 
@@ -979,7 +995,7 @@ class Gate:
             if st is not None and name:
                 if len(st.named) >= 1000 and name not in st.named:
                     st.named.pop(next(iter(st.named)))
-                st.named[name] = (sql, st.role, st.path)
+                st.named[name] = (sql, st.role, st.path, self.generation)
             if st is not None and self._effects.get(sql):
                 # Effects happen when the statement runs: the gate must see its Binds.
                 st.staged[name] = self.analyses.analyze(sql)
@@ -1044,16 +1060,18 @@ class Gate:
             return rows.encode_bind(bind)
         if st is not None and bind.statement not in st.refused:
             named = st.named.get(bind.statement)
-            if named is not None and (named[1], named[2]) != (st.role, st.path):
+            if named is not None and (named[1], named[2], named[3]) != (
+                    st.role, st.path, self.generation):
                 # Parsed as another role or search_path (SET ROLE since, or a driver's
-                # automatic prepare): decide again for the role it will now run as.
+                # automatic prepare), or under a policy reloaded since: decide again
+                # for the role it will now run as, under the policy in force.
                 refusal = self.decide(session, named[0], apply=False)
                 if refusal is not None:
                     # The server already holds the real statement; bind to a name that
                     # cannot exist instead, which fails (26000) with the refusal's words.
                     bind.statement = refusal.text.encode()
                     return rows.encode_bind(bind)
-                st.named[bind.statement] = (named[0], st.role, st.path)
+                st.named[bind.statement] = (named[0], st.role, st.path, self.generation)
             staged = st.staged.get(bind.statement)
             if staged is not None:
                 # Effects happen when the portal runs, not when it is bound: a Bind

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from proxy import audit_anchor, observability
+from proxy import audit_anchor, observability, reload_guard
 from proxy.gate import Gate
 from proxy.metrics import stop_http, worker_port
 from proxy.protocol import messages as m
@@ -72,6 +72,7 @@ class Server:
             "upstream_connect_failures": 0,
         }
         self.on_reload: list[Callable[[Settings], None]] = []
+        self._reloads = 0  # SIGHUPs so far: a checked reload applies only if still the last
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -129,25 +130,67 @@ class Server:
             self._metrics_http = None
 
     def reload(self, path: str) -> bool:
-        """Swap in a new Settings; a broken file leaves the running one in force."""
+        """Swap in a new Settings; a broken file leaves the running one in force.
+
+        A file that would take protection off a column (`reload_guard`) is applied only
+        after the database said that column holds no envelope: then this returns False
+        at once and the check finishes in the background (`_reload_checked`)."""
+        self._reloads += 1
         try:
             new = load(path)
         except ConfigError as exc:
-            log.error("reload rejected, keeping the running configuration:\n%s", exc)
-            self.count("reload_failed")
-            self.metrics.config_reloaded(False)
+            return self._reload_failed(f"\n{exc}")
+        dropped = reload_guard.dropped_protection(
+            self.settings.raw.get("protect") or {}, new.raw.get("protect") or {})
+        if dropped:
+            self.spawn(self._reload_checked(path, new, dropped, self._reloads))
             return False
+        return self._apply(path, new)
+
+    def _reload_failed(self, why: str) -> bool:
+        log.error("reload rejected, keeping the running configuration:%s",
+                  why if why.startswith("\n") else f" {why}")
+        self.count("reload_failed")
+        self.metrics.config_reloaded(False)
+        return False
+
+    async def _reload_checked(self, path: str, new: Settings,
+                              dropped: list[tuple[str, str]], seq: int) -> None:
+        """Apply `new` if none of the `dropped` columns holds a value in any database
+        this proxy serves; refuse it otherwise, and when that cannot be found out."""
+        databases = set(self.gate.encryption.catalogs) if self.gate.encryption else set()
+        if self.settings.upstream.database:
+            databases.add(self.settings.upstream.database)
+        names = [name for name, _how in dropped]
+        if not databases:
+            self._reload_failed(
+                f"it takes protection off {', '.join(names)} and no database is known to "
+                "check for stored values in (set upstream.database)")
+            return
+        try:
+            found = await reload_guard.columns_with_values(self.settings, databases, names)
+        except Exception as exc:  # the message names no value; it may name a role
+            self._reload_failed(
+                f"it takes protection off {', '.join(names)} and the database could not "
+                f"be asked whether they hold values ({type(exc).__name__}: {exc}); the "
+                "proxy connects to upstream with $PGUSER / $PGPASSWORD / ~/.pgpass")
+            return
+        if found:
+            self._reload_failed(reload_guard.refusal(found, dropped))
+            return
+        if seq != self._reloads:
+            return  # a later SIGHUP read the file again and decides instead
+        self._apply(path, new)
+
+    def _apply(self, path: str, new: Settings) -> bool:
         old = self.settings
         if (new.listen, new.workers) != (old.listen, old.workers):
             log.warning("listen address or worker count changed: takes effect after a restart")
         try:
             self.gate.configure(new)
         except Exception as exc:  # a policy that validated but cannot be built
-            log.error("reload rejected, keeping the running configuration: %s", exc)
             self.gate.configure(old)
-            self.count("reload_failed")
-            self.metrics.config_reloaded(False)
-            return False
+            return self._reload_failed(str(exc))
         self.settings = new
         self.client_ssl = new.client_ssl_context()
         self.upstream_ssl = new.upstream_ssl_context()

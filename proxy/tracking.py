@@ -137,6 +137,9 @@ class Statement:
     role: str | None = None
     path: Any = None  # the search_path it was planned under
     sql: str | None = None  # the client's text, to decide again for another role
+    # The rules (protector's Encryption) it was planned under: a Bind after a reload
+    # decides and plans it again (`SessionProtector.recheck_role`).
+    rules: object = None
 
 
 @dataclass(slots=True)
@@ -438,6 +441,9 @@ class Tracker:
         # Audit hook: called as on_statement(plan, CommandComplete message, row plan) for
         # each completed statement whose plan touches a protected column.
         self.on_statement: Callable[..., None] | None = None
+        # The protector's rules in force, switched to a reload's at each statement
+        # boundary (Query, Parse, Bind); None for a protector without reloads.
+        self._follow: Callable[[], object] | None = getattr(protector, "follow_reload", None)
 
     # ------------------------------------------------------------------ client side
 
@@ -466,6 +472,8 @@ class Tracker:
         self._push(entry)
         self.row_plan = self.row_filter = None
         sql = m.query_text(msg[5:])
+        if self._follow is not None:
+            self._follow()
         plan = self.protector.plan_query(sql)
         entry.plan = plan
         viewer_now = getattr(self.protector, "viewer_now", None)
@@ -483,6 +491,7 @@ class Tracker:
     def _client_parse(self, kind: int, msg: bytes) -> bytes | None:
         name, query, oids = rows.decode_parse(msg[5:])
         sql = query.decode(errors="surrogateescape")
+        rules = self._follow() if self._follow is not None else None
         plan_parsed = getattr(self.protector, "plan_parsed", None)
         if plan_parsed is None:
             plan = self.protector.plan_query(sql)
@@ -492,7 +501,8 @@ class Tracker:
             # a Parse or Bind alone runs nothing on the server.
             plan, effects, role = plan_parsed(sql)
             stmt = Statement(plan, declared=list(oids), effects=effects, role=role, sql=sql,
-                             path=self._state.path if self._state is not None else None)
+                             path=self._state.path if self._state is not None else None,
+                             rules=rules)
         prev = self.statements.get(name)
         self.statements[name] = stmt
         if not self.discarding:  # (`_push`, inline)
@@ -541,12 +551,14 @@ class Tracker:
         message as `decode_bind` does). Anything else goes the full way."""
         portal, name, result_formats = rows.bind_head(msg)
         stmt = self.statements.get(name)
+        rules = self._follow() if self._follow is not None else None
         if stmt is not None:
             plan = stmt.plan
             if (plan.refusal is not None or plan.params or plan.derived
-                    or plan.rechecks or (stmt.role is not None and self._state is not None
-                                         and (stmt.role is not self._state.role
-                                              or stmt.path is not self._state.path))):
+                    or plan.rechecks or stmt.rules is not rules
+                    or (stmt.role is not None and self._state is not None
+                        and (stmt.role is not self._state.role
+                             or stmt.path is not self._state.path))):
                 return self._client_bind_full(msg)
             self.portals[portal] = Portal(stmt, result_formats, plan.copies)
         else:
@@ -585,8 +597,10 @@ class Tracker:
         self._push(Entry(BIND, hidden_formats=widened) if widened else _BIND_ENTRY)
         if stmt is None:
             return None
-        if (stmt.role is not None and stmt.plan.refusal is None and self._state is not None
-                and (stmt.role != self._state.role or stmt.path != self._state.path)):
+        reloaded = self._follow is not None and stmt.rules is not self._follow()
+        if stmt.plan.refusal is None and (reloaded or (
+                stmt.role is not None and self._state is not None
+                and (stmt.role != self._state.role or stmt.path != self._state.path))):
             # PostgreSQL re-analyses a prepared statement under the search_path of each
             # execution (since 9.3), and checks rights as the role of the moment.
             refusal = self.protector.recheck_role(stmt)  # type: ignore[attr-defined]

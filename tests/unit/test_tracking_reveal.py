@@ -152,7 +152,7 @@ def test_counts_flushed_when_result_set_ends() -> None:
         assert (msg if out is None else out) == _row([cells[0], b"secret" if cells[1] else None])
     assert col.n_decrypt == 0  # counted per result set, not per cell
     session = type("S", (), {"tracker": tracker})()
-    protector = type("P", (), {"session": session,
+    protector = type("P", (), {"session": session, "_previous": [],
                                "_viewers": {("r",): {("public", "t", "c"): col}}})()
     drained = SessionProtector.drain_crypto_counts(protector)  # type: ignore[arg-type]
     assert drained == [(col.runtime.qualified, "decrypt", 2, 0)]  # mid-result (disconnect)
