@@ -528,7 +528,7 @@ def _init_audit_key(cfg: settings_mod.Settings) -> None:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     """`audit verify`: 0 when the chain holds, 1 when it does not (or the key is unusable)."""
-    from proxy.audit import order_rotated, read_key_file, verify
+    from proxy.audit import ok_line, order_rotated, read_key_file, verify
 
     key = read_key_file(args.key_file)  # OSError: one line, exit 1
     if not key:
@@ -536,7 +536,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     files = list(args.files) if args.keep_order else order_rotated(args.files)
     result = verify(files, key, require_stop=args.require_stop)
     if result.ok:
-        print(f"OK: {result.records} records in {len(files)} file(s)")
+        print(ok_line(result, len(files)))
         return 0
     print(f"FAIL {result.where}: {result.reason}")
     return 1
