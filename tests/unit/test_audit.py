@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from proxy.audit import (
-    AuditLocked,
     GENESIS,
+    AuditLocked,
     AuditLog,
     audit_verify_main,
     canonical,
