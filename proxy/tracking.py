@@ -1305,6 +1305,17 @@ class Tracker:
             except ValueError_ as exc:  # the rows would pass unrevealed: never
                 self.consume_to_ready = True
                 return m.error_response(exc.sqlstate, exc.text)
+            protected = getattr(self.copy_out, "protected", None)
+            if protected and self.on_statement is not None:
+                # It reveals: its record before its first CopyData, as for rows.
+                splan, _ = self._head_plan(head)
+                try:
+                    token = self.on_statement.begin(splan, [(i, c, 0) for i, c in protected])
+                except AuditRefused:
+                    self.copy_out = None
+                    self.consume_to_ready = True
+                    return m.error_response("58030", AUDIT_REFUSED)
+                self.reveal = Reveal(token)
             return None
         # Its client stream is the one on, or the next to start, or it ended already
         # (sent without waiting): anything else means the two pictures differ.
@@ -1326,6 +1337,8 @@ class Tracker:
             try:
                 return self.copy_out.server_data(msg[5:])
             except ValueError_ as exc:
+                if self.reveal is not None:
+                    self._end_reveal(self.reveal, "error", exc.sqlstate)
                 self.copy_out = None
                 self.consume_to_ready = True
                 return m.error_response(exc.sqlstate, exc.text)
@@ -1337,6 +1350,8 @@ class Tracker:
             try:
                 tail = copy_out.server_done()
             except ValueError_ as exc:
+                if self.reveal is not None:
+                    self._end_reveal(self.reveal, "error", exc.sqlstate)
                 self.consume_to_ready = True
                 return m.error_response(exc.sqlstate, exc.text)
             return tail + msg if tail else None

@@ -103,6 +103,17 @@ def test_error_midway_is_audited_with_the_rows_sent(proxy: ProxyProcess) -> None
     assert verify(proxy).returncode == 0
 
 
+def test_copy_to_stdout_is_audited_before_its_data(proxy: ProxyProcess) -> None:
+    with connect(proxy, "payments_service") as c, c.cursor() as cur:
+        with cur.copy("COPY obs_cards (id, pan) TO STDOUT") as copy:
+            data = b"".join(bytes(b) for b in copy)
+    assert PANS[0].encode() in data
+    found = reveals(proxy, "COPY obs_cards")
+    assert len(found) == 1 and found[0][1] is not None, records(proxy)
+    assert found[0][0]["columns"] == {"public.obs_cards.pan": "plaintext"}
+    assert (found[0][1]["outcome"], found[0][1]["rows"]) == ("complete", 10)
+
+
 def test_unfinished_portal_and_disconnect_are_audited(proxy: ProxyProcess) -> None:
     """Row-limited Executes (a cursor of asyncpg): a portal closed with its transaction
     after 3 rows, and one whose client vanished after 2; each was recorded before its
@@ -156,7 +167,13 @@ def test_unwritable_audit_refuses_the_reveal(proxy: ProxyProcess) -> None:
                 assert err.value.sqlstate == "58030", err.value
                 assert "audit" in str(err.value)
                 assert c.execute("SELECT 1").fetchone() == (1,)  # still usable
-            assert failures(proxy) >= 2
+            with pytest.raises(psycopg.Error) as err, c.cursor() as cur:
+                with cur.copy("COPY obs_cards (id, pan) TO STDOUT") as copy:
+                    sent = sum(len(b) for b in copy)  # (a count: no PAN in a message)
+                    assert sent == 0, f"{sent} bytes of COPY data were sent"
+            assert err.value.sqlstate == "58030", err.value
+            assert c.execute("SELECT 1").fetchone() == (1,)
+            assert failures(proxy) >= 3
         finally:
             limit_file_size(proxy, None)
         assert c.execute("SELECT pan FROM obs_cards WHERE id = 1").fetchone() == (PANS[0],)
