@@ -33,12 +33,23 @@ dropped - done by re-scanning pglast's `normalize` output, because `normalize` l
 literals in some utility statements (`PREPARE ... AS`, `COMMENT`, column defaults).
 A statement that does not even scan is logged without text.
 
-Cost. Records are small (< 1 KiB) and written with one `write` + `flush` each from the
-event loop thread; a buffered append to a local file is a few microseconds and only
-happens for audited statements. No fsync per record (that would cost milliseconds);
-`flush()` hands the line to the kernel, so a proxy crash loses nothing, a host crash may.
-With `workers: N`, give each worker its own file (`worker_path`): two processes appending
-to one chain would interleave and break it.
+Writes. Each record is one `os.write` of one complete line on an O_APPEND descriptor
+(no user-space buffer): the kernel has the whole line or, after a failed or short write,
+the proxy cuts the file back to the last whole line, rolls the chain state back and
+raises, and the caller applies `audit.on_failure`. Records a failure cost are counted
+and the next record that gets written is preceded by a `gap` record (`reason:
+write_failed`, `lost: N`). fsync policy: no fsync per record (milliseconds each); a
+proxy crash loses nothing the kernel accepted, a host crash may lose the newest records
+(`--require-stop` and the external anchors tell); the file is fsynced at rotation and at
+stop. A host crash can still leave a torn last line: on start it is cut off and a `gap`
+record (`reason: torn_tail`, its byte count and SHA-256) chains from the last whole
+record, so the chain goes on and `verify` reports the gap instead of failing for ever.
+
+One writer per file. The running proxy holds an exclusive `flock` on `.FILE.lock` (beside
+the file, stable across rotations); a second proxy configured with the same file refuses
+to start (`AuditLocked`) instead of writing into the live chain. With `workers: N` each
+worker has its own file (`worker_path`) and so its own lock: two processes appending to
+one chain would interleave and break it.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import fcntl
 import hashlib
 import hmac
 import json
@@ -55,7 +67,7 @@ import re
 import stat
 import sys
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,8 +79,12 @@ GENESIS = "0" * 64
 VIEWS = frozenset({"plaintext", "masked", "ciphertext", "deny"})
 EVENTS = frozenset(
     {"start", "stop", "rotate", "connect", "disconnect", "auth_failure", "statement",
-     "anchor_gap"}
+     "anchor_gap", "statement_end", "gap"}
 )
+#: How a reveal ended (`statement_end.outcome`): CommandComplete; an error (the server's or
+#: the proxy's) after rows were sent; a row-limited portal closed before it finished
+#: (Close, transaction end); the client or server connection went away.
+OUTCOMES = frozenset({"complete", "error", "portal_closed", "disconnect"})
 _LITERAL_TOKENS = frozenset(
     {"SCONST", "USCONST", "ICONST", "FCONST", "BCONST", "XCONST", "TRUE_P", "FALSE_P"}
 )
@@ -173,10 +189,16 @@ def _short(value: object) -> str | None:
 # --------------------------------------------------------------------------- writer
 
 
+class AuditLocked(Exception):
+    """Another running process holds this audit file's lock (see `AuditLog`)."""
+
+
 class AuditLog:
     """Appends chained records to a file (rotated by size) or to a stream such as stdout.
 
-    Not for use by two processes at once; safe from several threads of one process.
+    Not for use by two processes at once (the file's lock enforces it); safe from several
+    threads of one process. `writer` is `os.write` (a unit test may pass a failing one);
+    `on_write_failure` is called once per record that could not be written.
     """
 
     def __init__(
@@ -187,6 +209,8 @@ class AuditLog:
         max_bytes: int = 100 * 1024 * 1024,
         keep: int = 10,
         stream: IO[str] | None = None,
+        writer: Callable[[int, bytes], int] | None = None,
+        on_write_failure: Callable[[], None] | None = None,
     ) -> None:
         if not key:
             raise ValueError("audit key must not be empty")
@@ -198,8 +222,15 @@ class AuditLog:
         self.keep = max(1, keep)
         self._stream = stream
         self._lock = threading.Lock()
-        self._fh: IO[bytes] | None = None
+        self._write = writer if writer is not None else os.write
+        self.on_write_failure = on_write_failure
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
         self._size = 0
+        self._dirty_tail = False  # a short write left bytes that could not be cut off
+        self._gap: dict[str, Any] | None = None  # a gap record to write before the next
+        self.lost = 0  # records that could not be written since the last gap record
+        self.failures = 0
         self.seq = 0
         self.last_mac = GENESIS
         self.dropped = 0
@@ -208,7 +239,11 @@ class AuditLog:
         # The head found on disk, before this process wrote anything: what the external
         # anchor (proxy/audit_anchor.py) compares with the head it last published.
         self.resumed: tuple[int, str] = (self.seq, self.last_mac)
-        self._append({"event": "start", "pid": os.getpid()})
+        try:
+            self._append({"event": "start", "pid": os.getpid()})
+        except BaseException:
+            self._release()
+            raise
 
     def __repr__(self) -> str:  # never the key
         return f"AuditLog(path={self.path!s}, seq={self.seq})"
@@ -282,7 +317,7 @@ class AuditLog:
         the event loop; the caller closes it) makes the head durable before it is anchored.
         A duplicate stays valid when rotation closes the original."""
         with self._lock:
-            fd = os.dup(self._fh.fileno()) if self._fh is not None else None
+            fd = os.dup(self._fd) if self._fd is not None else None
             return self.seq, self.last_mac, fd
 
     def statement(
@@ -300,18 +335,21 @@ class AuditLog:
         decision: str,
         reason: str | None = None,
         rows: int | None = None,
-    ) -> None:
-        """A statement that touched a protected column or was denied.
+        phase: str | None = None,
+    ) -> int:
+        """A statement that touched a protected column or was denied; returns its `seq`.
 
         Pass `sql` (fingerprinted and normalized here, never logged as is) or a
         precomputed `fingerprint=statement_fingerprint(sql)`. `columns` maps each protected
         `schema.table.column` to how it was returned: plaintext, masked, ciphertext, deny.
+        `phase="begin"`: written before the statement's first revealed row, without a row
+        count; a `statement_end` record naming this `seq` completes it.
         """
         if fingerprint is None:
             fingerprint = statement_fingerprint(sql) if sql is not None else (None, None)
         fp, text = fingerprint
         cols = {c: (v if v in VIEWS else "unknown") for c, v in (columns or {}).items()}
-        self._append(
+        return self._append(
             {
                 "event": "statement",
                 "session": session,
@@ -326,69 +364,137 @@ class AuditLog:
                 "decision": decision,
                 "reason": reason,
                 "rows": rows,
+                "phase": phase,
+            }
+        )
+
+    def statement_end(
+        self,
+        session: int | str,
+        begin: int,
+        *,
+        rows: int,
+        outcome: str,
+        sqlstate: str | None = None,
+    ) -> int:
+        """The end of a reveal whose `statement` record (`seq` = `begin`) came first: the
+        rows the client was sent and how it ended (`OUTCOMES`)."""
+        return self._append(
+            {
+                "event": "statement_end",
+                "session": session,
+                "statement_seq": begin,
+                "rows": rows,
+                "outcome": outcome if outcome in OUTCOMES else "unknown",
+                "sqlstate": _short(sqlstate),
             }
         )
 
     def close(self) -> None:
         """Write the `stop` record (marks a clean end for `--require-stop`) and close."""
         with self._lock:
-            if self._fh is None and self._stream is None:
+            if self._fd is None and self._stream is None:
                 return
-        self._append({"event": "stop", "pid": os.getpid()})
+        try:
+            self._append({"event": "stop", "pid": os.getpid()})
+        except OSError as exc:
+            log.error("audit log %s: cannot write the stop record: %s", self.path, exc.strerror)
         with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.fsync(self._fd)
+            self._release()
             self._stream = None
 
     # ------------------------------------------------------------------ internals
 
+    def _release(self) -> None:
+        """Close the file and give up its lock."""
+        for name in ("_fd", "_lock_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
     def _open_file(self) -> None:
-        """Open for append, continuing the chain from the last record already in the file."""
+        """Lock, then open for append, continuing the chain from the last whole record in
+        the file. A torn last line (a host crash mid-write) is cut off and recorded by a
+        `gap` record written before anything else."""
         assert self.path is not None
         private_dir(self.path.parent)
-        seq, mac, partial = _tail_state(self.path)
-        if seq is not None and mac is not None:
-            self.seq, self.last_mac = seq, mac
-        self._fh = _open_private(self.path)
-        if partial:
-            # A crash cut the last line. Finish it so later records stay line-aligned; the
-            # verifier will (rightly) report the broken line.
-            log.warning("audit log %s ends in a partial record", self.path)
-            self._fh.write(b"\n")
-            self._fh.flush()
-        self._size = self._fh.tell()
+        self._lock_fd = _take_lock(self.path)
+        try:
+            self._fd = _open_private(self.path)
+            seq, mac, good, torn = _tail_state(self.path)
+            if seq is not None and mac is not None:
+                self.seq, self.last_mac = seq, mac
+            if torn:
+                log.warning("audit log %s ends in a torn record (%d bytes): cut off and "
+                            "recorded as a gap", self.path, len(torn))
+                os.ftruncate(self._fd, good)
+                self._gap = {"event": "gap", "reason": "torn_tail", "torn_bytes": len(torn),
+                             "torn_sha256": hashlib.sha256(torn).hexdigest()}
+            self._size = os.fstat(self._fd).st_size
+        except BaseException:
+            self._release()
+            raise
 
-    def _append(self, fields: dict[str, Any]) -> None:
-        """Seal and write one record.
+    def _append(self, fields: dict[str, Any]) -> int:
+        """Seal and write one record (after a pending `gap` record, in the same write);
+        returns its `seq`.
 
         After `close()` records are dropped and logged (a late disconnect during shutdown
-        must not crash its session). A write error (disk full) rolls the chain state back
-        and propagates: whether to fail closed is the caller's policy decision.
+        must not crash its session). A write error (disk full, EIO, short write) rolls the
+        chain state back, counts the lost record and propagates: whether to fail closed is
+        the caller's policy decision.
         """
         with self._lock:
-            if self._fh is None and self._stream is None:
+            if self._fd is None and self._stream is None:
                 self.dropped += 1
                 log.error("audit log closed; dropped a %s record", fields.get("event"))
-                return
+                return 0
             state = (self.seq, self.last_mac)
-            line = self._seal(fields)
+            gap = self._gap
+            if gap is None and self.lost:
+                gap = {"event": "gap", "reason": "write_failed", "lost": self.lost}
+            line = (self._seal(gap) if gap is not None else b"") + self._seal(fields)
             try:
-                if self._fh is not None:
-                    self._fh.write(line)
-                    self._fh.flush()
-                else:
-                    assert self._stream is not None
-                    self._stream.write(line.decode())
-                    self._stream.flush()
+                self._write_line(line)
             except OSError:
                 self.seq, self.last_mac = state
+                self.lost += 1
+                self.failures += 1
+                if self.on_write_failure is not None:
+                    self.on_write_failure()
                 raise
-            if self._fh is not None:
+            self._gap = None
+            self.lost = 0
+            seq = self.seq
+            if self._fd is not None:
                 self._size += len(line)
                 # Never after `stop`: the newest file must end with it (--require-stop).
                 if self._size >= self.max_bytes and fields["event"] != "stop":
                     self._rotate()
+            return seq
+
+    def _write_line(self, line: bytes) -> None:
+        """One `write` of whole lines; a short write is cut back and is a failure."""
+        if self._fd is None:
+            assert self._stream is not None
+            self._stream.write(line.decode())
+            self._stream.flush()
+            return
+        if self._dirty_tail:
+            os.ftruncate(self._fd, self._size)  # OSError: still cannot write safely
+            self._dirty_tail = False
+        n = self._write(self._fd, line)
+        if n != len(line):
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                self._dirty_tail = True
+            raise OSError(errno.EIO, f"short write to the audit log ({n} of {len(line)} bytes)")
 
     def _seal(self, fields: dict[str, Any]) -> bytes:
         self.seq += 1
@@ -399,8 +505,11 @@ class AuditLog:
         return canonical(record) + b"\n"
 
     def _rotate(self) -> None:
-        assert self.path is not None and self._fh is not None
-        self._fh.close()
+        assert self.path is not None and self._fd is not None
+        with contextlib.suppress(OSError):
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
         oldest = self.path.with_name(f"{self.path.name}.{self.keep}")
         with contextlib.suppress(FileNotFoundError):
             oldest.unlink()
@@ -409,14 +518,53 @@ class AuditLog:
             if src.exists():
                 src.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
         self.path.rename(self.path.with_name(f"{self.path.name}.1"))
-        self._fh = _open_private(self.path)
+        self._fd = _open_private(self.path)
+        self._size = 0
+        state = (self.seq, self.last_mac)
         line = self._seal({"event": "rotate", "previous_file": f"{self.path.name}.1"})
-        self._fh.write(line)
-        self._fh.flush()
+        try:
+            self._write_line(line)
+        except OSError:
+            # The next record is written after a `gap` record in the new file; verify
+            # then reports the chain as starting at a rotation with a recorded gap.
+            self.seq, self.last_mac = state
+            self.lost += 1
+            self.failures += 1
+            if self.on_write_failure is not None:
+                self.on_write_failure()
+            log.error("audit log %s: cannot write the rotate record", self.path)
+            return
         self._size = len(line)
 
 
-def _open_private(path: Path) -> IO[bytes]:
+def _take_lock(path: Path) -> int:
+    """An exclusive, non-blocking `flock` on `.FILE.lock` (the running proxy's pid in it).
+
+    Beside the file rather than on it: rotation renames the file, the lock must stay.
+    Released by the kernel when the process ends, however it ends."""
+    lock_path = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        except OSError:
+            holder = "?"
+        os.close(fd)
+        raise AuditLocked(
+            f"audit log {path} is in use by another running proxy (pid {holder}, lock "
+            f"{lock_path}); stop it first or give this one its own audit.path") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _open_private(path: Path) -> int:
     """Open `path` for append as a file only its owner can read (0600, whatever the umask).
 
     Audit records name roles, client addresses and normalized statements: not for every
@@ -425,9 +573,10 @@ def _open_private(path: Path) -> IO[bytes]:
     """
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        if os.fstat(fd).st_mode & 0o077:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) and mode & 0o077:  # (never chmod a device or a FIFO)
             os.fchmod(fd, 0o600)
-        return os.fdopen(fd, "ab")
+        return fd
     except BaseException:
         os.close(fd)
         raise
@@ -457,30 +606,35 @@ def private_dir(directory: Path) -> None:
                     "chmod 700 %s", directory, mode, directory)
 
 
-def _tail_state(path: Path) -> tuple[int | None, str | None, bool]:
-    """(seq, mac) of the last complete record of `path`, and whether a partial line follows."""
+def _tail_state(path: Path) -> tuple[int | None, str | None, int, bytes]:
+    """(seq, mac) of the last whole record of `path`, the offset where its line ends, and
+    the torn bytes after it (a last line without its newline; b"" when none)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        return None, None, False
+        return None, None, 0, b""
     if size == 0:
-        return None, None, False
+        return None, None, 0, b""
     with open(path, "rb") as fh:
-        fh.seek(max(0, size - 65536))
+        start = max(0, size - 65536)
+        fh.seek(start)
         tail = fh.read()
-    partial = not tail.endswith(b"\n")
-    lines = tail.split(b"\n")
-    complete = lines[:-1]  # the piece after the last newline is empty or partial
-    for raw in reversed(complete):
+    cut = tail.rfind(b"\n") + 1  # 0: no newline in the tail
+    if cut == 0 and start > 0:  # a torn line longer than 64 KiB: not ours, but cut too
+        start, tail = 0, path.read_bytes()
+        cut = tail.rfind(b"\n") + 1
+    torn = tail[cut:]
+    good = start + cut
+    for raw in reversed(tail[:cut].split(b"\n")[:-1]):
         if not raw.strip():
             continue
         try:
             rec = json.loads(raw)
-            return int(rec["seq"]), str(rec["mac"]), partial
+            return int(rec["seq"]), str(rec["mac"]), good, torn
         except (ValueError, KeyError, TypeError):
             log.warning("audit log %s: last line is not a record; chain restarts", path)
-            return None, None, partial
-    return None, None, partial
+            return None, None, good, torn
+    return None, None, good, torn
 
 
 # --------------------------------------------------------------------------- verify
@@ -497,6 +651,7 @@ class VerifyResult:
     records: int = 0
     # Intact but not provably complete (older files missing, a recorded anchor gap).
     incomplete: bool = False
+    gaps: tuple[str, ...] = ()  # "file:line reason" of each `gap` record (chain intact)
 
     @property
     def where(self) -> str:
@@ -546,6 +701,7 @@ def verify(
     last_line = 0
     first: tuple[int, str, int] | None = None  # (seq, file, line) of the first record
     at_anchor: tuple[str, str, int] | None = None  # (mac, file, line) of the anchored seq
+    anchor_gaps: list[str] = []
     gaps: list[str] = []
     for p in paths:
         name = str(p)
@@ -570,9 +726,11 @@ def verify(
             if anchor is not None and rec["seq"] == anchor[0]:
                 at_anchor = (rec["mac"], name, lineno)
             if rec["event"] == "anchor_gap":
-                gaps.append(f"{name}:{lineno} (records {rec.get('found_seq', 0) + 1}.."
+                anchor_gaps.append(f"{name}:{lineno} (records {rec.get('found_seq', 0) + 1}.."
                             f"{rec.get('anchored_seq')} cut before a restart)")
             prev, seq, last_event = rec["mac"], rec["seq"], rec["event"]
+            if last_event == "gap":
+                gaps.append(f"{name}:{lineno} {_gap_text(rec)}")
             count += 1
             last_file, last_line = name, lineno
     if count == 0:
@@ -591,11 +749,23 @@ def verify(
             f"{first[0]} chains from a previous file that was not given); pass every "
             "rotated file to prove the log complete", first[1], count, incomplete=True,
         )
-    if gaps:
-        return VerifyResult(False, None, "the chain records a gap: " + "; ".join(gaps),
-                            None, count, incomplete=True)
+    if anchor_gaps:
+        return VerifyResult(False, None, "the chain records a cut: " + "; ".join(anchor_gaps),
+                            None, count, incomplete=True, gaps=tuple(gaps))
     note = f", head seq {seq} matches the anchor" if anchor is not None else ""
-    return VerifyResult(True, None, f"{count} records verified{note}", None, count)
+    if gaps:
+        note += f"; {len(gaps)} recorded gap(s): " + "; ".join(gaps)
+    return VerifyResult(True, None, f"{count} records verified{note}", None, count,
+                        gaps=tuple(gaps))
+
+
+def _gap_text(rec: Mapping[str, Any]) -> str:
+    """What a `gap` record says was lost, in words."""
+    if rec.get("reason") == "torn_tail":
+        return f"torn tail of {rec.get('torn_bytes')} bytes cut off at restart"
+    if rec.get("reason") == "write_failed":
+        return f"{rec.get('lost')} record(s) could not be written"
+    return str(rec.get("reason"))
 
 
 def _anchor_problem(anchor: tuple[int, str], last_seq: int,
@@ -644,6 +814,14 @@ def _check_line(raw: bytes, key: bytes, prev: str | None, seq: int | None, first
 # --------------------------------------------------------------------------- CLI
 
 
+def ok_line(result: VerifyResult, files: int) -> str:
+    """The verifier's success line; recorded gaps are named, never hidden in an OK."""
+    line = f"OK: {result.records} records in {files} file(s)"
+    if result.gaps:
+        line += f"; {len(result.gaps)} recorded gap(s): " + "; ".join(result.gaps)
+    return line
+
+
 def read_key_file(path: str | os.PathLike[str]) -> bytes:
     """Audit key from a file: hex text (64+ hex digits, whitespace ignored) or raw bytes."""
     data = Path(path).read_bytes()
@@ -689,7 +867,7 @@ def verify_command(args: argparse.Namespace, key: bytes) -> int:
             return 1
     result = verify(files, key, require_stop=args.require_stop, anchor=anchor)
     if result.ok:
-        print(f"OK: {result.records} records in {len(files)} file(s)"
+        print(ok_line(result, len(files))
               + (f", head matches the anchor (seq {anchor[0]})" if anchor else ""))
         return 0
     if result.incomplete:

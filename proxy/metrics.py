@@ -476,6 +476,14 @@ class Metrics:
         )  # fmt: skip
         self._auth_failures = self.auth_failures.child()
 
+        self.audit_write_failures = _Counters(
+            r, "strongroom_audit_write_failures",
+            "Audit records that could not be written (disk full, I/O error, file gone); "
+            "audit.on_failure says whether their statements were refused or served.",
+            [],
+        )  # fmt: skip
+        self._audit_write_failures = self.audit_write_failures.child()
+
         self.reloads = _Counters(
             r, "strongroom_config_reloads", "Configuration reloads by result.", ["result"]
         )
@@ -669,6 +677,9 @@ class Metrics:
     def error_sent(self, sqlstate: str) -> None:
         """An ErrorResponse went to a client; SQLSTATE bounded to PostgreSQL's list."""
         self.errors.child(bounded_sqlstate(sqlstate))[0] += 1
+
+    def audit_write_failed(self) -> None:
+        self._audit_write_failures[0] += 1
 
     def config_reloaded(self, ok: bool) -> None:
         (self._reload_ok if ok else self._reload_failed)[0] += 1

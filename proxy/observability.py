@@ -27,9 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from proxy.audit import AuditLog, read_key_file, statement_fingerprint, worker_path
+from proxy.audit import (
+    AuditLocked,
+    AuditLog,
+    read_key_file,
+    statement_fingerprint,
+    worker_path,
+)
 from proxy.metrics import OTHER, Metrics, query_kind
 from proxy.settings import ConfigError, Settings
+from proxy.tracking import AuditRefused, rows_in_tag
 
 if TYPE_CHECKING:
     from proxy.gate import Gate
@@ -178,63 +185,122 @@ class GateAudit:
 
     def denied(self, session: Session, sql: str, reason: str) -> None:
         info = self.facts.get(sql)
-        self.audit.statement(
-            session.id, session_role(session), session.peer,
-            application_name=application_name(session), kind=info.kind,
-            fingerprint=info.fingerprint, tables=info.tables, columns={},
-            decision="deny", reason=reason,
-        )
+        try:
+            self.audit.statement(
+                session.id, session_role(session), session.peer,
+                application_name=application_name(session), kind=info.kind,
+                fingerprint=info.fingerprint, tables=info.tables, columns={},
+                decision="deny", reason=reason,
+            )
+        except OSError as exc:  # the statement is denied anyway: nothing to refuse
+            _write_failed("statement", exc)
 
 
-def rows_from_tag(msg: bytes) -> int | None:
-    """Rows of a CommandComplete message (`SELECT 5`, `INSERT 0 2`, `UPDATE 3`)."""
-    tag = msg[5:-1]
-    head, _, last = tag.rpartition(b" ")
-    return int(last) if head and last.isdigit() else None
+rows_from_tag = rows_in_tag
 
 
 class StatementAuditor:
-    """Tracking mode: one audit record per completed statement that touched a protected
-    column (called by the tracker at CommandComplete)."""
+    """Tracking mode: the audit records of one session's statements over protected
+    columns (called by the tracker).
 
-    __slots__ = ("audit", "facts", "session")
+    A statement that reveals protected values (a plaintext or masked view) gets its
+    `statement` record (`phase: begin`) before its first revealed row is sent, and a
+    `statement_end` record with the rows sent and the outcome when it completes, fails,
+    is closed unfinished or the session ends (`begin` / `end`). One that reveals no row
+    (writes, ciphertext views, no rows) gets one `statement` record at CommandComplete
+    (`__call__`). When `begin` cannot write, `on_failure` decides: "refuse" raises
+    `AuditRefused` (the tracker sends 58030 instead of the rows), "serve_and_alert" logs
+    and serves; `strongroom_audit_write_failures_total` counts every failed record.
+    """
 
-    def __init__(self, audit: AuditLog, facts: StatementFacts, session: Session) -> None:
+    __slots__ = ("audit", "facts", "refuse", "session")
+
+    def __init__(self, audit: AuditLog, facts: StatementFacts, session: Session,
+                 on_failure: str = "refuse") -> None:
         self.audit, self.facts, self.session = audit, facts, session
+        self.refuse = on_failure != "serve_and_alert"
+
+    def _columns(self, plan: StatementPlan | None, revealed: Any) -> dict[str, str]:
+        columns: dict[str, str] = {}
+        if plan is not None:
+            for cols in plan.outputs:
+                for rc in cols or ():
+                    if rc is not None and hasattr(rc, "runtime"):
+                        columns[rc.runtime.qualified] = rc.view
+        for _i, crypto, _fmt in revealed or ():
+            if hasattr(crypto, "runtime"):
+                columns[crypto.runtime.qualified] = crypto.view
+        if plan is not None:
+            written = [rc for _action, rc in plan.params.values()]
+            written += [d[3] for d in plan.derived] + list(plan.literals)
+            for rc in written:
+                if hasattr(rc, "runtime"):
+                    columns.setdefault(rc.runtime.qualified, rc.view)
+        return columns
+
+    def _info(self, plan: StatementPlan | None) -> _StatementInfo:
+        if plan is None or not plan.source:
+            return _StatementInfo((None, None), "unknown", plan.tables if plan else ())
+        return self.facts.get(plan.source, plan.tables or None)
 
     def __call__(self, plan: StatementPlan, msg: bytes, revealed: Any = None) -> None:
         if plan.refusal is not None or not plan.source:
             return  # refused: the gate adapter (or the rewriter's refusal path) logs it
-        info = self.facts.get(plan.source, plan.tables or None)
-        columns: dict[str, str] = {}
-        for cols in plan.outputs:
-            for rc in cols or ():
-                if rc is not None and hasattr(rc, "runtime"):
-                    columns[rc.runtime.qualified] = rc.view
-        for _i, crypto, _fmt in revealed or ():
-            if hasattr(crypto, "runtime"):
-                columns[crypto.runtime.qualified] = crypto.view
-        written = [rc for _action, rc in plan.params.values()]
-        written += [d[3] for d in plan.derived] + list(plan.literals)
-        for rc in written:
-            if hasattr(rc, "runtime"):
-                columns.setdefault(rc.runtime.qualified, rc.view)
+        info = self._info(plan)
         s = self.session
-        self.audit.statement(
-            s.id, session_role(s), s.peer, application_name=application_name(s),
-            kind=info.kind, fingerprint=info.fingerprint, tables=info.tables,
-            columns=columns, decision="allow", rows=rows_from_tag(msg),
-        )
+        try:
+            self.audit.statement(
+                s.id, session_role(s), s.peer, application_name=application_name(s),
+                kind=info.kind, fingerprint=info.fingerprint, tables=info.tables,
+                columns=self._columns(plan, revealed), decision="allow",
+                rows=rows_from_tag(msg),
+            )
+        except OSError as exc:  # nothing was revealed: counted, and a gap record follows
+            _write_failed("statement", exc)
+
+    def begin(self, plan: StatementPlan | None, revealed: Any) -> int | None:
+        """Before the first revealed row: the `statement` record, written through to the
+        kernel. Returns its `seq` (None when it could not be written and is served)."""
+        info = self._info(plan)
+        s = self.session
+        try:
+            return self.audit.statement(
+                s.id, session_role(s), s.peer, application_name=application_name(s),
+                kind=info.kind, fingerprint=info.fingerprint, tables=info.tables,
+                columns=self._columns(plan, revealed), decision="allow", phase="begin",
+            )
+        except OSError as exc:
+            _write_failed("statement", exc)
+            if self.refuse:
+                raise AuditRefused from None
+            return None
+
+    def end(self, token: int | None, rows: int, outcome: str, sqlstate: str | None) -> None:
+        """The reveal begun by `begin` (record `token`) ended."""
+        try:
+            self.audit.statement_end(self.session.id, token or 0, rows=rows, outcome=outcome,
+                                     sqlstate=sqlstate)
+        except OSError as exc:  # the rows are sent: nothing left to refuse
+            _write_failed("statement_end", exc)
 
     def refused(self, sql: str, tables: tuple[str, ...], reason: str) -> None:
         """The rewriter refused a statement over protected columns (not the policy)."""
         s = self.session
         info = self.facts.get(sql, tables or None)
-        self.audit.statement(
-            s.id, session_role(s), s.peer, application_name=application_name(s),
-            kind=info.kind, fingerprint=info.fingerprint, tables=info.tables, columns={},
-            decision="deny", reason=reason,
-        )
+        try:
+            self.audit.statement(
+                s.id, session_role(s), s.peer, application_name=application_name(s),
+                kind=info.kind, fingerprint=info.fingerprint, tables=info.tables,
+                columns={}, decision="deny", reason=reason,
+            )
+        except OSError as exc:
+            _write_failed("statement", exc)
+
+
+def _write_failed(event: str, exc: OSError) -> None:
+    """Log a record that could not be written (the AuditLog counted it for the metric
+    and writes a `gap` record before its next record)."""
+    log.error("audit: cannot write a %s record: %s", event, exc.strerror or exc)
 
 
 # ------------------------------------------------------------------------ statement kinds
@@ -350,8 +416,16 @@ def load_audit_key(settings: Settings) -> bytes:
     return key
 
 
-def build_audit(settings: Settings, worker_index: int = 0) -> AuditLog | None:
-    """The audit log of one process (`audit.path`, per-worker file), or None."""
+def audit_on_failure(settings: Settings) -> str:
+    """`audit.on_failure`: "refuse" (default, fail closed) or "serve_and_alert"."""
+    cfg = audit_settings(settings) or {}
+    return "serve_and_alert" if cfg.get("on_failure") == "serve_and_alert" else "refuse"
+
+
+def build_audit(settings: Settings, worker_index: int = 0,
+                on_write_failure: Callable[[], None] | None = None) -> AuditLog | None:
+    """The audit log of one process (`audit.path`, per-worker file), or None. Refused
+    (ConfigError) when another running proxy holds the file's lock."""
     cfg = audit_settings(settings)
     if cfg is None:
         return None
@@ -368,8 +442,10 @@ def build_audit(settings: Settings, worker_index: int = 0) -> AuditLog | None:
     try:
         return AuditLog(
             path, key, max_bytes=int(cfg.get("max_bytes", 100 * 1024 * 1024)),
-            keep=int(cfg.get("keep", 10)), stream=stream,
+            keep=int(cfg.get("keep", 10)), stream=stream, on_write_failure=on_write_failure,
         )
+    except AuditLocked as exc:
+        raise ConfigError([f"{settings.source}: audit.path: {exc}"]) from None
     except OSError as exc:
         raise ConfigError([f"{settings.source}: audit.path: cannot open {path}: "
                            f"{exc.strerror}"]) from None
@@ -421,7 +497,7 @@ def build(settings: Settings, gate: Gate, worker_index: int = 0,
     """Metrics and audit log of one process, attached to `gate` through the adapters."""
     metrics = Metrics()
     configure_metrics(metrics, settings, gate)
-    audit = build_audit(settings, worker_index)
+    audit = build_audit(settings, worker_index, metrics.audit_write_failed)
     facts = StatementFacts(gate)
     gate.metrics = GateMetrics(metrics)
     gate.audit = GateAudit(audit, facts) if audit is not None else None

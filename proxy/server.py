@@ -262,11 +262,17 @@ class Server:
             self.metrics.client_closed(session.close_reason)
         if session.tracker is not None:
             observability.flush_crypto(session.tracker, self.metrics.crypto_done)
+            # Reveals cut short by the end of the session (a portal never finished, a
+            # client gone after some rows): their end records, before the disconnect.
+            session.tracker.end_reveals("disconnect")
         if session.ready_once and self.audit is not None:
-            self.audit.disconnect(
-                session.id, observability.session_role(session), session.peer,
-                observability.application_name(session), session.close_reason,
-            )
+            try:
+                self.audit.disconnect(
+                    session.id, observability.session_role(session), session.peer,
+                    observability.application_name(session), session.close_reason,
+                )
+            except OSError as exc:  # counted; the next record written follows a gap
+                log.error("audit: cannot write a disconnect record: %s", exc.strerror)
         if session.backend_key is not None and self.keys.get(session.backend_key) is session:
             del self.keys[session.backend_key]
 
@@ -276,11 +282,15 @@ class Server:
     def on_session_ready(self, session: Session) -> None:
         session.ready_once = True
         if self.audit is not None:
-            self.audit.connect(session.id, session.user, session.peer,
-                               observability.application_name(session))
+            try:
+                self.audit.connect(session.id, session.user, session.peer,
+                                   observability.application_name(session))
+            except OSError as exc:  # counted; reveals are what audit.on_failure guards
+                log.error("audit: cannot write a connect record: %s", exc.strerror)
             if session.tracker is not None:
                 session.tracker.on_statement = observability.StatementAuditor(
-                    self.audit, self.audit_facts, session
+                    self.audit, self.audit_facts, session,
+                    observability.audit_on_failure(self.settings),
                 )
 
     def count(self, name: str) -> None:
@@ -297,8 +307,11 @@ class Server:
         if session is not None:
             session.close_reason = "auth_failure"
             if self.audit is not None:
-                self.audit.auth_failure(session.id, session.user, session.peer,
-                                        observability.application_name(session), sqlstate)
+                try:
+                    self.audit.auth_failure(session.id, session.user, session.peer,
+                                            observability.application_name(session), sqlstate)
+                except OSError as exc:
+                    log.error("audit: cannot write an auth_failure record: %s", exc.strerror)
 
     def on_upstream_connect_failed(self, exc: BaseException) -> None:
         self.count("upstream_connect_failures")

@@ -40,6 +40,15 @@ class ClientRefusal(Exception):
         self.hint = hint
 
 
+class AuditRefused(Exception):
+    """The audit record of a reveal could not be written and `audit.on_failure` is
+    `refuse`: no row of the statement may be sent."""
+
+
+AUDIT_REFUSED = ("the audit record of this statement could not be written; it was refused "
+                 "before any protected value was sent (audit.on_failure: refuse)")
+
+
 class ValueError_(Exception):
     """A value could not be converted (bad input syntax, failed decryption)."""
 
@@ -155,6 +164,19 @@ class Portal:
     # Blind-index recheck: per hidden column, the accepted equality keys (this Bind's)
     checks: list[tuple[ColumnCrypto, frozenset[bytes | None]]] | None = None
     cached_filter: tuple[object, RecheckFilter] | None = None
+    # The audited reveal of its rows, from its first revealed row until it completes,
+    # fails or is closed (a row-limited portal spans several Executes).
+    reveal: Reveal | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Reveal:
+    """A statement revealing protected values: its `statement` record was written before
+    its first revealed row (`token`: what the audit hook returned), one `statement_end`
+    record ends it with the rows sent and the outcome."""
+
+    token: Any
+    rows: int = 0
 
 
 # Queue entry kinds.
@@ -439,8 +461,14 @@ class Tracker:
             CLIENT_HANDLERS)
         self._guarding = False
         # Audit hook: called as on_statement(plan, CommandComplete message, row plan) for
-        # each completed statement whose plan touches a protected column.
-        self.on_statement: Callable[..., None] | None = None
+        # each completed statement whose plan touches a protected column and revealed no
+        # row; `on_statement.begin(plan, row plan)` before the first revealed row of a
+        # result set (raises AuditRefused to refuse it), `on_statement.end(token, rows,
+        # outcome, sqlstate)` when that reveal ends (see `Reveal`).
+        self.on_statement: Any = None
+        self.unaudited = False  # the current rows reveal and their record is not written
+        self.reveal: Reveal | None = None  # the audited reveal the current rows belong to
+        self.open_portals: list[Portal] = []  # portals whose reveal has not ended
         # The protector's rules in force, switched to a reload's at each statement
         # boundary (Query, Parse, Bind); None for a protector without reloads.
         self._follow: Callable[[], object] | None = getattr(protector, "follow_reload", None)
@@ -676,7 +704,9 @@ class Tracker:
     def _client_close(self, kind: int, msg: bytes) -> bytes | None:
         which = msg[5:6]
         name = msg[6:-1]
-        (self.statements if which == b"S" else self.portals).pop(name, None)
+        closed = (self.statements if which == b"S" else self.portals).pop(name, None)
+        if type(closed) is Portal and closed.reveal is not None:
+            self._end_reveal(closed.reveal, "portal_closed")
         self._push(_CLOSE_ENTRY)
         return None
 
@@ -928,14 +958,18 @@ class Tracker:
             if plan is _COLLECT:
                 self.queue[0].collected.append(rows.decode_data_row(msg[5:]))  # type: ignore[union-attr]
                 return b""
+            if self.unaudited:
+                refused = self._begin_reveal()
+                if refused is not None:
+                    return refused
             if type(plan) is RecheckFilter:
-                return self._filter_row(msg, plan)
+                return self._sent(self._filter_row(msg, plan))
             out = bytearray()
             end = len(msg)
             if plan.reveal(msg, 0, end, out) == end:  # type: ignore[attr-defined]
-                return bytes(out)
+                return self._sent(bytes(out))
             # Not for the fast path: the row is done again the one reference way.
-            return self._reveal_row(msg, plan.plan)  # type: ignore[attr-defined]
+            return self._sent(self._reveal_row(msg, plan.plan))  # type: ignore[attr-defined]
         queue = self.queue
         if self.consume_to_ready and kind != 0x5A:  # (`_server`, inline)
             # Only asynchronous messages still reach the client after a proxy-made error.
@@ -965,13 +999,17 @@ class Tracker:
         `data_plan is None and not consume_to_ready`: then it returns None."""
         plan = self.data_plan
         if type(plan) is RowRevealer and not self.consume_to_ready:
+            if self.unaudited:
+                refused = self._begin_reveal()
+                if refused is not None:
+                    return refused
             started = time.perf_counter()
             out = bytearray()
             done = plan.reveal(buf, start, stop, out) == stop
             self.decrypt_seconds += time.perf_counter() - started
             if done:
-                return bytes(out)
-            return self._reveal_row(buf[start:stop], plan.plan)
+                return self._sent(bytes(out))
+            return self._sent(self._reveal_row(buf[start:stop], plan.plan))
         return self.server(0x44, buf[start:stop])
 
     def reveal_rows(self, buf: bytes, start: int, end: int,
@@ -982,15 +1020,79 @@ class Tracker:
         at a time (a row the fast path left, or another type). Returns `start` at once
         while the current rows are not for the fast path at all."""
         plan = self.data_plan
-        if type(plan) is not RowRevealer or self.consume_to_ready:
-            return start
+        if type(plan) is not RowRevealer or self.consume_to_ready or self.unaudited:
+            return start  # (unaudited: `data_row` writes the record before the first row)
         started = time.perf_counter()
         revealed = bytearray()
+        before = plan.rows
         stop = plan.reveal(buf, start, end, revealed)
         if revealed:
             out.append(revealed)
+            if self.reveal is not None:
+                self.reveal.rows += plan.rows - before
         self.decrypt_seconds += time.perf_counter() - started
         return stop
+
+    def _sent(self, out: bytes) -> bytes:
+        """Count a revealed row sent to the client (not a dropped row or an error)."""
+        if out and self.reveal is not None and not self.consume_to_ready:
+            self.reveal.rows += 1
+        return out
+
+    def _begin_reveal(self) -> bytes | None:
+        """Before the first row of a result set that reveals protected values: write its
+        audit record and flush it (the hook does), or go on with the reveal of a portal
+        an earlier Execute suspended. Returns the ErrorResponse to send instead of the
+        row when the record cannot be written and the policy refuses (nothing of the
+        result set is sent; the session stays usable)."""
+        self.unaudited = False
+        self.reveal = None
+        plan = self.data_plan
+        rowplan = getattr(plan, "plan", None)
+        if not rowplan or self.on_statement is None:
+            return None  # nothing protected in these rows is shown
+        head = self.queue[0] if self.queue else None
+        portal = (head.target if head is not None and head.kind == EXECUTE
+                  and type(head.target) is Portal else None)
+        if portal is not None and portal.reveal is not None:
+            self.reveal = portal.reveal
+            return None
+        splan, _ = self._head_plan(head)
+        try:
+            token = self.on_statement.begin(splan, rowplan)
+        except AuditRefused:
+            return self._row_error("58030", AUDIT_REFUSED)
+        self.reveal = Reveal(token)
+        if portal is not None:
+            portal.reveal = self.reveal
+            self.open_portals.append(portal)
+        return None
+
+    def _end_reveal(self, reveal: Reveal, outcome: str, sqlstate: str | None = None,
+                    rows: int | None = None) -> None:
+        """Write the `statement_end` record of `reveal` (once)."""
+        if self.reveal is reveal:
+            self.reveal = None
+        for portal in self.open_portals:
+            if portal.reveal is reveal:
+                portal.reveal = None
+                self.open_portals.remove(portal)
+                break
+        if self.on_statement is not None:
+            self.on_statement.end(reveal.token, max(reveal.rows, rows or 0), outcome,
+                                  sqlstate)
+
+    def end_reveals(self, outcome: str) -> None:
+        """End every reveal still open: the session ends ("disconnect"), or the
+        transaction that held suspended portals did ("portal_closed")."""
+        if self.reveal is not None:
+            self._end_reveal(self.reveal, outcome)
+        while self.open_portals:
+            portal = self.open_portals[0]
+            if portal.reveal is None:
+                self.open_portals.pop(0)
+            else:
+                self._end_reveal(portal.reveal, outcome)
 
     def _filter_row(self, msg: bytes, f: RecheckFilter) -> bytes:
         """A DataRow of a blind-index lookup: b"" (dropped) when a hidden cell does not
@@ -1016,6 +1118,8 @@ class Tracker:
 
     def _row_error(self, sqlstate: str, text: str) -> bytes:
         """An ErrorResponse in place of a row; the rest of the reply is dropped."""
+        if self.reveal is not None:
+            self._end_reveal(self.reveal, "error", sqlstate)
         self.consume_to_ready = True
         self.row_plan = self.row_filter = None
         return m.error_response(sqlstate, text)
@@ -1024,7 +1128,11 @@ class Tracker:
         old = self.data_plan
         if isinstance(old, RowRevealer):
             old.flush()
-        self.data_plan = plan.revealer if isinstance(plan, RowPlan) else plan
+        new = self.data_plan = plan.revealer if isinstance(plan, RowPlan) else plan
+        if new is not old:
+            # New rows to reveal: their audit record comes before the first of them.
+            self.unaudited = (self.on_statement is not None and new is not None
+                              and new is not _COLLECT)
 
     def flush_counts(self) -> None:
         """Move revealed-cell counts of the current result set into the columns'
@@ -1048,13 +1156,20 @@ class Tracker:
         if head is not None and head.kind == INJECTED_QUERY:
             head.collected.append(rows.decode_data_row(msg[5:]))  # type: ignore[union-attr]
             return b""
-        return self._reveal_row(msg, plan) if plan else None  # (the reference path)
+        if plan and self.unaudited:
+            refused = self._begin_reveal()
+            if refused is not None:
+                return refused
+        return self._sent(self._reveal_row(msg, plan)) if plan else None  # (reference path)
 
     def _server_ready(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
         proxy_error = self.consume_to_ready
         self.consume_to_ready = False
         self.row_plan = self.row_filter = None
         self.copy_out = None
+        if self.reveal is not None or (self.open_portals and msg[5:6] != b"T"):
+            # Out of a transaction no portal survives: a suspended one never finished.
+            self.end_reveals("portal_closed")
         # Pop through the request this ReadyForQuery answers; replies to anything
         # before it (dropped after an error) are not coming.
         while self.queue:
@@ -1143,7 +1258,14 @@ class Tracker:
             if kind == 0x43:
                 out = msg = _fewer_rows(msg, f.dropped)
             f.dropped = 0
-        if kind == 0x43 and self.on_statement is not None and head is not None:
+        reveal = self.reveal
+        if reveal is not None:
+            self.reveal = None
+            if kind == 0x43:  # CommandComplete
+                self._end_reveal(reveal, "complete", rows=rows_in_tag(msg))
+            else:  # PortalSuspended: the portal keeps it; its next rows go on with it
+                self.unaudited = True
+        elif kind == 0x43 and self.on_statement is not None and head is not None:
             self._completed(head, msg)
         if head is not None and head.kind == EXECUTE:
             self.queue.popleft()
@@ -1160,6 +1282,8 @@ class Tracker:
     def _server_error(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
         if head is not None and head.kind == INJECTED_QUERY:
             return b""
+        if self.reveal is not None:  # e.g. division by zero after some rows were sent
+            self._end_reveal(self.reveal, "error", m.parse_fields(msg[5:]).get("C"))
         self.row_plan = self.row_filter = None
         self.copy_out = None
         out = None
@@ -1195,6 +1319,17 @@ class Tracker:
             except ValueError_ as exc:  # the rows would pass unrevealed: never
                 self.consume_to_ready = True
                 return m.error_response(exc.sqlstate, exc.text)
+            protected = getattr(self.copy_out, "protected", None)
+            if protected and self.on_statement is not None:
+                # It reveals: its record before its first CopyData, as for rows.
+                splan, _ = self._head_plan(head)
+                try:
+                    token = self.on_statement.begin(splan, [(i, c, 0) for i, c in protected])
+                except AuditRefused:
+                    self.copy_out = None
+                    self.consume_to_ready = True
+                    return m.error_response("58030", AUDIT_REFUSED)
+                self.reveal = Reveal(token)
             return None
         # Its client stream is the one on, or the next to start, or it ended already
         # (sent without waiting): anything else means the two pictures differ.
@@ -1216,6 +1351,8 @@ class Tracker:
             try:
                 return self.copy_out.server_data(msg[5:])
             except ValueError_ as exc:
+                if self.reveal is not None:
+                    self._end_reveal(self.reveal, "error", exc.sqlstate)
                 self.copy_out = None
                 self.consume_to_ready = True
                 return m.error_response(exc.sqlstate, exc.text)
@@ -1227,6 +1364,8 @@ class Tracker:
             try:
                 tail = copy_out.server_done()
             except ValueError_ as exc:
+                if self.reveal is not None:
+                    self._end_reveal(self.reveal, "error", exc.sqlstate)
                 self.consume_to_ready = True
                 return m.error_response(exc.sqlstate, exc.text)
             return tail + msg if tail else None
@@ -1383,6 +1522,13 @@ class Tracker:
             except (ValueError, UnicodeDecodeError):
                 return self._row_error("XX001", "a protected value could not be decoded")
         return rows.encode_data_row(values)
+
+
+def rows_in_tag(msg: bytes) -> int | None:
+    """Rows of a CommandComplete message (`SELECT 5`, `INSERT 0 2`, `UPDATE 3`)."""
+    tag = msg[5:-1]
+    head, _, last = tag.rpartition(b" ")
+    return int(last) if head and last.isdigit() else None
 
 
 def _copy_fail(refusal: ClientRefusal) -> bytes:

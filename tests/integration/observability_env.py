@@ -38,7 +38,7 @@ POLICY: dict[str, Any] = {
     "roles": {
         "payments_service": {
             "tables": {
-                "public.obs_cards": ["select", "insert", "delete"],
+                "public.obs_cards": ["select", "insert", "delete", "copy_out"],
                 "public.obs_customers": ["select", "insert", "delete"],
             },
             "columns": {"public.obs_cards.pan": "plaintext",

@@ -184,7 +184,8 @@ def test_audit_log_verifies_and_records_accesses(observed: ProxyProcess) -> None
     assert res.returncode == 0, res.stdout + res.stderr
     recs = records(observed)
     events = {r["event"] for r in recs}
-    assert {"start", "rotate", "connect", "disconnect", "auth_failure", "statement"} <= events
+    assert {"start", "rotate", "connect", "disconnect", "auth_failure", "statement",
+            "statement_end"} <= events
     stmts = [r for r in recs if r["event"] == "statement"]
     masked = [r for r in stmts if r["role"] == "support_agent" and r["decision"] == "allow"]
     assert masked, stmts
@@ -192,7 +193,11 @@ def test_audit_log_verifies_and_records_accesses(observed: ProxyProcess) -> None
     assert rec["kind"] == "select"
     assert rec["tables"] == ["public.obs_cards"]
     assert rec["columns"] == {"public.obs_cards.pan": "masked"}
-    assert rec["rows"] == 2
+    # Written before its rows (no count yet); its end record has them.
+    assert rec["phase"] == "begin" and "rows" not in rec
+    end = next(r for r in recs if r["event"] == "statement_end"
+               and r["statement_seq"] == rec["seq"] and r["session"] == rec["session"])
+    assert (end["rows"], end["outcome"]) == (2, "complete")
     assert rec["application_name"] == "helpdesk"
     assert rec["fingerprint"] and "obs_cards" in rec["statement"]
     assert rec["client"].startswith("127.0.0.1:")

@@ -11,6 +11,7 @@ import pytest
 
 from proxy.audit import (
     GENESIS,
+    AuditLocked,
     AuditLog,
     audit_verify_main,
     canonical,
@@ -197,7 +198,7 @@ def test_rotation_keeps_one_chain_across_files(tmp_path: Path, key: bytes) -> No
             rows=i,
         )
     log.close()
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.glob("audit.jsonl*"))  # not the .lock
     assert names == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2", "audit.jsonl.3"]
     files = [tmp_path / n for n in ("audit.jsonl.3", "audit.jsonl.2", "audit.jsonl.1")]
     files.append(path)
@@ -228,14 +229,70 @@ def test_reopen_continues_the_chain(tmp_path: Path, key: bytes) -> None:
 
 
 def test_crash_partial_line_then_restart(tmp_path: Path, key: bytes) -> None:
+    """A torn last line is cut off on start and sealed by a `gap` record chained from the
+    last whole record: the chain goes on and verify reports the gap (it used to fail for
+    ever at the torn line)."""
     path = tmp_path / "audit.jsonl"
     lines = _write_log(path, key, n=2)
     path.write_bytes(b"".join(lines[:-1]) + lines[-1][:30])  # crash mid-write
     log = AuditLog(path, key)
     log.close()
-    res = verify([path], key)
-    assert not res.ok and res.line == len(lines)  # the broken line is named
+    res = verify([path], key, require_stop=True)
+    assert res.ok, res
+    assert len(res.gaps) == 1 and "torn tail of 30 bytes" in res.gaps[0], res
+    recs = [json.loads(x) for x in _lines(path)]
+    gap = recs[len(lines) - 1]
+    assert gap["event"] == "gap" and gap["reason"] == "torn_tail"
+    assert gap["prev"] == recs[len(lines) - 2]["mac"]
+    assert [r["event"] for r in recs[len(lines):]] == ["start", "stop"]
     assert all(x.endswith(b"\n") for x in _lines(path))
+
+
+def test_failed_and_short_writes_do_not_break_the_chain(tmp_path: Path, key: bytes) -> None:
+    """A write error or a short write raises, leaves no torn line, rolls the chain back;
+    the next record that gets written is preceded by a gap record saying how many were
+    lost."""
+    path = tmp_path / "audit.jsonl"
+    mode = {"fail": None}
+    failures: list[int] = []
+
+    def writer(fd: int, data: bytes) -> int:
+        if mode["fail"] == "enospc":
+            raise OSError(28, "No space left on device")
+        if mode["fail"] == "short":
+            return os.write(fd, data[: len(data) // 2])
+        return os.write(fd, data)
+
+    log = AuditLog(path, key, writer=writer, on_write_failure=lambda: failures.append(1))
+    log.connect(1, "app", "127.0.0.1:1")
+    for how in ("enospc", "short"):
+        mode["fail"] = how
+        with pytest.raises(OSError):
+            log.statement(1, "app", "127.0.0.1:1", kind="select", sql="SELECT 1",
+                          decision="allow", phase="begin")
+    assert failures == [1, 1] and log.lost == 2
+    assert path.read_bytes().endswith(b"\n")
+    mode["fail"] = None
+    seq = log.statement(1, "app", "127.0.0.1:1", kind="select", sql="SELECT 1",
+                        decision="allow", phase="begin")
+    log.statement_end(1, seq, rows=3, outcome="complete")
+    log.close()
+    res = verify([path], key, require_stop=True)
+    assert res.ok and len(res.gaps) == 1 and "2 record(s)" in res.gaps[0], res
+    events = [json.loads(x)["event"] for x in _lines(path)]
+    assert events == ["start", "connect", "gap", "statement", "statement_end", "stop"]
+
+
+def test_second_writer_is_refused_by_the_lock(tmp_path: Path, key: bytes) -> None:
+    path = tmp_path / "audit.jsonl"
+    first = AuditLog(path, key)
+    before = path.read_bytes()
+    with pytest.raises(AuditLocked, match="in use by another running proxy"):
+        AuditLog(path, key)
+    assert path.read_bytes() == before  # no `start` record written into the live chain
+    first.close()
+    AuditLog(path, key).close()  # released at close
+    assert verify([path], key, require_stop=True).ok
 
 
 def test_stream_output(key: bytes) -> None:
@@ -312,7 +369,7 @@ def test_log_files_are_owner_only_including_rotated_ones(tmp_path: Path, key: by
             log.connect(i, "support_agent", "10.0.0.5:50412", "psql")
         log.close()
         files = sorted(tmp_path.iterdir())
-        assert len(files) == 4, files
+        assert len(files) == 5, files  # the file, 3 rotated ones and the hidden .lock
         for f in files:
             assert f.stat().st_mode & 0o777 == 0o600, (f.name, oct(f.stat().st_mode))
 
