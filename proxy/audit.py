@@ -750,7 +750,7 @@ def verify(
             "rotated file to prove the log complete", first[1], count, incomplete=True,
         )
     if anchor_gaps:
-        return VerifyResult(False, None, "the chain records a cut: " + "; ".join(anchor_gaps),
+        return VerifyResult(False, None, "the chain records an anchor gap (records were cut): " + "; ".join(anchor_gaps),
                             None, count, incomplete=True, gaps=tuple(gaps))
     note = f", head seq {seq} matches the anchor" if anchor is not None else ""
     if gaps:
