@@ -99,6 +99,7 @@ def worker_path(path: str | os.PathLike[str], worker_index: int) -> Path:
 
 _FP_CACHE: dict[str, str | None] = {}
 _FP_CACHE_SIZE = 4096
+_FP_CACHE_MAX_TEXT = 64 * 1024  # a longer normalized text is not kept (bytes bound)
 
 
 def statement_fingerprint(sql: str) -> tuple[str | None, str | None]:
@@ -121,7 +122,7 @@ def statement_fingerprint(sql: str) -> tuple[str | None, str | None]:
     except Exception:
         text = sql  # unparsable: the scanner may still tokenize it
     redacted = _redact(text)
-    if fp is not None:
+    if fp is not None and len(redacted or "") <= _FP_CACHE_MAX_TEXT:
         if len(_FP_CACHE) >= _FP_CACHE_SIZE:
             _FP_CACHE.pop(next(iter(_FP_CACHE)))
         _FP_CACHE[fp] = redacted
