@@ -545,9 +545,14 @@ def holds_literals(rplan: Any) -> bool:
 def keep_plan(cache: ByteLRU, key: Any, rplan: Any, text_len: int,
               keep_big: bool = False) -> None:
     """Cache a rewrite plan, counted as the length of its text (a plan holds
-    replacements and positions that grow with it), unless it holds literals."""
+    replacements and positions that grow with it), unless it holds literals. A large
+    statement's plan made in the worker process (`keep_big`) is kept in the cache's
+    one-entry `big` slot even then: `plan_query` takes it out when its statement comes
+    back, so it is not planned again on the event loop."""
     if not holds_literals(rplan):
         cache.put(key, rplan, text_len, keep_big)
+    elif keep_big:
+        cache.big = (key, rplan)
 
 
 def literal_bytea(envelope: bytes) -> bytes:
@@ -807,7 +812,11 @@ class SessionProtector:
         path = self.search_path()
         key = (text_key(sql), path, id(self.catalog.snapshot))
         cache = self.enc.plan_cache
-        rplan = cache.lookup(key)
+        rplan = cache.get(key)
+        if rplan is None and cache.big is not None and cache.big[0] == key:
+            rplan = cache.big[1]  # planned in the worker process (`heavy_plan`)
+            if holds_literals(rplan):
+                cache.big = None  # kept only until its statement came back for it
         if rplan is None:
             schema = self.enc.views_of(self.catalog.snapshot)[0]
             rplan = plan_statement(sql, schema, path, column_order=self._column_order)

@@ -180,3 +180,28 @@ def test_statement_caches_stay_within_their_byte_budget(tmp_path: Path) -> None:
     assert levels["templates"].nbytes > budget // 2  # the big templates were counted
     assert sum(len(v or "") for v in audit._FP_CACHE.values()) <= \
         audit._FP_CACHE_SIZE * audit._FP_CACHE_MAX_TEXT
+
+
+def test_a_large_statements_plan_with_literals_is_used_once_then_dropped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan made in the worker process for a large statement (`heavy_plan`) is used
+    when the statement comes back, not made again on the event loop; if it holds a
+    literal it is dropped then, not kept."""
+    from proxy import encryption
+    from proxy.sql.cache import text_key
+    from proxy.sql.rewrite import plan_statement
+
+    _gate, protector, facts = _setup(tmp_path)
+    enc = protector.enc
+    sql = f"INSERT INTO hy_cards (id, pan) VALUES (1, '{PAN}')"
+    key = (text_key(sql), protector.search_path(), id(protector.catalog.snapshot))
+    rplan = plan_statement(sql, enc.views_of(None)[0], protector.search_path())
+    encryption.keep_plan(enc.plan_cache, key, rplan, len(sql), keep_big=True)
+
+    def no_planning(*a: Any, **k: Any) -> Any:
+        raise AssertionError("planned again on the event loop")
+
+    monkeypatch.setattr(encryption, "plan_statement", no_planning)
+    plan = _run(protector, facts, sql)
+    assert plan.touches_protected and PAN.encode() not in (plan.sql or b"")
+    assert enc.plan_cache.big is None and len(enc.plan_cache) == 0
