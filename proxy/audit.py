@@ -122,6 +122,7 @@ def worker_path(path: str | os.PathLike[str], worker_index: int) -> Path:
 
 _FP_CACHE: dict[str, str | None] = {}
 _FP_CACHE_SIZE = 4096
+_FP_CACHE_MAX_TEXT = 64 * 1024  # a longer normalized text is not kept (bytes bound)
 
 
 def statement_fingerprint(sql: str) -> tuple[str | None, str | None]:
@@ -144,7 +145,7 @@ def statement_fingerprint(sql: str) -> tuple[str | None, str | None]:
     except Exception:
         text = sql  # unparsable: the scanner may still tokenize it
     redacted = _redact(text)
-    if fp is not None:
+    if fp is not None and len(redacted or "") <= _FP_CACHE_MAX_TEXT:
         if len(_FP_CACHE) >= _FP_CACHE_SIZE:
             _FP_CACHE.pop(next(iter(_FP_CACHE)))
         _FP_CACHE[fp] = redacted
@@ -750,8 +751,8 @@ def verify(
             "rotated file to prove the log complete", first[1], count, incomplete=True,
         )
     if anchor_gaps:
-        return VerifyResult(False, None, "the chain records an anchor gap (records were cut): " + "; ".join(anchor_gaps),
-                            None, count, incomplete=True, gaps=tuple(gaps))
+        why = "the chain records an anchor gap (records were cut): " + "; ".join(anchor_gaps)
+        return VerifyResult(False, None, why, None, count, incomplete=True, gaps=tuple(gaps))
     note = f", head seq {seq} matches the anchor" if anchor is not None else ""
     if gaps:
         note += f"; {len(gaps)} recorded gap(s): " + "; ".join(gaps)

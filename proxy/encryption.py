@@ -26,6 +26,7 @@ from proxy.crypto.envelope import ColumnCipher, DecryptError
 from proxy.crypto.masking import MaskConfigError, make_masker
 from proxy.protocol.rows import NULL_CELL, bytea_from_text, bytea_to_text, cell_length
 from proxy.settings import ConfigError, join_group_problem
+from proxy.sql.cache import ByteLRU, text_key
 from proxy.sql.positions import Shift
 from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
@@ -48,9 +49,31 @@ DECRYPT_FAILED = "XX001"  # data_corrupted: documented in README
 
 
 DEFAULT_DECRYPT_CACHE_SIZE = 65_536  # `keys.decrypt_cache_size`: entries per column slot
+# `keys.decrypt_cache_bytes`: bytes per column slot, counted as the cell's and the
+# value's lengths plus DECRYPT_ENTRY_OVERHEAD (two bytes objects and an OrderedDict
+# entry; bench/decrypt_cache_memory.py measures what an entry really takes).
+DEFAULT_DECRYPT_CACHE_BYTES = 16 * 1024 * 1024
+DECRYPT_ENTRY_OVERHEAD = 200
 DECRYPT_CACHE_MAX_CELL = 1024  # cells longer than this (as received) are never cached
+DEFAULT_MAX_CELL_SIZE = 64 * 1024 * 1024  # `limits.max_cell_size` (see settings.py)
+CELL_TOO_LARGE = "54000"  # program_limit_exceeded
 _MISS = object()
 Reveal = Callable[[bytes], "bytes | None"]
+
+
+class DecryptSlot(OrderedDict[bytes, Any]):
+    """One slot of a column's decrypt cache, with the bytes it holds (`nbytes`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+
+def too_large(qualified: str, limit: int) -> ValueError_:
+    """The refusal of a protected value above `limits.max_cell_size` (never the value)."""
+    return ValueError_(
+        CELL_TOO_LARGE, f"a value of protected column {qualified} is larger than "
+        f"limits.max_cell_size ({limit} bytes); it is not converted")
 
 
 @dataclass(slots=True)
@@ -75,38 +98,58 @@ class ColumnRuntime:
     logical_oid: int
     typlen: int
     cache_size: int = DEFAULT_DECRYPT_CACHE_SIZE  # entries per slot; 0: no cache
+    cache_bytes: int = DEFAULT_DECRYPT_CACHE_BYTES  # bytes per slot (estimated)
+    max_cell: int = DEFAULT_MAX_CELL_SIZE  # bytes of one envelope or plaintext value
     # (never in repr or ==: it holds plaintext, and a repr may end up in a log)
-    caches: dict[Any, OrderedDict[bytes, Any]] = field(default_factory=dict, repr=False,
-                                                         compare=False)
+    caches: dict[Any, DecryptSlot] = field(default_factory=dict, repr=False,
+                                           compare=False)
 
     @property
     def qualified(self) -> str:
         return f"{self.spec.schema}.{self.spec.table}.{self.spec.column}"
 
-    def cached(self, slot: Any, reveal: Reveal) -> Reveal:
+    def cached(self, slot: Any, reveal: Reveal, limit: int = 0) -> Reveal:
         """`reveal` (cell -> value, raising on failure) behind the slot's cache.
 
-        FIFO-bounded at `cache_size` entries per slot; a hit is one dict lookup and
-        returns the very object the miss computed. Cells longer than
-        DECRYPT_CACHE_MAX_CELL are revealed every time (their plaintext is not kept)."""
+        FIFO-bounded at `cache_size` entries and `cache_bytes` (estimated) bytes per
+        slot; a hit is one dict lookup and returns the very object the miss computed.
+        Cells longer than DECRYPT_CACHE_MAX_CELL are revealed every time (their
+        plaintext is not kept), and a cell longer than `limit` (as received; 0: none)
+        is refused with 54000 before anything is converted."""
         size = self.cache_size
-        if size <= 0:
-            return reveal
+        if size <= 0 or self.cache_bytes <= 0:
+            if not limit:
+                return reveal
+            qualified = self.qualified
+
+            def bounded(cell: bytes) -> bytes | None:
+                if len(cell) > limit:
+                    raise too_large(qualified, self.max_cell)
+                return reveal(cell)
+
+            return bounded
         cache = self.caches.get(slot)
         if cache is None:
-            cache = self.caches[slot] = OrderedDict()
+            cache = self.caches[slot] = DecryptSlot()
         get, popitem = cache.get, cache.popitem
+        budget = self.cache_bytes
+        over = DECRYPT_ENTRY_OVERHEAD
 
         def cached_reveal(cell: bytes) -> bytes | None:
             value = get(cell, _MISS)
             if value is not _MISS:
                 return value  # type: ignore[return-value]
+            n = len(cell)
+            if limit and n > limit:
+                raise too_large(self.qualified, self.max_cell)
             value = reveal(cell)  # raises on failure: nothing is stored
-            if len(cell) <= DECRYPT_CACHE_MAX_CELL:
+            if n <= DECRYPT_CACHE_MAX_CELL:
                 # (a memoryview key would pin the whole read buffer: store bytes)
                 cache[cell if type(cell) is bytes else bytes(cell)] = value
-                if len(cache) > size:
-                    popitem(last=False)
+                cache.nbytes += n + len(value or b"") + over
+                while len(cache) > size or cache.nbytes > budget:
+                    k, v = popitem(last=False)
+                    cache.nbytes -= len(k) + len(v or b"") + over
             return value
 
         # Marks a revealer whose result depends on the cell's bytes alone, and names its
@@ -147,11 +190,20 @@ class RoleColumn:
                 exc.sqlstate, f"{exc} (column {self.runtime.qualified})"
             ) from None
 
+    def _check_size(self, n: int) -> None:
+        """Refuse a value (plaintext on the way in, envelope on the way out) above
+        `limits.max_cell_size` before any conversion copies it."""
+        limit = self.runtime.max_cell
+        if limit and n > limit:
+            raise too_large(self.runtime.qualified, limit)
+
     def encrypt_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
+        self._check_size(len(value))
         self.n_encrypt += 1
         return self.runtime.cipher.encrypt(self._canonical(value, fmt, oid))
 
     def blind_index_param(self, value: bytes, fmt: int, oid: int = 0) -> bytes:
+        self._check_size(len(value))
         bidx = self.runtime.blind_index
         if bidx is None:
             raise ValueError_("0A000", f"column {self.runtime.qualified} has no blind index")
@@ -183,7 +235,13 @@ class RoleColumn:
                 "authentication (wrong key, tampered, or copied from another column)",
             ) from None
 
+    @property
+    def max_cell(self) -> int:
+        """`limits.max_cell_size`: the tracker refuses a larger cell before decoding it."""
+        return self.runtime.max_cell
+
     def reveal(self, envelope: bytes, fmt: int) -> bytes | None:
+        self._check_size(len(envelope))
         if self.view == "deny":
             raise ValueError_("42501", f"permission denied by strongroom: column "
                               f"{self.runtime.qualified} is denied to a role this request "
@@ -235,8 +293,11 @@ class RoleColumn:
                 return decrypt(bytea_from_text(cell))
         masked = self.view == "masked"
         per_cell = getattr(codec, "tz_dependent", False) and (masked or fmt == 0)
+        # The longest cell as received that holds an envelope of at most max_cell bytes
+        # (text: `\x` and two hex digits a byte).
+        limit = rt.max_cell if fmt == 1 or not rt.max_cell else 2 * rt.max_cell + 2
         if per_cell:
-            opened = rt.cached(("canonical", fmt), opened)
+            opened = rt.cached(("canonical", fmt), opened, limit)
         length = cell_length
         # One function per case, each returning the cell itself: one Python call per
         # cell above the decryption (a cache miss, or every cell with the cache off).
@@ -272,7 +333,7 @@ class RoleColumn:
                 return length(len(value)) + value
         if per_cell:
             return convert
-        return rt.cached((self.view, self._mask if masked else None, fmt), convert)
+        return rt.cached((self.view, self._mask if masked else None, fmt), convert, limit)
 
 
 class RefusedCell:
@@ -471,6 +532,27 @@ def _is_ddl(gate: Any, sql: str) -> bool:
     except Exception:
         return False
     return any(s.kind == "ddl" for s in analysis.statements)
+
+
+def holds_literals(rplan: Any) -> bool:
+    """Whether a rewrite plan holds the text of a protected column's literal (to seal,
+    index or recheck): such a plan is made again for every statement, never cached, so
+    the literal's plaintext leaves memory with the statement (this module's rule)."""
+    return any(sp.literal is not None for sp in getattr(rplan, "splices", ())) or any(
+        r.literals for r in getattr(rplan, "recheck", ()))
+
+
+def keep_plan(cache: ByteLRU, key: Any, rplan: Any, text_len: int,
+              keep_big: bool = False) -> None:
+    """Cache a rewrite plan, counted as the length of its text (a plan holds
+    replacements and positions that grow with it), unless it holds literals. A large
+    statement's plan made in the worker process (`keep_big`) is kept in the cache's
+    one-entry `big` slot even then: `plan_query` takes it out when its statement comes
+    back, so it is not planned again on the event loop."""
+    if not holds_literals(rplan):
+        cache.put(key, rplan, text_len, keep_big)
+    elif keep_big:
+        cache.big = (key, rplan)
 
 
 def literal_bytea(envelope: bytes) -> bytes:
@@ -760,18 +842,16 @@ class SessionProtector:
 
         path = self.search_path()
         snap = self.catalog.snapshot
-        key = (sql, path, id(snap))
+        key = (text_key(sql), path, id(snap))
         cache = self.enc.plan_cache
-        if key in cache:
+        if cache.lookup(key) is not None:
             return None
         schema = self.enc.views_of(snap)[0]
         orders = {k: t.columns for k, t in snap.tables.items()} if snap is not None else {}
 
         def install(rplan: Any) -> None:
             if self.catalog.snapshot is snap:  # else the key names another snapshot
-                cache[key] = rplan
-                if len(cache) > 10_000:
-                    cache.popitem(last=False)
+                keep_plan(cache, key, rplan, len(sql), keep_big=True)
 
         return offload.plan(sql, schema, path, orders), install
 
@@ -784,15 +864,17 @@ class SessionProtector:
         if refusal is not None:
             return StatementPlan(sql=raw, touches_protected=True, refusal=refusal)
         path = self.search_path()
-        key = (sql, path, id(self.catalog.snapshot))
+        key = (text_key(sql), path, id(self.catalog.snapshot))
         cache = self.enc.plan_cache
         rplan = cache.get(key)
+        if rplan is None and cache.big is not None and cache.big[0] == key:
+            rplan = cache.big[1]  # planned in the worker process (`heavy_plan`)
+            if holds_literals(rplan):
+                cache.big = None  # kept only until its statement came back for it
         if rplan is None:
             schema = self.enc.views_of(self.catalog.snapshot)[0]
             rplan = plan_statement(sql, schema, path, column_order=self._column_order)
-            cache[key] = rplan
-            if len(cache) > 10_000:
-                cache.popitem(last=False)
+            keep_plan(cache, key, rplan, len(sql))
         if _is_ddl(self.session.gate, sql):
             # Tables may have appeared, vanished or changed: learn their oids/attnums.
             self.wants_refresh = True
@@ -987,8 +1069,10 @@ class Encryption:
         self.schema = ProtectedSchema(self.specs.values())
         self.provider = make_provider(keys_cfg, base)
         ring = kr.load(resolve(base, keys_cfg["keyring"]))
-        # Decrypt cache entries per column and slot (see ColumnRuntime); 0 turns it off.
+        # Decrypt cache entries and bytes per column and slot (see ColumnRuntime); 0
+        # turns it off.
         cache_size = int(keys_cfg.get("decrypt_cache_size", DEFAULT_DECRYPT_CACHE_SIZE))
+        cache_bytes = int(keys_cfg.get("decrypt_cache_bytes", DEFAULT_DECRYPT_CACHE_BYTES))
         self.columns: dict[tuple[str, str, str], ColumnRuntime] = {}
         for key, pc in self.specs.items():
             opts = self.options[key]
@@ -1003,7 +1087,7 @@ class Encryption:
                                   int(opts.get("index_length", 16)))
             self.columns[key] = ColumnRuntime(
                 pc, cipher, bidx, codec, codec.oid, TYPLEN.get(codec.name, -1),
-                cache_size=cache_size,
+                cache_size=cache_size, cache_bytes=cache_bytes,
             )
         try:  # built once: masks depend on the configuration only, not on the session
             self.masks: dict[tuple[str, str, str], Any] = {
@@ -1013,8 +1097,15 @@ class Encryption:
         except MaskConfigError as exc:
             raise EncryptionConfigError([f"protect: {exc}"]) from None
         self.catalogs: dict[str, DatabaseCatalog] = {}
-        self.plan_cache: OrderedDict[Any, Any] = OrderedDict()
+        # (text_key(text), search_path, id(snapshot)) -> rewrite plan: never the text,
+        # and never a plan that holds a literal (`keep_plan`).
+        self.plan_cache = ByteLRU(10_000)
         self._views: OrderedDict[int, tuple[Snapshot, ProtectedSchema, ViewMap]] = OrderedDict()
+
+    def set_max_cell_size(self, limit: int) -> None:
+        """`limits.max_cell_size` for every protected column (0: no limit)."""
+        for rt in self.columns.values():
+            rt.max_cell = limit
 
     def views_of(self, snap: Snapshot | None) -> tuple[ProtectedSchema, ViewMap]:
         """The rewriter's schema (protected tables + traceable views) and the view column

@@ -25,7 +25,7 @@ from proxy.protocol import messages as m
 from proxy.protocol import rows
 from proxy.protocol.messages import ProtocolViolation
 from proxy.sql import encoding
-from proxy.sql.cache import AnalysisCache
+from proxy.sql.cache import DEFAULT_CACHE_BYTES, AnalysisCache, text_key
 from proxy.sql.info import ALL, Analysis, StatementInfo
 from proxy.sql.names import parse_search_path, quote_ident
 from proxy.tracking import ClientRefusal, refusal_sql
@@ -259,6 +259,7 @@ class Gate:
 
     def __init__(self, settings: Settings | None = None, cache_size: int = 10_000) -> None:
         self.analyses = AnalysisCache(cache_size)
+        self.cache_bytes = DEFAULT_CACHE_BYTES  # `limits.statement_cache_bytes`, per cache
         self.metrics: Any = None
         self.audit: Any = None
         self.policy: Policy | None = None
@@ -276,7 +277,9 @@ class Gate:
         self._preludes: weakref.WeakKeyDictionary[
             Session, tuple[bool, bool, int | None]
         ] = weakref.WeakKeyDictionary()
-        self._effects: dict[str, bool] = {}
+        # text_key(text) -> whether it has session effects: a 16-byte key and a bool, so
+        # the 10,000 entries bound it in bytes too (never the text: proxy.sql.cache).
+        self._effects: dict[bytes, bool] = {}
         self._template_user_code: dict[str, bool] = {}  # template key -> runs user code
         self.encryption: Any = None  # proxy.encryption wiring, when `protect:` is configured
         # Bumped by every (re)load. Named statements remember the generation they were
@@ -296,6 +299,8 @@ class Gate:
         from proxy.policy.model import POLICY_KEYS
 
         raw = settings.raw
+        self.cache_bytes = settings.limits.statement_cache_bytes
+        self.analyses.resize(self.cache_bytes)
         expanded = self.policy is not None and self.policy.expand_views
         if "roles" in raw or "default" in raw or "default_column_view" in raw:
             self.policy = Policy.from_dict({k: raw[k] for k in POLICY_KEYS if k in raw})
@@ -306,6 +311,7 @@ class Gate:
             # from now on load it again (older ones are refused until one does).
             self._views.clear()
         for (db, reset), cache in self._caches.items():
+            cache.max_bytes = self.cache_bytes
             cache.swap(policy=self.policy, env=self._env(db, reset))
         self.generation += 1
         for session in self._sessions:
@@ -326,6 +332,8 @@ class Gate:
                 self.encryption.inherit(old)
             if "catalog_max_age" in raw:
                 self.encryption.catalog_max_age = float(raw["catalog_max_age"])
+            self.encryption.plan_cache.resize(self.cache_bytes)
+            self.encryption.set_max_cell_size(settings.limits.max_cell_size)
         else:
             self.encryption = None
 
@@ -338,7 +346,8 @@ class Gate:
             if len(self._caches) > 1000:  # unbounded distinct startup paths: start over
                 self._caches.clear()
             cache = PolicyCache(
-                self.policy, env=self._env(database, reset_path), analyses=self.analyses
+                self.policy, env=self._env(database, reset_path), analyses=self.analyses,
+                max_bytes=self.cache_bytes,
             )
             self._caches[(database, reset_path)] = cache
         return cache
@@ -518,7 +527,7 @@ class Gate:
         st.request_roles = ()
         st.user_code = False
         cache = self._cache_for(session.database, st.reset_path)
-        effects = self._effects.get(sql)
+        effects = self._effects.get(text_key(sql))
         decision: Decision | None = None
         if effects is None:
             # Plain DML seen before with other constants: its template analysis has no
@@ -730,7 +739,7 @@ class Gate:
         ) or encoding.analysis_refusal(analysis, {}) is not None
         if len(self._effects) > 10_000:
             self._effects.clear()
-        self._effects[sql] = result
+        self._effects[text_key(sql)] = result
         return result
 
     def _runs_user_code(self, st: SessionPolicy, info: StatementInfo) -> bool:
@@ -996,7 +1005,7 @@ class Gate:
                 if len(st.named) >= 1000 and name not in st.named:
                     st.named.pop(next(iter(st.named)))
                 st.named[name] = (sql, st.role, st.path, self.generation)
-            if st is not None and self._effects.get(sql):
+            if st is not None and self._effects.get(text_key(sql)):
                 # Effects happen when the statement runs: the gate must see its Binds.
                 st.staged[name] = self.analyses.analyze(sql)
                 if name:
@@ -1100,9 +1109,9 @@ class Gate:
 
     def staged_effects(self, sql: str) -> Analysis | None:
         """The analysis of a parsed statement whose session effects wait for Execute."""
-        if self._effects.get(sql) is None:
+        if self._effects.get(text_key(sql)) is None:
             self._has_effects(sql)
-        return self.analyses.analyze(sql) if self._effects.get(sql) else None
+        return self.analyses.analyze(sql) if self._effects.get(text_key(sql)) else None
 
     def apply_staged(self, session: Session, analysis: Analysis) -> None:
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]

@@ -36,6 +36,7 @@ from proxy.audit import (
 )
 from proxy.metrics import OTHER, Metrics, query_kind
 from proxy.settings import ConfigError, Settings
+from proxy.sql.cache import DEFAULT_CACHE_BYTES, ByteLRU, text_key
 from proxy.tracking import AuditRefused, rows_in_tag
 
 if TYPE_CHECKING:
@@ -143,21 +144,22 @@ class _StatementInfo:
 
 
 class StatementFacts:
-    """Fingerprint, kind and relations of statement texts, memoized by text (bounded).
-
-    The memo is keyed by the text because the analysis cache is too; the values hold no
-    literal (fingerprint and normalized text only).
+    """Fingerprint, kind and relations of statement texts, memoized by the text's keyed
+    digest (`text_key`: never the text, whose literals may be a protected column's
+    plaintext), bounded in entries and bytes; the values hold no literal (fingerprint
+    and normalized text only).
     """
 
     def __init__(self, gate: Gate, size: int = 4096) -> None:
         self.gate = gate
         self.size = size
-        self._memo: dict[str, _StatementInfo] = {}
+        self._memo = ByteLRU(size, getattr(gate, "cache_bytes", DEFAULT_CACHE_BYTES))
 
     def get(self, sql: str, tables: tuple[str, ...] | None = None) -> _StatementInfo:
-        info = self._memo.get(sql)
+        key = text_key(sql)
+        info = self._memo.get(key)
         if info is not None:
-            return info
+            return info  # type: ignore[no-any-return]
         kind, found = "unparsed", ()
         try:
             analysis = self.gate.analyses.analyze(sql)
@@ -168,9 +170,8 @@ class StatementFacts:
             pass
         info = _StatementInfo(statement_fingerprint(sql) if sql else (None, None), kind,
                               tables if tables is not None else found)
-        if len(self._memo) >= self.size:
-            self._memo.pop(next(iter(self._memo)))
-        self._memo[sql] = info
+        self._memo.put(key, info, 16 + len(info.fingerprint[1] or "")
+                       + sum(len(t) for t in info.tables))
         return info
 
 
@@ -314,7 +315,7 @@ class QueryKinds:
     def __init__(self, metrics: Metrics, gate: Gate) -> None:
         self._metrics = metrics
         self._analyses = gate.analyses
-        self._cells: dict[str, tuple[list[float], ...]] = {}
+        self._cells: dict[str | bytes, tuple[list[float], ...]] = {}
         self._unparsed = (metrics.query_counter("unparsed"),)
 
     def count(self) -> None:
@@ -326,7 +327,7 @@ class QueryKinds:
         for cell in cells:
             cell[0] += 1
 
-    def _bind(self, key: str) -> tuple[list[float], ...]:
+    def _bind(self, key: str | bytes) -> tuple[list[float], ...]:
         analyses = self._analyses
         found = analyses.peek(key)
         if found is None or not hasattr(found, "statements"):
@@ -337,7 +338,8 @@ class QueryKinds:
             )
         if len(self._cells) >= analyses.maxsize:
             self._cells.clear()
-        self._cells[key] = cells
+        if len(key) <= 4096:  # a long template key is not kept alive here
+            self._cells[key] = cells
         return cells
 
 

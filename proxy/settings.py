@@ -66,6 +66,13 @@ class LimitSettings:
     idle_in_transaction_timeout: float = 0.0
     max_message_size: int = 256 * 1024 * 1024
     shutdown_grace: float = 30.0
+    # Byte budget of each statement cache (analyses, decisions, plans, audit facts).
+    statement_cache_bytes: int = 32 * 1024 * 1024
+    # A protected value (its envelope) larger than this is refused with 54000 both ways:
+    # converting one cell takes several copies of it at once (hex text, bytes, plaintext,
+    # the client's format, the DataRow), about 10x, so 64 MiB keeps one such cell under
+    # a GiB of transient memory while leaving room for documents and large JSON.
+    max_cell_size: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +321,9 @@ def _build(doc: dict[str, Any], source: str) -> Settings:
             ),
             max_message_size=int(limits.get("max_message_size", d.max_message_size)),
             shutdown_grace=float(limits.get("shutdown_grace", d.shutdown_grace)),
+            statement_cache_bytes=int(limits.get("statement_cache_bytes",
+                                                 d.statement_cache_bytes)),
+            max_cell_size=int(limits.get("max_cell_size", d.max_cell_size)),
         ),
         metrics=MetricsSettings(
             host=metrics.get("host", "127.0.0.1"), port=int(metrics.get("port", 0))

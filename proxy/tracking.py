@@ -1514,6 +1514,12 @@ class Tracker:
             raw = values[i]
             if raw is None:
                 continue
+            limit = getattr(crypto, "max_cell", 0)
+            if limit and len(raw) > (limit if fmt == 1 else 2 * limit + 2):
+                # (limits.max_cell_size: refused before a copy of it is made)
+                return self._row_error("54000", "a value of a protected column is larger "
+                                       f"than limits.max_cell_size ({limit} bytes); it "
+                                       "is not converted")
             try:
                 envelope = raw if fmt == 1 else rows.bytea_from_text(raw)
                 values[i] = crypto.reveal(envelope, fmt)

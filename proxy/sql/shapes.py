@@ -16,6 +16,10 @@ that place scans as one integer constant (or, past int64, one numeric constant),
 normalisation replaces both with the same `$n`: same template, same analysis. Anything
 else (a sign, a string, a float, a different keyword) does not match, and the text goes
 the normal way.
+
+A shape keeps the text around its holes, so it is only built for texts whose constants
+are all integers: a string or numeric literal (a protected column's value) is never
+kept in a shape (see proxy.sql.cache).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ _BEFORE_UNSAFE = frozenset("_$.")  # besides letters and digits
 # a token object per token on the event loop (a 2.7 MB IN list: most of a second).
 MAX_SHAPE_TEXT = 8192
 _AFTER_SAFE = frozenset(" \t\n\r\f\v();,[]=<>+-*/%^|:")
+# Literals other than integer constants: a text with one gets no shape (it would be kept).
+_OTHER_CONSTANTS = frozenset({"SCONST", "USCONST", "BCONST", "XCONST", "FCONST"})
 
 
 class Shape:
@@ -82,6 +88,8 @@ def shape_of(text: str) -> Shape | None:
     last = 0
     for token in tokens:
         if token.name != "ICONST":
+            if token.name in _OTHER_CONSTANTS:
+                return None
             continue
         start, stop = token.start, token.end + 1
         if not text[start:stop].isdigit():

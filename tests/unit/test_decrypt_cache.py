@@ -22,6 +22,8 @@ from proxy.crypto import ColumnCipher, ColumnKeys, DecryptError, Purpose
 from proxy.crypto.masking import make_masker
 from proxy.encryption import (
     DECRYPT_CACHE_MAX_CELL,
+    DECRYPT_ENTRY_OVERHEAD,
+    DEFAULT_DECRYPT_CACHE_BYTES,
     DEFAULT_DECRYPT_CACHE_SIZE,
     ColumnRuntime,
     Encryption,
@@ -243,6 +245,32 @@ def test_bounded_fifo_and_long_cells_not_kept() -> None:
     assert big not in rt.caches[("plaintext", None, 1)]
     fn(big)
     assert opened(rt) == n + 3  # opened every time
+
+
+@pytest.mark.parametrize("fmt", [0, 1])
+def test_bounded_in_bytes(fmt: int) -> None:
+    """65,536 entries of 470-byte cells took 75-100 MB a slot: `cache_bytes` bounds a
+    slot by the bytes it counts (cell + value + DECRYPT_ENTRY_OVERHEAD), oldest out."""
+    rt = runtime("text", "doc")
+    rt.cache_bytes = 64 * 1024
+    fn = role(rt).cell_revealer(fmt)
+    slot = rt.caches[("plaintext", None, fmt)]
+    for i in range(2000):
+        fn(cell(seal(rt, b"%04d" % i + b"v" * 400), fmt))
+        assert slot.nbytes <= rt.cache_bytes
+    assert slot.nbytes == sum(len(k) + len(v) + DECRYPT_ENTRY_OVERHEAD
+                              for k, v in slot.items())
+    assert 0 < len(slot) < 2000 and slot.nbytes > rt.cache_bytes // 2
+
+
+def test_config_bytes_reach_every_column_and_zero_turns_it_off(tmp_path: Path) -> None:
+    assert {rt.cache_bytes for rt in _encryption(tmp_path).columns.values()} == \
+        {DEFAULT_DECRYPT_CACHE_BYTES}
+    enc = _encryption(tmp_path, decrypt_cache_bytes=0)
+    rt = next(iter(enc.columns.values()))
+    assert rt.cache_bytes == 0
+    rt.cached("slot", lambda c: c)(b"x")
+    assert rt.caches == {}
 
 
 def test_size_zero_disables_the_cache() -> None:
