@@ -151,21 +151,22 @@ class ColumnCipher:
         only: Callable[[bytes], bytes] | None = None
         for key_id in keys.ids:
             dek = keys.material(key_id)
+            fallback = None
             if accept_unbound:
-                _, legacy_dec, _ = make(key_id, dek, None)
+                _, legacy_dec, legacy_only = make(key_id, dek, None)
                 self._readers[HEADER.pack(VERSION_UNBOUND, self._algorithm, key_id)] = (
                     self._counted(legacy_dec))
-            enc, dec, only = make(key_id, dek, database)
+                fallback = self._counted(legacy_only)
+            enc, dec, only = make(key_id, dek, database, fallback)
             self._readers[HEADER.pack(VERSION, self._algorithm, key_id)] = dec
             if key_id == keys.primary_id:
                 writer = enc
         assert writer is not None  # ColumnKeys guarantees the primary is live
         self._writer: Callable[[bytes], bytes] = writer
         # With one live key (no rotation under way) `decrypt` is one closure that checks
-        # the header by comparison instead of a dict lookup and a second call.
+        # the header by comparison instead of a dict lookup and a second call (a
+        # version 1 envelope takes one more call, to the fallback).
         self._only = only if len(keys.ids) == 1 else None
-        if self._only is not None and accept_unbound:
-            self._only = self._with_unbound(self._only)
 
     @property
     def _algorithm(self) -> Algorithm:
@@ -180,27 +181,12 @@ class ColumnCipher:
 
         return counted
 
-    def _with_unbound(self, only: _Fn) -> _Fn:
-        """The one-key fast path, falling back to the version 1 reader of that key."""
-        legacy = {h: r for h, r in self._readers.items() if h[0] == VERSION_UNBOUND}
-        (legacy_header, legacy_reader), = legacy.items()
-
-        def either(blob: bytes) -> bytes:
-            if blob[:1] != b"\x01":
-                return only(blob)
-            if blob[:HEADER_LEN] != legacy_header:
-                raise DecryptError
-            try:
-                return legacy_reader(blob)
-            except _FAILURES:
-                raise DecryptError from None
-
-        return either
-
-    def _gcm(self, key_id: int, dek: bytes, database: str | None
-             ) -> tuple[_Fn, _Fn, _Fn]:
+    def _gcm(self, key_id: int, dek: bytes, database: str | None,
+             fallback: _Fn | None = None) -> tuple[_Fn, _Fn, _Fn]:
         """(seal, open without header check, open with header check and DecryptError)
-        for version 2 bound to `database`, or version 1 when `database` is None."""
+        for version 2 bound to `database`, or version 1 when `database` is None. The
+        third hands an envelope with another header to `fallback` (the version 1
+        opener of the same key) if there is one."""
         aead = AESGCM(derive(dek, LABEL_GCM, self.column, 32))
         version = VERSION_UNBOUND if database is None else VERSION
         header = HEADER.pack(version, Algorithm.AES_256_GCM, key_id)
@@ -216,7 +202,9 @@ class ColumnCipher:
 
         def only(blob: bytes) -> bytes:
             if blob[:HEADER_LEN] != header:
-                raise DecryptError
+                if fallback is None:
+                    raise DecryptError
+                return fallback(blob)
             try:
                 return open_(blob[HEADER_LEN:_BODY], blob[_BODY:], ad)
             except _FAILURES:
@@ -224,8 +212,8 @@ class ColumnCipher:
 
         return enc, dec, only
 
-    def _siv(self, key_id: int, dek: bytes, database: str | None
-             ) -> tuple[_Fn, _Fn, _Fn]:
+    def _siv(self, key_id: int, dek: bytes, database: str | None,
+             fallback: _Fn | None = None) -> tuple[_Fn, _Fn, _Fn]:
         aead = AESSIV(derive(dek, LABEL_SIV, self.column, 64))
         version = VERSION_UNBOUND if database is None else VERSION
         header = HEADER.pack(version, Algorithm.AES_SIV, key_id)
@@ -240,7 +228,9 @@ class ColumnCipher:
 
         def only(blob: bytes) -> bytes:
             if blob[:HEADER_LEN] != header:
-                raise DecryptError
+                if fallback is None:
+                    raise DecryptError
+                return fallback(blob)
             try:
                 return open_(blob[HEADER_LEN:], ad)
             except _FAILURES:
