@@ -888,8 +888,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         print(f"{out.column}: examined {out.examined}, rewrote {out.rewritten} in "
               f"{out.batches} batches; primary key {out.primary_id}")
         if out.remaining:
-            print(f"{out.remaining} values are still under other keys (written by a proxy "
-                  "that has not reloaded?); reload every proxy and rerun", file=sys.stderr)
+            print(f"{out.remaining} values are still under other keys or not bound to this "
+                  "database (written by a proxy that has not reloaded or upgraded?); reload "
+                  "every proxy and rerun", file=sys.stderr)
             return 1
         old = [e.id for e in ring.entries_for(ident, "encrypt")
                if e.state is kr.KeyState.DECRYPT_ONLY]
