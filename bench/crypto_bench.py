@@ -39,7 +39,7 @@ def main() -> None:
     values = [os.urandom(11).hex().encode() for _ in range(n)]  # 22-byte text values
     text = get_codec("text")
     for mode in Mode:
-        c = ColumnCipher(COL, "text", mode, keys)
+        c = ColumnCipher(COL, "text", mode, keys, database="appdb")
         blobs = [c.encrypt(v) for v in values]
         print(f"{mode.value:13s} encrypt          {rate(c.encrypt, values):>12,.0f} cells/s")
         print(f"{mode.value:13s} decrypt          {rate(c.decrypt, blobs):>12,.0f} cells/s")

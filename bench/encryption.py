@@ -481,7 +481,7 @@ def crypto_throughput(cells: int) -> tuple[str, int]:
         for label, (typ, texts) in shapes.items():
             col = f"public.bench.{typ}"
             keys = ColumnKeys(col, Purpose.ENCRYPT, 1, {1: os.urandom(32)})
-            cipher = ColumnCipher(col, typ, Mode.RANDOMIZED, keys)
+            cipher = ColumnCipher(col, typ, Mode.RANDOMIZED, keys, database="appdb")
             codec = get_codec(typ)
             canon = [codec.from_text(v) for v in texts]
             blobs = [cipher.encrypt(v) for v in canon]

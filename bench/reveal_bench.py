@@ -65,7 +65,8 @@ CACHING = "cache_size" in getattr(ColumnRuntime, "__dataclass_fields__", {})  # 
 def _role_column(name: str, logical: str, cache_size: int | None) -> RoleColumn:
     codec = get_codec(logical)
     keys = ColumnKeys(f"public.sel_enc.{name}", Purpose.ENCRYPT, 1, {1: KEYS[name]})
-    cipher = ColumnCipher(f"public.sel_enc.{name}", codec.name, "randomized", keys)
+    cipher = ColumnCipher(f"public.sel_enc.{name}", codec.name, "randomized", keys,
+                          database="appdb")
     spec = ProtectedColumn("public", "sel_enc", name, logical, "randomized", False, None)
     extra: dict[str, Any] = {}
     if CACHING:

@@ -11,9 +11,17 @@ working while old values are rewritten here. Each batch is one transaction that 
 rows (`SELECT ... FOR UPDATE`), so an application update racing with the rotation either
 waits for the batch or is seen by it; a value is never overwritten with a stale one.
 
-Idempotent and resumable: the envelope header names its key id (bytes 3..6), so the
-candidate rows are selected in SQL with `substr(col, 3, 4) <> <primary id>`; a rerun after
-an interruption simply finds fewer of them, and a finished column finds none.
+Idempotent and resumable: the envelope header names its version (byte 1) and key id
+(bytes 3..6), so the candidate rows are selected in SQL with `substr(col, 1, 1) ||
+substr(col, 3, 4) <> <bound version ‖ primary id>`; a rerun after an interruption simply
+finds fewer of them, and a finished column finds none.
+
+Database binding: rotation is also how envelopes written before it (version 1, which
+open in any database) are upgraded. Every value rewritten here is a version 2 envelope
+bound to the database the connection is to (`current_database()`, mapped by
+`keys.database_binding.bind_as`), as the proxy's sessions there seal them; a column whose
+values are all under the primary but some still unbound is rewritten too. Run it against
+every database the proxy fronts, then set `keys.database_binding.require`.
 
 Blind indexes: the index is an HMAC under the column's blind-index key, and nothing in
 the stored index says which key made it. While a blind-index rotation is in progress
@@ -34,7 +42,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy.crypto.envelope import DecryptError
+from proxy.crypto.envelope import VERSION, DecryptError
 from proxy.encryption import ColumnRuntime
 from proxy.migrate import (
     BYTEA_OID,
@@ -44,6 +52,7 @@ from proxy.migrate import (
     MigrationError,
     no_bar,
     qi,
+    require_bound_here,
     table_info,
 )
 
@@ -61,19 +70,26 @@ class RotationOutcome:
 
 
 def _id_bytes(key_id: int) -> bytes:
-    return key_id.to_bytes(4, "big")
+    """What a finished value's version byte and key id read as (see `_stale_sql`)."""
+    return bytes((VERSION,)) + key_id.to_bytes(4, "big")
+
+
+def _stale_sql(col: str) -> str:
+    """True for an envelope not under the primary, or not bound to a database ($1)."""
+    return f"substr({col}, 1, 1) || substr({col}, 3, 4) <> $1::bytea"
 
 
 async def remaining_under_other_keys(
     conn: asyncpg.Connection, rt: ColumnRuntime, primary_id: int
 ) -> int:
-    """Stored values whose envelope names another key than `primary_id`."""
+    """Stored values whose envelope names another key than `primary_id`, or is of the
+    version written before database binding."""
     spec = rt.spec
     table = f"{qi(spec.schema)}.{qi(spec.table)}"
     col = qi(spec.column)
     return int(await conn.fetchval(
         f"SELECT count(*) FROM {table} WHERE {col} IS NOT NULL "
-        f"AND substr({col}, 3, 4) <> $1::bytea", _id_bytes(primary_id),
+        f"AND {_stale_sql(col)}", _id_bytes(primary_id),
     ))
 
 
@@ -87,6 +103,7 @@ async def rotate_column(
     is active, which is checked on the first rewritten value."""
     if batch < 1:
         raise MigrationError("batch size must be at least 1")
+    await require_bound_here(conn, rt)
     spec = rt.spec
     name = f"{spec.schema}.{spec.table}.{spec.column}"
     info = await table_info(conn, spec.schema, spec.table)
@@ -109,7 +126,7 @@ async def rotate_column(
     # $1 is always the primary's id bytes, so the first and the later batches share it.
     # (with reindex every row is a candidate; `$1 IS NOT NULL` keeps $1 typed and used)
     key_filter = (" AND $1::bytea IS NOT NULL" if reindex
-                  else f" AND substr({col}, 3, 4) <> $1::bytea")
+                  else f" AND {_stale_sql(col)}")
     extra = f", {qi(bidx_col)}" if reindex and bidx_col else ""
     base = f"FROM {info.sql} WHERE {col} IS NOT NULL{key_filter}"
     keyset = f"({pk_list}) > ({', '.join(f'${i + 2}' for i in range(npk))}) AND "
@@ -151,7 +168,8 @@ async def rotate_column(
                 for r in rows:
                     blob = bytes(r[npk])
                     try:
-                        stale = cipher.key_id_of(blob) != primary_id
+                        stale = (cipher.key_id_of(blob) != primary_id
+                                 or not cipher.is_bound(blob))
                         plain = cipher.decrypt(blob) if (stale or reindex) else b""
                     except DecryptError:
                         raise MigrationError(

@@ -139,9 +139,12 @@ async def key_usage(conn: asyncpg.Connection, enc: Any, ring: kr.Keyring, key_id
 
     entry = ring.get(key_id)
     database = str(await conn.fetchval("SELECT current_database()"))
-    users = [k for k in enc.columns if key_name(k, enc.options[k]) == entry.column]
+    # Bound to the database connected to, as the proxy's sessions there are: a value
+    # that opens here is one the proxy would open here.
+    columns = enc.columns_for(database)
+    users = [k for k in columns if key_name(k, enc.options[k]) == entry.column]
     if entry.purpose is Purpose.BLIND_INDEX:
-        users = [k for k in users if enc.columns[k].blind_index is not None]
+        users = [k for k in users if columns[k].blind_index is not None]
     out: list[Use] = []
     if not users:
         parts = entry.column.split(".")
@@ -153,7 +156,7 @@ async def key_usage(conn: asyncpg.Connection, enc: Any, ring: kr.Keyring, key_id
             f"no column of protect: uses {entry.column} ({entry.purpose.value}), so its "
             "data cannot be found; put the column back into protect: to check it")
     for key in sorted(users):
-        rt = enc.columns[key]
+        rt = columns[key]
         name = ".".join(key)
         if entry.purpose is Purpose.ENCRYPT:
             n = await count_envelopes(conn, *key, key_id)

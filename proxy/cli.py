@@ -800,12 +800,20 @@ def _column_key(encryption: object, column: str) -> tuple[str, str, str]:
     from proxy import migrate
 
     parts = tuple(column.split("."))
-    if len(parts) != 3 or parts not in encryption.columns:  # type: ignore[attr-defined]
+    if len(parts) != 3 or parts not in encryption.specs:  # type: ignore[attr-defined]
         raise migrate.MigrationError(
             f"{column} is not in the config's protect: section (schema.table.column); "
             "add it there and run `strongroom keys init` first"
         )
     return parts  # type: ignore[return-value]
+
+
+async def _bound_runtime(conn: object, enc: object, key: tuple[str, str, str]) -> object:
+    """The column as the proxy seals it in the database `conn` is connected to (the
+    server's `current_database()`, mapped by `keys.database_binding.bind_as`), so what an
+    offline tool writes opens through the proxy there and nowhere else."""
+    database = str(await conn.fetchval("SELECT pg_catalog.current_database()"))  # type: ignore[attr-defined]
+    return enc.columns_for(database, upgrading=True)[key]  # type: ignore[attr-defined]
 
 
 def cmd_migrate_column(args: argparse.Namespace) -> int:
@@ -814,9 +822,10 @@ def cmd_migrate_column(args: argparse.Namespace) -> int:
 
     async def body() -> int:
         cfg, enc, _ = _migration_context(args)
-        rt = enc.columns[_column_key(enc, args.column)]  # type: ignore[attr-defined]
+        key = _column_key(enc, args.column)
         conn = await _direct_connection(args, cfg)
         try:
+            rt = await _bound_runtime(conn, enc, key)
             run = migrate.encrypt_column if args.encrypt else migrate.decrypt_column
             out = await run(conn, rt, batch=args.batch,  # type: ignore[arg-type]
                             max_batches=args.max_batches,
@@ -852,7 +861,6 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     async def body() -> int:
         cfg, enc, base = _migration_context(args)
         key = _column_key(enc, args.column)
-        rt = enc.columns[key]  # type: ignore[attr-defined]
         ident = key_name(key, enc.options[key])  # type: ignore[attr-defined]
         ring = kr.load(resolve(base, cfg.raw["keys"]["keyring"]))
         primary = ring.primary(ident, "encrypt")
@@ -862,6 +870,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         reindex = args.reindex or len(live_bidx) > 1
         conn = await _direct_connection(args, cfg)
         try:
+            rt = await _bound_runtime(conn, enc, key)
             out = await rotation.rotate_column(
                 conn, rt, primary.id, batch=args.batch, reindex=reindex,  # type: ignore[arg-type]
                 max_batches=args.max_batches, bar=migrate.progress_bar(args.progress_every),
@@ -871,15 +880,16 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         print(f"{out.column}: examined {out.examined}, rewrote {out.rewritten} in "
               f"{out.batches} batches; primary key {out.primary_id}")
         if out.remaining:
-            print(f"{out.remaining} values are still under other keys (written by a proxy "
-                  "that has not reloaded?); reload every proxy and rerun", file=sys.stderr)
+            print(f"{out.remaining} values are still under other keys or not bound to this "
+                  "database (written by a proxy that has not reloaded or upgraded?); reload "
+                  "every proxy and rerun", file=sys.stderr)
             return 1
         old = [e.id for e in ring.entries_for(ident, "encrypt")
                if e.state is kr.KeyState.DECRYPT_ONLY]
         if reindex:
             old += [e.id for e in live_bidx if e.state is kr.KeyState.DECRYPT_ONLY]
         if ident.startswith("joingroup."):
-            others = sorted(".".join(k) for k in enc.columns  # type: ignore[attr-defined]
+            others = sorted(".".join(k) for k in enc.specs  # type: ignore[attr-defined]
                             if k != key and key_name(k, enc.options[k]) == ident)  # type: ignore[attr-defined]
             if others:
                 print(f"key {ident} is shared with {', '.join(others)}: rotate those too "

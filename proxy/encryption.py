@@ -1,9 +1,11 @@
 """Glue between the wire (tracking), the SQL rewriter, the catalog and the ciphers.
 
-`ColumnRuntime` is one protected column with its cipher, blind index and codec, built
-once per keyring load. `RoleColumn` is that column as one role sees it (plaintext,
-masked or ciphertext). `SessionProtector` answers the tracker's questions for one
-session: which result column is protected, and what to send instead of a statement.
+`ColumnRuntime` is one protected column *in one database* with its cipher, blind index and
+codec, built once per keyring load and database (`Encryption.columns_for`): its cipher
+binds that database into every envelope (see `DatabaseBinding`). `RoleColumn` is that
+column as one role sees it (plaintext, masked or ciphertext). `SessionProtector` answers
+the tracker's questions for one session: which result column is protected, and what to
+send instead of a statement.
 
 Plaintext only ever exists here in local variables on its way into a cipher or out to
 the client; it is never logged, counted or put into an exception message.
@@ -12,6 +14,7 @@ the client; it is never logged, counted or put into an exception message.
 from __future__ import annotations
 
 import datetime
+import logging
 from binascii import a2b_hex
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -39,6 +42,8 @@ from proxy.tracking import (
     ValueError_,
 )
 from proxy.types import CodecError, get_codec
+
+log = logging.getLogger("strongroom.encryption")
 
 TYPLEN = {
     "text": -1, "varchar": -1, "numeric": -1, "int4": 4, "int8": 8, "date": 4,
@@ -84,8 +89,10 @@ class ColumnRuntime:
     per slot (role view and mask, result format, see `RoleColumn.cell_revealer`) a
     bounded map from a cell exactly as the server sent it to what that cell opened to.
     Sound because one envelope under one set of keys always opens to the same value, and
-    the associated data binds it to this column: the map only ever answers for bytes
-    that already authenticated here, and a cell that fails is never stored. The cache
+    the associated data binds it to this column and this database: the map only ever
+    answers for bytes that already authenticated here, and a cell that fails is never
+    stored. There is one runtime, so one cache, per database: a cell copied from another
+    database is never answered from what it opened to there. The cache
     lives and dies with the keys (a reload builds a new Encryption, so a retired key
     stops opening anything at once). It holds plaintext in process memory, as the keys
     already are; nothing of it is logged, counted or put into a message.
@@ -100,6 +107,8 @@ class ColumnRuntime:
     cache_size: int = DEFAULT_DECRYPT_CACHE_SIZE  # entries per slot; 0: no cache
     cache_bytes: int = DEFAULT_DECRYPT_CACHE_BYTES  # bytes per slot (estimated)
     max_cell: int = DEFAULT_MAX_CELL_SIZE  # bytes of one envelope or plaintext value
+    database: str = ""  # the database (as the server names it) the cipher is bound for
+    unbound_logged: bool = False  # a version 1 envelope was reported in the log
     # (never in repr or ==: it holds plaintext, and a repr may end up in a log)
     caches: dict[Any, DecryptSlot] = field(default_factory=dict, repr=False,
                                            compare=False)
@@ -582,10 +591,14 @@ _STALE = object()
 class SessionProtector:
     """Per-session answers for the tracker: column views and statement plans."""
 
-    def __init__(self, enc: Encryption, catalog: DatabaseCatalog, session: Any) -> None:
+    def __init__(self, enc: Encryption, catalog: DatabaseCatalog, session: Any,
+                 database: str) -> None:
         self.enc = enc
         self.catalog = catalog
         self.session = session
+        # The database the server says this session is connected to (current_database()
+        # in the session's prelude; a session cannot change it): its ciphers bind it.
+        self.database = database
         # Column views follow the role in effect when rows are revealed (SET ROLE), and
         # the strictest of several when a request ran under more than one (a cursor
         # declared by another role, SET ROLE inside a string): one set of columns per
@@ -656,7 +669,7 @@ class SessionProtector:
         if cols is None:
             views = self.enc.views_for_roles(roles)
             cols = {key: RoleColumn(rt, *views.get(key, ("plaintext", None)), tz=self.timezone)
-                    for key, rt in self.enc.columns.items()}
+                    for key, rt in self.enc.columns_for(self.database).items()}
             if len(self._viewers) >= 64:
                 self._viewers.pop(next(iter(self._viewers)))
             self._viewers[roles] = cols
@@ -709,6 +722,21 @@ class SessionProtector:
         if tracker is not None:  # cells revealed in a result set still being read
             tracker.flush_counts()
         out: list[tuple[str, str, int, int]] = []
+        runtimes = {id(rc.runtime): rc.runtime
+                    for cols in (*self._viewers.values(), *self._previous)
+                    for rc in cols.values()}
+        for rt in runtimes.values():
+            unbound = getattr(rt.cipher, "unbound_opened", 0)
+            if unbound:  # process-wide per column and database: whoever drains reports it
+                rt.cipher.unbound_opened = 0
+                out.append((rt.qualified, "decrypt_unbound", unbound, 0))
+                if not rt.unbound_logged:
+                    rt.unbound_logged = True
+                    log.warning(
+                        "column %s in database %s: read envelopes written before database "
+                        "binding (version 1); run `strongroom keys rotate --column %s` "
+                        "against that database, then set keys.database_binding.require",
+                        rt.qualified, rt.database, rt.qualified)
         for rc in (rc for cols in (*self._viewers.values(), *self._previous)
                    for rc in cols.values()):
             if rc.n_encrypt or rc.n_decrypt or rc.n_bidx or rc.n_failed:
@@ -1071,28 +1099,29 @@ class Encryption:
         ring = kr.load(resolve(base, keys_cfg["keyring"]))
         # Decrypt cache entries and bytes per column and slot (see ColumnRuntime); 0
         # turns it off.
-        cache_size = int(keys_cfg.get("decrypt_cache_size", DEFAULT_DECRYPT_CACHE_SIZE))
-        cache_bytes = int(keys_cfg.get("decrypt_cache_bytes", DEFAULT_DECRYPT_CACHE_BYTES))
-        self.columns: dict[tuple[str, str, str], ColumnRuntime] = {}
+        self.cache_size = int(keys_cfg.get("decrypt_cache_size", DEFAULT_DECRYPT_CACHE_SIZE))
+        self.cache_bytes = int(keys_cfg.get("decrypt_cache_bytes", DEFAULT_DECRYPT_CACHE_BYTES))
+        self.max_cell = DEFAULT_MAX_CELL_SIZE  # limits.max_cell_size (set_max_cell_size)
+        self.binding = DatabaseBinding.from_config(keys_cfg.get("database_binding"))
+        # Unwrapped once per load; ciphers are made from them per database (columns_for).
+        # The blind index is the same in every database (see DatabaseBinding): one each.
+        self._sources: dict[tuple[str, str, str], tuple[str, Any, Any, BlindIndex | None]] = {}
         for key, pc in self.specs.items():
             opts = self.options[key]
             codec = get_codec(pc.logical_type)
             ident = key_name(key, opts)
-            cipher = ColumnCipher(ident, codec.name, pc.mode,
-                                  ring.column_keys(ident, "encrypt", self.provider))
+            enc_keys = ring.column_keys(ident, "encrypt", self.provider)
             bidx = None
             if pc.blind_index:
                 bidx = BlindIndex(ident, codec.name,
                                   ring.column_keys(ident, "blind_index", self.provider),
                                   int(opts.get("index_length", 16)))
-            self.columns[key] = ColumnRuntime(
-                pc, cipher, bidx, codec, codec.oid, TYPLEN.get(codec.name, -1),
-                cache_size=cache_size, cache_bytes=cache_bytes,
-            )
+            self._sources[key] = (ident, codec, enc_keys, bidx)
+        self._by_database: dict[tuple[str, bool], dict[tuple[str, str, str], ColumnRuntime]] = {}
         try:  # built once: masks depend on the configuration only, not on the session
             self.masks: dict[tuple[str, str, str], Any] = {
-                key: make_masker(self.options[key].get("mask"), rt.codec.name)
-                for key, rt in self.columns.items()
+                key: make_masker(self.options[key].get("mask"), src[1].name)
+                for key, src in self._sources.items()
             }
         except MaskConfigError as exc:
             raise EncryptionConfigError([f"protect: {exc}"]) from None
@@ -1103,9 +1132,40 @@ class Encryption:
         self._views: OrderedDict[int, tuple[Snapshot, ProtectedSchema, ViewMap]] = OrderedDict()
 
     def set_max_cell_size(self, limit: int) -> None:
-        """`limits.max_cell_size` for every protected column (0: no limit)."""
-        for rt in self.columns.values():
-            rt.max_cell = limit
+        """`limits.max_cell_size` for every protected column (0: no limit), in every
+        database's columns built so far and those built later."""
+        self.max_cell = limit
+        for cols in self._by_database.values():
+            for rt in cols.values():
+                rt.max_cell = limit
+
+    def columns_for(self, database: str, *, upgrading: bool = False,
+                    ) -> dict[tuple[str, str, str], ColumnRuntime]:
+        """The protected columns as they are sealed and opened in `database` (its name as
+        the server reports it, `current_database()`), built on first use and kept until
+        the next reload. Each has its own cipher bound to the database's identifier and
+        its own decrypt cache.
+
+        `upgrading`: for the offline tools (`keys rotate`, `decrypt-column`), which run
+        with the operator's own rights on the database and must open version 1 envelopes
+        to rewrite them even once `keys.database_binding.require` refuses them to
+        sessions."""
+        accept = upgrading or not self.binding.require
+        cols = self._by_database.get((database, accept))
+        if cols is None:
+            bound_as = self.binding.identifier(database)  # ValueError for an empty name
+            cols = {}
+            for key, (ident, codec, enc_keys, bidx) in self._sources.items():
+                pc = self.specs[key]
+                cipher = ColumnCipher(ident, codec.name, pc.mode, enc_keys, database=bound_as,
+                                      accept_unbound=accept)
+                cols[key] = ColumnRuntime(pc, cipher, bidx, codec, codec.oid,
+                                          TYPLEN.get(codec.name, -1),
+                                          cache_size=self.cache_size,
+                                          cache_bytes=self.cache_bytes, max_cell=self.max_cell,
+                                          database=database)
+            self._by_database[(database, accept)] = cols
+        return cols
 
     def views_of(self, snap: Snapshot | None) -> tuple[ProtectedSchema, ViewMap]:
         """The rewriter's schema (protected tables + traceable views) and the view column
@@ -1130,9 +1190,9 @@ class Encryption:
         policy = self.gate.policy
         masks = self.masks
         if policy is None:
-            return {k: ("plaintext", None) for k in self.columns}
+            return {k: ("plaintext", None) for k in self.specs}
         out = {}
-        for key in self.columns:
+        for key in self.specs:
             schema, table, column = key
             view = "plaintext"
             for role in roles:
@@ -1167,9 +1227,12 @@ class Encryption:
             cat = self.catalogs[database] = DatabaseCatalog()
         return cat
 
-    def attach(self, session: Any, rows: list[list[bytes | None]]) -> None:
+    def attach(self, session: Any, rows: list[list[bytes | None]], database: str) -> None:
+        """Start tracking a session. `database` is what the server answered to
+        `current_database()` in the session's prelude: the identity its values are
+        bound to, observed, never taken from the client's startup packet."""
         cat = self.catalog_for(session.database)
-        protector = SessionProtector(self, cat, session)
+        protector = SessionProtector(self, cat, session, database)
         cat.update(build_snapshot(rows, protector.search_path()))
         session.tracker = Tracker(protector)
 
@@ -1182,6 +1245,59 @@ class Encryption:
             cat.update(build_snapshot(rows, path))
 
         return session.tracker.inject_query(self.catalog_sql(), done)
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseBinding:
+    """Which identifier a database's envelopes are bound to (`keys.database_binding`).
+
+    Why the database is bound at all: one proxy (and one keyring) often fronts several
+    databases of one server: production, a scratch copy, a reporting replica loaded by
+    ETL. Without the binding an envelope copied from one into the same table and column
+    of another opened there, so anyone who can write to (or restore into) the second
+    database could read the first one's values through the proxy, past its grants and
+    row-level security. Version 2 envelopes carry the database identifier in their
+    associated data (`proxy.crypto.envelope`).
+
+    The identifier is the database's name as the *server* reports it
+    (`current_database()`, asked in every session's prelude and by every offline tool
+    on its own connection), never anything a client sends and can change mid-session;
+    not an oid or system identifier, which a legitimate dump and restore changes.
+    `bind_as` maps a database name to the identifier its envelopes were bound to, for a
+    database restored or renamed on purpose (`bind_as: {app_restored: app}` lets the
+    restored copy read `app`'s envelopes, and it writes them as `app`'s); every database
+    not named binds to its own name.
+
+    `require` refuses version 1 envelopes (written before the binding, which open in any
+    database) with the XX001 of any other undecryptable value: set it once `strongroom
+    keys rotate` has rewritten every column in every database. Until then they open,
+    counted as `strongroom_crypto_operations{op="decrypt_unbound"}` and logged once per
+    column and database.
+
+    Blind indexes are not bound: a copied row's index still matches a lookup in the
+    other database, but the lookup returns the envelope, which fails there (XX001), and
+    binding them would make every index stored today miss its lookups until reindexed.
+    What remains is an equality oracle on copied rows through lookups the proxy does not
+    recheck (`count(*)`, `UPDATE ... WHERE`): it says whether a guessed value is among the
+    copied rows, never which value a row holds.
+    """
+
+    bind_as: Mapping[str, str] = field(default_factory=dict)
+    require: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> DatabaseBinding:
+        cfg = cfg or {}
+        bind_as = {str(k): str(v) for k, v in (cfg.get("bind_as") or {}).items()}
+        if any(not k or not v for k, v in bind_as.items()):
+            raise ValueError("keys.database_binding.bind_as: database names must not be empty")
+        return cls(bind_as, bool(cfg.get("require", False)))
+
+    def identifier(self, database: str) -> str:
+        """The identifier bound into `database`'s envelopes."""
+        if not database:
+            raise ValueError("the server reported no database name")
+        return self.bind_as.get(database, database)
 
 
 def key_name(key: tuple[str, str, str], opts: dict[str, Any]) -> str:

@@ -52,7 +52,7 @@ _CATALOG_CHANGES = frozenset({"ddl", "do"})  # may create, rename or drop functi
 PRELUDE_SQL = (
     "SELECT nspname FROM pg_catalog.pg_namespace; "
     "SELECT pg_catalog.current_setting('search_path'), pg_catalog.current_setting('role'), "
-    "session_user"
+    "session_user, pg_catalog.current_database()"
 )
 
 # pg_proc by OID, for FunctionCall messages (which name a function by OID only): loaded
@@ -444,7 +444,11 @@ class Gate:
             session.watch_ready = True
             self._sessions.add(session)
         if self.encryption is not None:
-            self.encryption.attach(session, results[2] if catalog and len(results) > 2 else [])
+            # The database envelopes are bound to: the server's answer, not the startup
+            # packet (see encryption.DatabaseBinding); a session cannot change it.
+            database = row[3] if len(row) > 3 else ""
+            self.encryption.attach(session, results[2] if catalog and len(results) > 2 else [],
+                                   database)
 
     # ------------------------------------------------------------------ function calls
 

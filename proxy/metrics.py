@@ -141,7 +141,7 @@ POLICY_REASONS: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
-CRYPTO_OPS: tuple[str, ...] = ("encrypt", "decrypt", "blind_index")
+CRYPTO_OPS: tuple[str, ...] = ("encrypt", "decrypt", "blind_index", "decrypt_unbound")
 DIRECTIONS: tuple[str, ...] = ("client_to_server", "server_to_client")
 
 #: Every SQLSTATE PostgreSQL 15 defines (src/backend/utils/errcodes.txt). Codes outside

@@ -478,6 +478,17 @@ async def _swap(conn: asyncpg.Connection, plan: _Plan, lock_timeout: float) -> N
         )
 
 
+async def require_bound_here(conn: asyncpg.Connection, rt: ColumnRuntime) -> None:
+    """Refuse a column runtime made for another database than the one `conn` is on:
+    what it writes would be bound there and fail to open here (see
+    `proxy.encryption.DatabaseBinding`)."""
+    here = str(await conn.fetchval("SELECT pg_catalog.current_database()"))
+    if rt.database != here:
+        raise MigrationError(
+            f"the column keys were bound for database {rt.database!r}, but the connection "
+            f"is to {here!r}; build them with Encryption.columns_for({here!r})")
+
+
 async def _migrate(
     conn: asyncpg.Connection, rt: ColumnRuntime, *, encrypt: bool, batch: int,
     max_batches: int | None, bar: BarFactory, hook: BatchHook | None, lock_timeout: float,
@@ -485,6 +496,7 @@ async def _migrate(
 ) -> Outcome:
     if batch < 1:
         raise MigrationError("batch size must be at least 1")
+    await require_bound_here(conn, rt)
     spec = rt.spec
     info = await table_info(conn, spec.schema, spec.table)
     column = spec.column

@@ -176,7 +176,7 @@ def assert_sealed(env: Env, rows: dict[int, str]) -> None:
                                         "WHERE customer_id = ANY(%s)", (list(rows),))}
     assert set(got) == set(rows)
     for i, (pan, bidx) in got.items():
-        assert pan is not None and pan[:1] == b"\x01" and len(pan) > 28, (i, pan)
+        assert pan is not None and pan[:1] == b"\x02" and len(pan) > 28, (i, pan)
         assert bidx is not None, i
     cells = [c for pan, bidx in got.values() for c in (pan, bytes(bidx))]
     assert leaks(cells, list(rows.values())) == []
@@ -264,7 +264,7 @@ def test_second_copy_in_without_blind_index_is_sealed(env: Env) -> None:
     with direct(env.pg) as d:  # type: ignore[arg-type]
         notes = [bytes(v) for (v,) in d.execute(
             "SELECT note FROM q_notes WHERE customer_id = ANY(%s)", (list(rows),))]
-    assert len(notes) == 2 and all(n[:1] == b"\x01" and len(n) > 28 for n in notes)
+    assert len(notes) == 2 and all(n[:1] == b"\x02" and len(n) > 28 for n in notes)
     assert leaks(notes, list(rows.values())) == []
     assert leaks([env.recorder.bytes_sent()], list(rows.values())) == []
 

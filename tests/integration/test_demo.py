@@ -200,7 +200,7 @@ def test_demo_runs_the_example_topology(demo_factory: Callable[..., _Demo]) -> N
         assert "masked column public.cards.pan" in asked.stderr, asked.stderr
         assert "without lookup" in asked.stderr and PAN not in asked.stderr
     envelope = _psql(port, "etl_backup", "etl-secret", "SELECT pan FROM cards")
-    assert envelope.stdout.strip().startswith("\\x01"), envelope.stdout
+    assert envelope.stdout.strip().startswith("\\x02"), envelope.stdout
     # psql's own catalog queries (\d mixes qualified and unqualified functions)
     described = _psql(port, "app", "app-secret", "\\d cards")
     assert described.returncode == 0 and "pan_bidx" in described.stdout, described.stderr

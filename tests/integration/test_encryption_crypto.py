@@ -199,7 +199,7 @@ def test_column_views_by_role(kproxy, role) -> None:
             assert (value, type_oid) == ("************1102", 25)
         else:
             assert type_oid == 17 and isinstance(value, bytes)
-            assert value[:1] == b"\x01" and b"4111000000001102" not in value
+            assert value[:1] == b"\x02" and b"4111000000001102" not in value
             assert len(value) > 16 + 12
         with c.cursor(binary=True) as bcur:
             bvalue = bcur.execute("SELECT pan FROM k_cards WHERE id = 2").fetchone()[0]

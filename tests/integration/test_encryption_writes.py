@@ -293,7 +293,7 @@ def test_parenthesised_values_are_sealed_and_indexed(pg, wproxy) -> None:
         rows = d.execute("SELECT pan, pan_bidx FROM w_cards WHERE id BETWEEN 400 AND 406"
                          ).fetchall()
     assert len(rows) == len(pans)
-    assert all(bytes(p).startswith(b"\x01") and len(bytes(p)) > 28 and b is not None
+    assert all(bytes(p).startswith(b"\x02") and len(bytes(p)) > 28 and b is not None
                for p, b in rows)
     assert leaks([bytes(v) for r in rows for v in r], list(pans.values())) == []
 
@@ -341,7 +341,7 @@ def test_writes_follow_the_proxys_column_order_after_outside_ddl(pg_aux) -> None
             stored = d.execute("SELECT id, pan FROM s_cards ORDER BY id").fetchall()
         # Only what the proxy sealed is in pan: every stored pan is an envelope.
         assert [i for i, _ in stored] == [1, 2, 3, 4]
-        assert all(bytes(v).startswith(b"\x01") and len(bytes(v)) > 28 for _, v in stored)
+        assert all(bytes(v).startswith(b"\x02") and len(bytes(v)) > 28 for _, v in stored)
         assert leaks([bytes(v) for _, v in stored], secrets) == []
         with psycopg.connect(p.conninfo(), autocommit=True) as c:  # a new session reloads
             c.execute("INSERT INTO s_cards VALUES (7, %s, 'u')", (secrets[2],))

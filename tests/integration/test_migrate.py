@@ -73,7 +73,7 @@ class Setup:
         return Encryption(self.protect, self.keys_cfg, str(self.dir), None)
 
     def rt(self, column: str, enc: Encryption | None = None) -> Any:
-        return (enc or self.enc()).columns[("public", self.table, column)]
+        return (enc or self.enc()).columns_for(APP_DB)[("public", self.table, column)]
 
     def cli(self, *args: str, env: dict[str, str] | None = None,
             dsn: bool = True) -> subprocess.CompletedProcess[str]:
@@ -415,8 +415,8 @@ async def test_rotation_dance(pg: Any, tmp_path: Path) -> None:
         enc_id_b = cli_ops.add(s.keyring, s.provider(), column, "encrypt")
         bidx_id_b = cli_ops.add(s.keyring, s.provider(), column, "blind_index")
         mid = s.enc()  # a reloaded proxy: reads B, still writes A
-        assert mid.columns[("public", table, "pan")].cipher.key_id_of(
-            mid.columns[("public", table, "pan")].cipher.encrypt(b"x")) == enc_id_a
+        assert mid.columns_for(APP_DB)[("public", table, "pan")].cipher.key_id_of(
+            mid.columns_for(APP_DB)[("public", table, "pan")].cipher.encrypt(b"x")) == enc_id_a
         cli_ops.promote(s.keyring, enc_id_b)
         cli_ops.promote(s.keyring, bidx_id_b)
 

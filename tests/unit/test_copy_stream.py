@@ -797,7 +797,8 @@ def _role(logical_type: str, mode: Mode = Mode.RANDOMIZED,
                            blind_index=blind_index)
     col = spec.qualified
     cipher = ColumnCipher(col, logical_type, mode,
-                          ColumnKeys(col, Purpose.ENCRYPT, 1, {1: os.urandom(32)}))
+                          ColumnKeys(col, Purpose.ENCRYPT, 1, {1: os.urandom(32)}),
+                          database="appdb")
     bidx = BlindIndex(col, logical_type,
                       ColumnKeys(col, Purpose.BLIND_INDEX, 1, {1: os.urandom(32)})) \
         if blind_index else None

@@ -63,7 +63,7 @@ def runtime(logical: str, name: str = "c", size: int = DEFAULT_DECRYPT_CACHE_SIZ
     codec = get_codec(logical)
     col = f"public.t.{name}"
     keys = ColumnKeys(col, Purpose.ENCRYPT, 1, {1: os.urandom(32)})
-    cipher = ColumnCipher(col, codec.name, "randomized", keys)
+    cipher = ColumnCipher(col, codec.name, "randomized", keys, database="appdb")
     spec = ProtectedColumn("public", "t", name, logical, "randomized", False, None)
     rt = ColumnRuntime(spec, cipher, None, codec, codec.oid, -1, cache_size=size)
     rt.cipher = CountingCipher(cipher)  # type: ignore[assignment]
@@ -311,12 +311,12 @@ def _encryption(tmp_path: Path, **keys_extra: Any) -> Encryption:
 
 
 def test_config_option_reaches_every_column(tmp_path: Path) -> None:
-    assert {rt.cache_size for rt in _encryption(tmp_path).columns.values()} == \
+    assert {rt.cache_size for rt in _encryption(tmp_path).columns_for("app").values()} == \
         {DEFAULT_DECRYPT_CACHE_SIZE}
     assert {rt.cache_size for rt in
-            _encryption(tmp_path, decrypt_cache_size=0).columns.values()} == {0}
+            _encryption(tmp_path, decrypt_cache_size=0).columns_for("app").values()} == {0}
     assert {rt.cache_size for rt in
-            _encryption(tmp_path, decrypt_cache_size=10).columns.values()} == {10}
+            _encryption(tmp_path, decrypt_cache_size=10).columns_for("app").values()} == {10}
 
 
 @pytest.mark.parametrize("value,ok", [(0, True), (65536, True), (-1, False), ("big", False),
@@ -336,7 +336,7 @@ def test_a_new_keyring_load_starts_empty_and_a_retired_key_still_opens(
     """A reload builds a new Encryption: nothing cached under the old keys answers; a
     value under a retired key is opened afresh (retired keys still decrypt)."""
     enc = _encryption(tmp_path)
-    rt = enc.columns[("public", "t", "pan")]
+    rt = enc.columns_for("app")[("public", "t", "pan")]
     env = rt.cipher.encrypt(b"4111111111111111")
     rc = RoleColumn(rt, "plaintext", None, tz=lambda: UTC)
     assert rc.cell_revealer(1)(env) == sent(b"4111111111111111")
@@ -349,7 +349,7 @@ def test_a_new_keyring_load_starts_empty_and_a_retired_key_still_opens(
     cli_ops.promote(ring, new)
     cli_ops.retire(ring, old)
     enc2 = _encryption(tmp_path)
-    rt2 = enc2.columns[("public", "t", "pan")]
+    rt2 = enc2.columns_for("app")[("public", "t", "pan")]
     assert rt2.caches == {}
     rc2 = RoleColumn(rt2, "plaintext", None, tz=lambda: UTC)
     assert rc2.cell_revealer(1)(env) == sent(b"4111111111111111")

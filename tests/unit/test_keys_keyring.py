@@ -78,17 +78,21 @@ def test_purposes_are_independent(provider: LocalKekProvider) -> None:
 
 def test_rotation_end_to_end(provider: LocalKekProvider) -> None:
     ring, k1 = fresh(provider)
-    c1 = ColumnCipher(COL, "text", Mode.RANDOMIZED, ring.column_keys(COL, "encrypt", provider))
+    c1 = ColumnCipher(COL, "text", Mode.RANDOMIZED, ring.column_keys(COL, "encrypt", provider),
+                      database="appdb")
     old = c1.encrypt(b"4111111111111111")
     ring, k2 = ring.add(COL, "encrypt", provider)
-    c_added = ColumnCipher(COL, "text", "randomized", ring.column_keys(COL, "encrypt", provider))
+    c_added = ColumnCipher(COL, "text", "randomized", ring.column_keys(COL, "encrypt", provider),
+                           database="appdb")
     assert c_added.key_id_of(c_added.encrypt(b"x")) == k1  # added keys do not write yet
     ring = ring.promote(k2)
-    c2 = ColumnCipher(COL, "text", "randomized", ring.column_keys(COL, "encrypt", provider))
+    c2 = ColumnCipher(COL, "text", "randomized", ring.column_keys(COL, "encrypt", provider),
+                      database="appdb")
     new = c2.rotate(old)
     assert c2.key_id_of(new) == k2 and c2.decrypt(old) == b"4111111111111111"
     ring = ring.retire(k1)
-    c3 = ColumnCipher(COL, "text", "randomized", ring.column_keys(COL, "encrypt", provider))
+    c3 = ColumnCipher(COL, "text", "randomized", ring.column_keys(COL, "encrypt", provider),
+                      database="appdb")
     assert c3.decrypt(new) == b"4111111111111111"
     # a retired key never writes, but still opens what it wrote (a restored backup)
     assert c3.decrypt(old) == b"4111111111111111"
@@ -101,7 +105,8 @@ def test_rotation_end_to_end(provider: LocalKekProvider) -> None:
         ring.unretire(k1)
     with pytest.raises(DecryptError):  # a key that is not in the keyring opens nothing
         ColumnCipher(COL, "text", "randomized",
-                     fresh(provider)[0].column_keys(COL, "encrypt", provider)).decrypt(old)
+                     fresh(provider)[0].column_keys(COL, "encrypt", provider),
+                     database="appdb").decrypt(old)
 
 
 def test_a_retired_blind_index_key_takes_no_part_in_lookups(provider: LocalKekProvider,

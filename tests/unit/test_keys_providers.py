@@ -168,7 +168,7 @@ def test_pkcs11_keyring_end_to_end(softhsm: dict[str, str], tmp_path: Path) -> N
         ring_path = tmp_path / "keyring.json"
         cli_ops.init(None, ring_path, ["public.t.c"], provider=p)
         keys = kr.load(ring_path).column_keys("public.t.c", "encrypt", p)
-        c = ColumnCipher("public.t.c", "text", "randomized", keys)
+        c = ColumnCipher("public.t.c", "text", "randomized", keys, database="appdb")
         assert c.decrypt(c.encrypt(b"hsm")) == b"hsm"
     finally:
         p.close()
@@ -190,7 +190,7 @@ def test_rewrap_moves_a_keyring_to_the_hsm_and_back(softhsm: dict[str, str],
     ring = ring.retire(spare)  # retired entries move too
     kr.save(ring, ring_path)
     before = ColumnCipher("public.t.c", "text", "randomized",
-                          ring.column_keys("public.t.c", "encrypt", local))
+                          ring.column_keys("public.t.c", "encrypt", local), database="appdb")
     sealed = before.encrypt(b"4111111111111111")
 
     create_kek(softhsm["module"], softhsm["token_label"], softhsm["pin"], "kek-move")
@@ -203,7 +203,7 @@ def test_rewrap_moves_a_keyring_to_the_hsm_and_back(softhsm: dict[str, str],
         assert moved.describe() == ring.describe()
         assert all(moved.get(e.id).wrapped != e.wrapped for e in ring.entries)
         after = ColumnCipher("public.t.c", "text", "randomized",
-                             moved.column_keys("public.t.c", "encrypt", hsm))
+                             moved.column_keys("public.t.c", "encrypt", hsm), database="appdb")
         assert after.decrypt(sealed) == b"4111111111111111"
         with pytest.raises(kr.KeyringError, match="wrapped by KEK"):
             moved.column_keys("public.t.c", "encrypt", local)  # the old KEK is out
@@ -218,7 +218,7 @@ def test_rewrap_moves_a_keyring_to_the_hsm_and_back(softhsm: dict[str, str],
         back = kr.load(hsm_path)
         assert back.kek_id == local.key_id
         again = ColumnCipher("public.t.c", "text", "randomized",
-                             back.column_keys("public.t.c", "encrypt", local))
+                             back.column_keys("public.t.c", "encrypt", local), database="appdb")
         assert again.decrypt(sealed) == b"4111111111111111"
     finally:
         hsm.close()
@@ -274,13 +274,13 @@ def test_aws_kms_keyring_end_to_end(kms: Any, tmp_path: Path) -> None:
     ring_path = tmp_path / "keyring.json"
     cli_ops.init(None, ring_path, ["public.t.c"], provider=local)
     sealed = ColumnCipher("public.t.c", "text", "randomized", kr.load(ring_path).column_keys(
-        "public.t.c", "encrypt", local)).encrypt(b"DE89370400440532013000")
+        "public.t.c", "encrypt", local), database="appdb").encrypt(b"DE89370400440532013000")
     p = AwsKmsKekProvider(kms.create_key()["KeyMetadata"]["KeyId"])
     cli_ops.rewrap(ring_path, local, p)  # local file -> KMS, in place
     ring = kr.load(ring_path)
     assert ring.kek_id == p.key_id
     cipher = ColumnCipher("public.t.c", "text", "randomized",
-                          ring.column_keys("public.t.c", "encrypt", p))
+                          ring.column_keys("public.t.c", "encrypt", p), database="appdb")
     assert cipher.decrypt(sealed) == b"DE89370400440532013000"
     # KMS binds each wrapped DEK to its entry through the encryption context
     e = ring.entries[0]

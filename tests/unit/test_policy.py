@@ -853,7 +853,7 @@ class _Encryption:
     def catalog_sql(self) -> str:
         return "SELECT 'catalog'"
 
-    def attach(self, session: object, rows: object) -> None:
+    def attach(self, session: object, rows: object, database: str) -> None:
         self.attached.append(rows)
 
 

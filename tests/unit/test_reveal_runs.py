@@ -37,7 +37,7 @@ def _runtime(name: str, logical: str) -> ColumnRuntime:
     codec = get_codec(logical)
     col = f"public.t.{name}"
     keys = ColumnKeys(col, Purpose.ENCRYPT, 1, {1: os.urandom(32)})
-    cipher = ColumnCipher(col, codec.name, "randomized", keys)
+    cipher = ColumnCipher(col, codec.name, "randomized", keys, database="appdb")
     spec = ProtectedColumn("public", "t", name, logical, "randomized", False, None)
     return ColumnRuntime(spec, cipher, None, codec, codec.oid, -1)
 

@@ -43,7 +43,7 @@ def _column(logical: str, view: str, mask: Any = None) -> RoleColumn:
     codec = get_codec(logical)
     name = f"public.t.{logical}_{view}"
     keys = ColumnKeys(name, Purpose.ENCRYPT, 1, {1: os.urandom(32)})
-    cipher = ColumnCipher(name, codec.name, "randomized", keys)
+    cipher = ColumnCipher(name, codec.name, "randomized", keys, database="appdb")
     spec = ProtectedColumn("public", "t", f"{logical}_{view}", logical, "randomized", False, None)
     masker = make_masker(mask, codec.name) if view == "masked" else None
     rt = ColumnRuntime(spec, cipher, None, codec, codec.oid, -1)
