@@ -68,7 +68,7 @@ def _setup(tmp_path: Path, cache_bytes: int = 32 * 1024 * 1024,
     gate = Gate(parse_text(path.read_text(), source=str(path)))
     session = FakeSession(gate)
     enc = gate.encryption
-    protector = SessionProtector(enc, enc.catalog_for("app"), session)
+    protector = SessionProtector(enc, enc.catalog_for("app"), session, "app")
     return gate, protector, StatementFacts(gate)
 
 

@@ -264,10 +264,10 @@ def test_bounded_in_bytes(fmt: int) -> None:
 
 
 def test_config_bytes_reach_every_column_and_zero_turns_it_off(tmp_path: Path) -> None:
-    assert {rt.cache_bytes for rt in _encryption(tmp_path).columns.values()} == \
+    assert {rt.cache_bytes for rt in _encryption(tmp_path).columns_for("app").values()} == \
         {DEFAULT_DECRYPT_CACHE_BYTES}
     enc = _encryption(tmp_path, decrypt_cache_bytes=0)
-    rt = next(iter(enc.columns.values()))
+    rt = next(iter(enc.columns_for("app").values()))
     assert rt.cache_bytes == 0
     rt.cached("slot", lambda c: c)(b"x")
     assert rt.caches == {}
