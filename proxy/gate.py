@@ -285,22 +285,19 @@ class Gate:
 
     def configure(self, settings: Settings) -> None:
         """Install the policy of a (re)loaded configuration. Cached decisions are dropped,
-        so a reload applies to the next statement of every existing session."""
+        so a reload applies to the next statement of every existing session.
+
+        Everything that can fail (the policy, the keys: a keyring that does not
+        authenticate) is built before anything is replaced, so a refused reload leaves
+        the running policy and keys in force without reading any file again."""
         from proxy.policy import Policy
         from proxy.policy.model import POLICY_KEYS
 
         raw = settings.raw
-        expanded = self.policy is not None and self.policy.expand_views
+        policy = None
         if "roles" in raw or "default" in raw or "default_column_view" in raw:
-            self.policy = Policy.from_dict({k: raw[k] for k in POLICY_KEYS if k in raw})
-        else:
-            self.policy = None
-        if self.policy is not None and self.policy.expand_views and not expanded:
-            # Turned on now: what was loaded before may be stale; sessions that start
-            # from now on load it again (older ones are refused until one does).
-            self._views.clear()
-        for (db, reset), cache in self._caches.items():
-            cache.swap(policy=self.policy, env=self._env(db, reset))
+            policy = Policy.from_dict({k: raw[k] for k in POLICY_KEYS if k in raw})
+        encryption = None
         if raw.get("protect"):
             import os
 
@@ -308,11 +305,18 @@ class Gate:
 
             base = os.path.dirname(os.path.abspath(settings.source)) \
                 if not settings.source.startswith("<") else os.getcwd()
-            self.encryption = Encryption(raw["protect"], raw.get("keys") or {}, base, self)
+            encryption = Encryption(raw["protect"], raw.get("keys") or {}, base, self)
             if "catalog_max_age" in raw:
-                self.encryption.catalog_max_age = float(raw["catalog_max_age"])
-        else:
-            self.encryption = None
+                encryption.catalog_max_age = float(raw["catalog_max_age"])
+        expanded = self.policy is not None and self.policy.expand_views
+        self.policy = policy
+        if self.policy is not None and self.policy.expand_views and not expanded:
+            # Turned on now: what was loaded before may be stale; sessions that start
+            # from now on load it again (older ones are refused until one does).
+            self._views.clear()
+        for (db, reset), cache in self._caches.items():
+            cache.swap(policy=self.policy, env=self._env(db, reset))
+        self.encryption = encryption
 
     def _cache_for(self, database: str, reset_path: tuple[str, ...]) -> PolicyCache:
         cache = self._caches.get((database, reset_path))

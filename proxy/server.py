@@ -136,10 +136,12 @@ class Server:
         if (new.listen, new.workers) != (old.listen, old.workers):
             log.warning("listen address or worker count changed: takes effect after a restart")
         try:
+            # (builds everything first: on failure nothing of the running one changed)
             self.gate.configure(new)
-        except Exception as exc:  # a policy that validated but cannot be built
-            log.error("reload rejected, keeping the running configuration: %s", exc)
-            self.gate.configure(old)
+        except Exception as exc:  # a policy that cannot be built, keys that do not load
+            log.error("reload rejected, keeping the running configuration and keys: %s", exc)
+            if getattr(exc, "keyring_auth_failed", False):
+                self.metrics.keyring_auth_failed()
             self.count("reload_failed")
             self.metrics.config_reloaded(False)
             return False

@@ -346,15 +346,16 @@ def line_in_file(path: str | os.PathLike[str], keys: list[Any]) -> int:
     return _line_of(doc, keys)
 
 
-def writable_by_others(path: str | os.PathLike[str]) -> list[str]:
-    """`file: message` problems for a config file, or its directory, that a group or
-    everyone may write: whoever can write the config (or swap the file in its directory)
-    can give themselves any role's access, point `upstream` at their own server or name
-    their own keys, so such a file is refused rather than trusted. Symlinks are
-    followed: what is checked is what is read."""
+def writable_by_others(path: str | os.PathLike[str], kind: str = "config file") -> list[str]:
+    """`file: message` problems for a config file (or, with `kind`, a keyring), or its
+    directory, that a group or everyone may write: whoever can write the config (or swap
+    the file in its directory) can give themselves any role's access, point `upstream` at
+    their own server or name their own keys, so such a file is refused rather than
+    trusted. Symlinks are followed: what is checked is what is read. A file that does not
+    exist is skipped (reading it reports that); its directory is still checked."""
     p = Path(path)
     problems = []
-    for target, what in ((p, "config file"), (p.resolve().parent, "directory of the config file")):
+    for target, what in ((p, kind), (p.resolve().parent, f"directory of the {kind}")):
         try:
             mode = stat.S_IMODE(os.stat(target).st_mode)
         except OSError:
