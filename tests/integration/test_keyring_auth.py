@@ -27,8 +27,7 @@ import psycopg
 import pytest
 
 from keys import cli_ops
-from keys.providers.local import LocalKekProvider
-from tests.conftest import ROOT, ProxyProcess
+from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, ROOT, ProxyProcess
 from tests.integration.encryption_env import direct, keys_cli, setup_sql, start_encrypted
 from tests.integration.observability_env import scrape, wait_metrics
 
@@ -43,32 +42,33 @@ def _ring(p: ProxyProcess) -> Path:
     return p.dir / "ring" / "keyring.json"
 
 
-def _provider(p: ProxyProcess) -> LocalKekProvider:
-    return LocalKekProvider(p.dir / "dev.kek")
-
-
 def _ids(p: ProxyProcess, purpose: str = "encrypt") -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
-    for k in cli_ops.show(_ring(p), _provider(p)):
+    for k in cli_ops.show(_ring(p)):  # (read before any tampering)
         if k["column"] == PAN and k["purpose"] == purpose:
             out.setdefault(k["state"], []).append(k["id"])
     return out
 
 
+def _cli(p: ProxyProcess, *args: str) -> str:
+    res = keys_cli(p, *args)
+    assert res.returncode == 0, (args, res.stderr)
+    return res.stdout
+
+
 def _rotate_keys(p: ProxyProcess) -> tuple[int, int]:
-    """A second encrypt and blind-index key promoted, the first ones retired (through the
-    library, as `strongroom keys` does; the database check of `keys retire` is not what
-    is tested here). Returns (old, new) encrypt key ids."""
-    ring, prov = _ring(p), _provider(p)
+    """A second encrypt and blind-index key promoted, the first ones retired, with
+    `strongroom keys` (the table is empty, so retire finds no use of the old keys).
+    Returns (old, new) encrypt key ids."""
     old = _ids(p)["active"][0]
     old_bidx = _ids(p, "blind_index")["active"][0]
-    new = cli_ops.add(ring, prov, PAN, "encrypt")
-    new_bidx = cli_ops.add(ring, prov, PAN, "blind_index")
-    cli_ops.promote(ring, new, prov)
-    cli_ops.promote(ring, new_bidx, prov)
-    cli_ops.retire(ring, old, prov)
-    cli_ops.retire(ring, old_bidx, prov)
-    return old, new
+    dsn = ["--dsn", p.cluster.dsn(APP_USER, APP_PASSWORD, APP_DB)]
+    for purpose, retired in (("encrypt", old), ("blind_index", old_bidx)):
+        added = _cli(p, "add", "--column", PAN, "--purpose", purpose)
+        new_id = re.search(r"added key (\d+)", added).group(1)  # type: ignore[union-attr]
+        _cli(p, "promote", new_id)
+        _cli(p, "retire", *dsn, str(retired))
+    return old, _ids(p)["active"][0]
 
 
 def _edit(path: Path, change: Any) -> None:
