@@ -108,6 +108,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     live = bool(args.live or args.dsn)
     key_problem = audit_key_mode_problem(cfg)  # serve refuses it: say so before it does
     problems: list[str] = [key_problem] if key_problem else []
+    problems += _keyring_mode_problems(args.file, cfg)  # ditto, and needs no KEK
     if protect and live and not problems:
         problems = _check_keys(args.file, cfg) or _check_live(args, cfg)
     if problems:
@@ -121,6 +122,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK (listen {cfg.listen.host}:{cfg.listen.port}, "
           f"upstream {cfg.upstream.host}:{cfg.upstream.port}{note})")
     return 0
+
+
+def _keyring_mode_problems(path: str, cfg: settings_mod.Settings) -> list[str]:
+    """A keyring file or directory that group or others may write (serve refuses it)."""
+    from keys import keyring as kr
+    from proxy.encryption import resolve
+
+    keys_cfg = cfg.raw.get("keys") or {}
+    if not cfg.raw.get("protect") or not keys_cfg.get("keyring"):
+        return []
+    try:
+        kr.check_permissions(resolve(str(Path(path).resolve().parent), keys_cfg["keyring"]))
+    except kr.KeyringError as exc:
+        return [f"{path}:{settings_mod.line_in_file(path, ['keys', 'keyring'])}: keys.keyring: "
+                f"{exc}"]
+    return []
 
 
 def _passwords(args: argparse.Namespace) -> list[str]:
