@@ -2,6 +2,8 @@
 
 Each mutating operation holds an exclusive lock (`<keyring>.lock`, flock) around
 load-modify-save, so two operators cannot lose each other's changes, and saves atomically.
+Every one of them needs the KEK provider: the load authenticates the keyring (a tampered
+or unsealed one is refused before anything changes) and the save MACs the result.
 Return values are plain data (ids, dicts) with no key bytes, ready to print as a table or
 JSON.
 """
@@ -82,11 +84,11 @@ def init(
             Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _locked(path_keyring):
         if Path(path_keyring).exists():
-            ring = kr.load(path_keyring)
+            ring = kr.load(path_keyring, provider)
         else:
             ring = kr.new_keyring(provider)
         ring = kr.add_columns(ring, provider, specs)
-        kr.save(ring, path_keyring)
+        kr.save(ring, path_keyring, provider)
     return ring.describe()
 
 
@@ -99,9 +101,16 @@ def local_provider(path_kek: str | os.PathLike[str]) -> tuple[LocalKekProvider, 
     return LocalKekProvider(path_kek), created
 
 
-def show(path_keyring: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """`strongroom keys show`: id, column, purpose, state, created_at per key. No KEK needed."""
-    return kr.load(path_keyring).describe()
+def show(
+    path_keyring: str | os.PathLike[str], provider: KekProvider | None = None
+) -> list[dict[str, Any]]:
+    """`strongroom keys show`: id, column, purpose, state, created_at per key.
+
+    With `provider` (what the CLI passes) the keyring is authenticated first, so what is
+    shown is what a proxy would use; without, the file is read as it is (unverified)."""
+    if provider is None:
+        return kr.load_unverified(path_keyring)[0].describe()
+    return kr.load(path_keyring, provider).describe()
 
 
 def add(
@@ -112,31 +121,44 @@ def add(
 ) -> int:
     """`strongroom keys add`: new decrypt-only key for a column; returns its id."""
     with _locked(path_keyring):
-        ring, key_id = kr.load(path_keyring).add(column, purpose, provider)
-        kr.save(ring, path_keyring)
+        ring, key_id = kr.load(path_keyring, provider).add(column, purpose, provider)
+        kr.save(ring, path_keyring, provider)
     return key_id
 
 
-def promote(path_keyring: str | os.PathLike[str], key_id: int) -> None:
+def promote(path_keyring: str | os.PathLike[str], key_id: int, provider: KekProvider) -> None:
     """`strongroom keys promote`: decrypt-only key becomes the column's primary."""
     with _locked(path_keyring):
-        kr.save(kr.load(path_keyring).promote(key_id), path_keyring)
+        kr.save(kr.load(path_keyring, provider).promote(key_id), path_keyring, provider)
 
 
-def retire(path_keyring: str | os.PathLike[str], key_id: int) -> None:
+def retire(path_keyring: str | os.PathLike[str], key_id: int, provider: KekProvider) -> None:
     """Mark a decrypt-only key retired (no writes, no lookups; it still opens old values).
 
     The file operation only: `strongroom keys retire` first counts, in the database, the
     values and blind indexes that still use the key (keys.usage) and refuses while any do.
     """
     with _locked(path_keyring):
-        kr.save(kr.load(path_keyring).retire(key_id), path_keyring)
+        kr.save(kr.load(path_keyring, provider).retire(key_id), path_keyring, provider)
 
 
-def unretire(path_keyring: str | os.PathLike[str], key_id: int) -> None:
+def unretire(path_keyring: str | os.PathLike[str], key_id: int, provider: KekProvider) -> None:
     """`strongroom keys unretire`: a retired key back to decrypt-only (a mistaken retire)."""
     with _locked(path_keyring):
-        kr.save(kr.load(path_keyring).unretire(key_id), path_keyring)
+        kr.save(kr.load(path_keyring, provider).unretire(key_id), path_keyring, provider)
+
+
+def seal(path_keyring: str | os.PathLike[str], provider: KekProvider) -> bool:
+    """`strongroom keys seal`: authenticate a keyring written before keyrings carried a
+    MAC (one time, after checking its states with `keys show`). Every key must unwrap
+    with the KEK first. Returns False when it was sealed already (and verifies)."""
+    with _locked(path_keyring):
+        ring, mac = kr.load_unverified(path_keyring)
+        if mac is not None:
+            ring.verify(mac, provider, os.fspath(path_keyring))
+            return False
+        kr.save(kr.seal(ring, provider), path_keyring, provider)
+    return True
 
 
 def rewrap(
@@ -151,8 +173,8 @@ def rewrap(
     out = Path(path_out) if path_out is not None else Path(path_keyring)
     same = out.resolve() == Path(path_keyring).resolve()
     with _locked(path_keyring):
-        ring = kr.load(path_keyring).rewrap(old, new)
+        ring = kr.load(path_keyring, old).rewrap(old, new)
         if not same and out.exists():
             raise kr.KeyringError(f"{out} exists; not overwritten")
-        kr.save(ring, out)
+        kr.save(ring, out, new)
     return ring.kek_id

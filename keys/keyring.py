@@ -20,6 +20,19 @@ and `unretire` takes back a retire made by mistake.
 DEKs are stored only wrapped by the KEK provider, with associated data naming the entry
 (id, column, purpose): a wrapped DEK moved to another entry does not unwrap.
 The file is JSON, written atomically (temp file + fsync + rename) with mode 0600.
+
+The keyring is authenticated as a whole, as Tink keysets are: the per-entry associated
+data stops a wrapped DEK from moving, but not an edit of a key's *state* (a retired key
+made decrypt-only again, the active and a retired key swapped). So the file carries an
+HMAC-SHA256 over its canonical form (every entry with id, column, purpose, state, time
+and wrapped DEK, plus the KEK id), under a 32-byte MAC key that is itself stored wrapped
+by the KEK with its own associated data. Any provider that can unwrap a DEK can therefore
+check the MAC, and the KEK itself is never exposed. `load` verifies it and refuses a
+keyring that fails; `save` recomputes it, so only code holding the KEK (`strongroom keys
+...`) can change a key's state. A keyring from before the MAC (format 1) is refused
+until `strongroom keys seal` has checked the KEK and added one. Whoever holds the KEK can
+still forge a keyring: the MAC protects against those who can write the file only.
+Keyring files and their directories that group or others may write are refused too.
 """
 
 from __future__ import annotations
@@ -27,6 +40,8 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -39,8 +54,12 @@ from typing import Any
 from keys.providers.base import KekProvider, UnwrapError
 from proxy.crypto.keyview import DEK_LEN, UINT32_MAX, ColumnKeys, Purpose
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: authenticated (mac_key + mac); 1: no MAC, refused until sealed
+UNSEALED_FORMAT = 1
+MAC_KEY_LEN = 32
 _DEK_AD_LABEL = b"strongroom/v1/dek\x00"
+_MAC_KEY_AD_LABEL = b"strongroom/v2/keyring-mac-key\x00"
+_MAC_LABEL = b"strongroom/v2/keyring-mac\x00"
 
 
 class KeyState(StrEnum):
@@ -51,6 +70,22 @@ class KeyState(StrEnum):
 
 class KeyringError(Exception):
     """An illegal keyring operation or a malformed keyring file. Never includes key bytes."""
+
+
+class KeyringAuthError(KeyringError):
+    """The keyring's MAC does not verify under the KEK: the file was edited outside
+    `strongroom keys` (or corrupted, or belongs to another KEK). Never trusted."""
+
+
+class KeyringUnsealedError(KeyringAuthError):
+    """A keyring written before keyrings were authenticated (no MAC): refused until
+    `strongroom keys seal` adds one."""
+
+
+def _unsealed_message(where: str) -> str:
+    return (f"keyring {where} is not authenticated (written before keyrings carried a MAC); "
+            "check its key states with `strongroom keys show --unverified --config FILE`, then run "
+            "`strongroom keys seal --config FILE` once to authenticate it with the KEK")
 
 
 def _part(data: bytes) -> bytes:
@@ -65,6 +100,17 @@ def dek_associated_data(key_id: int, column: str, purpose: Purpose) -> bytes:
         + _part(column.encode())
         + _part(purpose.value.encode())
     )
+
+
+def mac_key_associated_data(kek_id: str) -> bytes:
+    """What the wrapped keyring MAC key is bound to: never equal to a DEK's associated
+    data (another label), so a wrapped DEK cannot stand in for the MAC key."""
+    return _MAC_KEY_AD_LABEL + _part(kek_id.encode())
+
+
+def new_mac_key(provider: KekProvider) -> bytes:
+    """A fresh MAC key, wrapped by `provider` (its only form outside memory)."""
+    return provider.wrap(secrets.token_bytes(MAC_KEY_LEN), mac_key_associated_data(provider.key_id))
 
 
 def validate_column(column: str) -> str:
@@ -105,10 +151,12 @@ class KeyEntry:
 
 @dataclass(frozen=True, slots=True)
 class Keyring:
-    """All wrapped DEKs, and the id of the KEK that wrapped them."""
+    """All wrapped DEKs, the id of the KEK that wrapped them, and the wrapped key that
+    authenticates the whole keyring (empty only for an unsealed, format-1 keyring)."""
 
     kek_id: str
     entries: tuple[KeyEntry, ...] = ()
+    mac_key: bytes = field(default=b"", repr=False)
 
     # ---- queries -------------------------------------------------------------------
     def get(self, key_id: int) -> KeyEntry:
@@ -224,7 +272,43 @@ class Keyring:
                     f"key {e.id} of {e.column}: unwrap failed with the current KEK"
                 ) from None
             entries.append(replace(e, wrapped=new.wrap(dek, ad)))
-        return Keyring(new.key_id, tuple(entries))
+        return Keyring(new.key_id, tuple(entries), new_mac_key(new))
+
+    # ---- authentication --------------------------------------------------------------
+    def canonical(self) -> bytes:
+        """What the MAC covers: everything that decides which key encrypts, decrypts or
+        indexes what (KEK id, the wrapped MAC key, and every entry with all its fields),
+        as compact sorted-key ASCII JSON with entries in id order, behind a label."""
+        doc = {
+            "format": FORMAT_VERSION,
+            "kek_id": self.kek_id,
+            "mac_key": base64.b64encode(self.mac_key).decode(),
+            "keys": [e.to_json() for e in sorted(self.entries, key=lambda e: e.id)],
+        }
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return _MAC_LABEL + text.encode()
+
+    def mac(self, provider: KekProvider) -> bytes:
+        """HMAC-SHA256 of `canonical()` under the unwrapped MAC key (kept in memory only
+        for this call)."""
+        self._check_provider(provider)
+        if not self.mac_key:
+            raise KeyringUnsealedError(_unsealed_message("(in memory)"))
+        try:
+            key = provider.unwrap(self.mac_key, mac_key_associated_data(self.kek_id))
+        except UnwrapError:
+            raise KeyringAuthError(
+                "keyring MAC key does not unwrap with this KEK: the keyring was edited or "
+                "belongs to another KEK; restore it from a backup") from None
+        return hmac.new(key, self.canonical(), hashlib.sha256).digest()
+
+    def verify(self, mac: bytes, provider: KekProvider, where: str = "") -> None:
+        """Raise KeyringAuthError unless `mac` authenticates this keyring under the KEK."""
+        if not hmac.compare_digest(self.mac(provider), mac):
+            raise KeyringAuthError(
+                f"keyring {where or '(in memory)'} fails authentication under KEK "
+                f"{self.kek_id}: it was changed outside `strongroom keys` (a key state, id or "
+                "wrapped key edited) or corrupted; refusing it (restore it from a backup)")
 
     # ---- unwrapping ----------------------------------------------------------------
     def column_keys(self, column: str, purpose: Purpose | str, provider: KekProvider) -> ColumnKeys:
@@ -251,31 +335,53 @@ class Keyring:
         return ColumnKeys(column, p, primary[0].id, material)
 
     # ---- serialization -------------------------------------------------------------
-    def to_json(self) -> str:
+    def to_json(self, provider: KekProvider) -> str:
+        """The file's text, with the MAC computed under `provider`'s KEK."""
         doc = {
             "format": FORMAT_VERSION,
             "kek_id": self.kek_id,
+            "mac_key": base64.b64encode(self.mac_key).decode(),
             "keys": [e.to_json() for e in sorted(self.entries, key=lambda e: (e.column, e.id))],
+            "mac": base64.b64encode(self.mac(provider)).decode(),
         }
         return json.dumps(doc, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> Keyring:
-        try:
-            doc = json.loads(text)
-            if doc.get("format") != FORMAT_VERSION:
-                raise KeyringError(f"unsupported keyring format {doc.get('format')!r}")
-            kek_id = doc["kek_id"]
-            if not isinstance(kek_id, str) or not kek_id:
-                raise KeyringError("kek_id must be a non-empty string")
-            entries = tuple(_entry_from_json(item) for item in doc["keys"])
-        except KeyringError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
-            raise KeyringError("malformed keyring file") from None
-        ring = cls(kek_id, entries)
-        _validate(ring)
+    def from_json(cls, text: str, provider: KekProvider, where: str = "") -> Keyring:
+        """Parse and authenticate: a keyring whose MAC fails, or that has none, is refused."""
+        ring, mac = parse_unverified(text)
+        if mac is None:
+            raise KeyringUnsealedError(_unsealed_message(where or "(text)"))
+        ring.verify(mac, provider, where)
         return ring
+
+
+def parse_unverified(text: str) -> tuple[Keyring, bytes | None]:
+    """The keyring and its MAC (None for an unsealed format-1 file), NOT authenticated:
+    for `seal` and for displays that say so; everything that uses keys goes through
+    `Keyring.from_json` / `load`."""
+    try:
+        doc = json.loads(text)
+        fmt = doc.get("format")
+        if fmt not in (FORMAT_VERSION, UNSEALED_FORMAT):
+            raise KeyringError(f"unsupported keyring format {fmt!r}")
+        kek_id = doc["kek_id"]
+        if not isinstance(kek_id, str) or not kek_id:
+            raise KeyringError("kek_id must be a non-empty string")
+        entries = tuple(_entry_from_json(item) for item in doc["keys"])
+        mac_key, mac = b"", None
+        if fmt == FORMAT_VERSION:
+            mac_key = base64.b64decode(doc["mac_key"], validate=True)
+            mac = base64.b64decode(doc["mac"], validate=True)
+            if not mac_key:
+                raise KeyringError("keyring has an empty mac_key")
+    except KeyringError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+        raise KeyringError("malformed keyring file") from None
+    ring = Keyring(kek_id, entries, mac_key)
+    _validate(ring)
+    return ring, mac
 
 
 def _entry_from_json(item: dict[str, Any]) -> KeyEntry:
@@ -305,26 +411,51 @@ def _validate(ring: Keyring) -> None:
             raise KeyringError(f"{column} ({purpose.value}) has more than one active key")
 
 
-def load(path: str | os.PathLike[str]) -> Keyring:
-    """Read and validate a keyring file."""
+def check_permissions(path: str | os.PathLike[str]) -> None:
+    """Refuse a keyring file, or its directory, that group or others may write: whoever
+    can write it (or swap it in its directory) could roll it back to an older, still
+    authentic version with a key that should no longer be used, or simply destroy it.
+    Same rule, and message, as for configuration files."""
+    from proxy.settings import writable_by_others
+
+    problems = writable_by_others(path, "keyring")
+    if problems:
+        raise KeyringError("; ".join(problems))
+
+
+def _read(path: str | os.PathLike[str]) -> str:
+    check_permissions(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise KeyringError(f"keyring {path} does not exist; create it with "
                            "`strongroom keys init --config FILE`") from None
-    return Keyring.from_json(text)
 
 
-def save(ring: Keyring, path: str | os.PathLike[str]) -> None:
-    """Write atomically: temp file (0600) in the same directory, fsync, rename, fsync dir."""
+def load(path: str | os.PathLike[str], provider: KekProvider) -> Keyring:
+    """Read, validate and authenticate a keyring file (see the module docstring)."""
+    return Keyring.from_json(_read(path), provider, os.fspath(path))
+
+
+def load_unverified(path: str | os.PathLike[str]) -> tuple[Keyring, bytes | None]:
+    """The keyring file and its MAC without authenticating it (no KEK at hand): for
+    `seal` and displays only. Permissions are checked all the same."""
+    return parse_unverified(_read(path))
+
+
+def save(ring: Keyring, path: str | os.PathLike[str], provider: KekProvider) -> None:
+    """MAC under `provider`, then write atomically: temp file (0600) in the same
+    directory, fsync, rename, fsync dir. A directory others may write is refused."""
     _validate(ring)
+    text = ring.to_json(provider)
     p = Path(path)
+    check_permissions(p)  # (a file not created yet: its directory only)
     tmp = p.with_name(f".{p.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, ring.to_json().encode())
+            os.write(fd, text.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -340,7 +471,21 @@ def save(ring: Keyring, path: str | os.PathLike[str]) -> None:
 
 
 def new_keyring(provider: KekProvider) -> Keyring:
-    return Keyring(provider.key_id)
+    return Keyring(provider.key_id, (), new_mac_key(provider))
+
+
+def seal(ring: Keyring, provider: KekProvider) -> Keyring:
+    """An unsealed (format-1) keyring made authenticated: every entry must unwrap with
+    `provider` first (the operator holds this keyring's KEK), then a MAC key is added.
+    The states are taken as they are: whoever seals vouches for them."""
+    ring._check_provider(provider)
+    for e in ring.entries:
+        try:
+            provider.unwrap(e.wrapped, dek_associated_data(e.id, e.column, e.purpose))
+        except UnwrapError:
+            raise KeyringError(
+                f"key {e.id} of {e.column}: unwrap failed with this KEK; not sealed") from None
+    return replace(ring, mac_key=new_mac_key(provider))
 
 
 def add_columns(

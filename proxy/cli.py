@@ -108,6 +108,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     live = bool(args.live or args.dsn)
     key_problem = audit_key_mode_problem(cfg)  # serve refuses it: say so before it does
     problems: list[str] = [key_problem] if key_problem else []
+    problems += _keyring_mode_problems(args.file, cfg)  # ditto, and needs no KEK
     if protect and live and not problems:
         problems = _check_keys(args.file, cfg) or _check_live(args, cfg)
     if problems:
@@ -121,6 +122,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{args.file}: OK (listen {cfg.listen.host}:{cfg.listen.port}, "
           f"upstream {cfg.upstream.host}:{cfg.upstream.port}{note})")
     return 0
+
+
+def _keyring_mode_problems(path: str, cfg: settings_mod.Settings) -> list[str]:
+    """A keyring file or directory that group or others may write (serve refuses it)."""
+    from keys import keyring as kr
+    from proxy.encryption import resolve
+
+    keys_cfg = cfg.raw.get("keys") or {}
+    if not cfg.raw.get("protect") or not keys_cfg.get("keyring"):
+        return []
+    try:
+        kr.check_permissions(resolve(str(Path(path).resolve().parent), keys_cfg["keyring"]))
+    except kr.KeyringError as exc:
+        return [f"{path}:{settings_mod.line_in_file(path, ['keys', 'keyring'])}: keys.keyring: "
+                f"{exc}"]
+    return []
 
 
 def _passwords(args: argparse.Namespace) -> list[str]:
@@ -418,6 +435,7 @@ def _print_keys(rows: list[dict]) -> None:
 def cmd_keys(args: argparse.Namespace) -> int:
     """Key management. Key bytes are never printed."""
     from keys import cli_ops
+    from keys import keyring as kr
     from proxy.encryption import make_provider, protect_columns_for_keys
 
     cfg, keyring, kek, provider = _keys_context(args.config)
@@ -429,18 +447,33 @@ def cmd_keys(args: argparse.Namespace) -> int:
         _print_keys(cli_ops.init(kek, keyring, columns, provider=provider))  # type: ignore[arg-type]
         _init_audit_key(cfg)
         return 0
+    # A missing, malformed or group/world-writable keyring is said first (no KEK needed);
+    # every command below authenticates it with the KEK before using or changing it.
+    kr.load_unverified(keyring)
+    if provider is None:
+        provider = make_provider(cfg.raw["keys"], str(Path(args.config).resolve().parent))
     if args.keys_command == "show":
-        _print_keys(cli_ops.show(keyring))
+        if args.unverified:
+            print("NOT AUTHENTICATED: the keyring file as it is, MAC not checked",
+                  file=sys.stderr)
+            _print_keys(cli_ops.show(keyring))
+        else:
+            _print_keys(cli_ops.show(keyring, provider))  # type: ignore[arg-type]
+        return 0
+    if args.keys_command == "seal":
+        if cli_ops.seal(keyring, provider):  # type: ignore[arg-type]
+            print(f"{keyring}: every key unwraps with KEK {provider.key_id}; "  # type: ignore[attr-defined]
+                  "keyring authenticated (MAC added)")
+        else:
+            print(f"{keyring}: already authenticated, MAC verifies")
         return 0
     if args.keys_command == "unretire":
-        cli_ops.unretire(keyring, args.key_id)
+        cli_ops.unretire(keyring, args.key_id, provider)  # type: ignore[arg-type]
         print(f"key {args.key_id} is decrypt-only again; promote it if it should write "
               "(then reload every proxy)")
         return 0
     if args.keys_command == "retire":
-        return cmd_keys_retire(args, keyring)
-    if provider is None:
-        provider = make_provider(cfg.raw["keys"], str(Path(args.config).resolve().parent))
+        return cmd_keys_retire(args, keyring, provider)
     if args.keys_command == "rewrap":
         return _rewrap(keyring, provider, args.to)
     if args.keys_command == "add":
@@ -448,7 +481,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"added key {key_id} for {args.column} ({args.purpose}), decrypt-only; "
               "reload every proxy, then promote it")
     elif args.keys_command == "promote":
-        cli_ops.promote(keyring, args.key_id)
+        cli_ops.promote(keyring, args.key_id, provider)  # type: ignore[arg-type]
         print(f"key {args.key_id} is now primary; reload every proxy (SIGHUP)")
     return 0
 
@@ -462,7 +495,7 @@ def _make_private_dir(path: Path) -> bool:
     return True
 
 
-def cmd_keys_retire(args: argparse.Namespace, keyring: str) -> int:
+def cmd_keys_retire(args: argparse.Namespace, keyring: str, provider: Any) -> int:
     """`keys retire`: refused while the database still holds values or blind indexes
     under the key (counted per column, printed); there is no --force. A retired key still
     decrypts, so even a later restore of an older backup reads."""
@@ -472,7 +505,7 @@ def cmd_keys_retire(args: argparse.Namespace, keyring: str) -> int:
     from keys import keyring as kr
     from proxy import migrate
 
-    ring = kr.load(keyring)
+    ring = kr.load(keyring, provider)
     ring.retire(args.key_id)  # primary, unknown or already retired: refused before any I/O
     entry = ring.get(args.key_id)
 
@@ -495,7 +528,7 @@ def cmd_keys_retire(args: argparse.Namespace, keyring: str) -> int:
             f"{where}: {'; '.join(u.describe() for u in busy)}; run `strongroom keys rotate "
             f"--column {column}` (once every proxy has reloaded since the promote), then "
             "retire again")
-    cli_ops.retire(keyring, args.key_id)
+    cli_ops.retire(keyring, args.key_id, provider)
     print(f"checked {where}: {'; '.join(u.describe() for u in uses)}")
     print(f"key {args.key_id} retired (it still opens old envelopes, e.g. from a restored "
           "backup; `strongroom keys unretire` undoes this); reload every proxy (SIGHUP)")
@@ -590,9 +623,16 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = p.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
     config_help = "configuration file whose keys: section names the KEK and keyring"
     for name, text in (("init", "create the KEK (local) and one key per protected column"),
-                       ("show", "list key ids, columns, states and creation times")):
+                       ("show", "list key ids, columns, states and creation times (after "
+                        "checking the keyring's MAC with the KEK)"),
+                       ("seal", "authenticate (MAC) a keyring written before keyrings "
+                        "carried one; check its states with `keys show --unverified` first")):
         kp = ksub.add_parser(name, help=text)
         kp.add_argument("--config", "-c", required=True, help=config_help)
+        if name == "show":
+            kp.add_argument("--unverified", action="store_true",
+                            help="show the file as it is without checking its MAC (an "
+                            "unsealed or refused keyring); says so on stderr")
     kp = ksub.add_parser("add", help="add a decrypt-only key to a column")
     kp.add_argument("--config", "-c", required=True, help=config_help)
     kp.add_argument("--column", required=True,
@@ -856,13 +896,13 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from keys import keyring as kr
     from keys import rotation
     from proxy import migrate
-    from proxy.encryption import key_name, resolve
+    from proxy.encryption import key_name
 
     async def body() -> int:
-        cfg, enc, base = _migration_context(args)
+        cfg, enc, _ = _migration_context(args)
         key = _column_key(enc, args.column)
         ident = key_name(key, enc.options[key])  # type: ignore[attr-defined]
-        ring = kr.load(resolve(base, cfg.raw["keys"]["keyring"]))
+        ring = enc.ring  # type: ignore[attr-defined]  # (authenticated when loaded)
         primary = ring.primary(ident, "encrypt")
         assert primary is not None  # Encryption() refused a column without one
         live_bidx = [e for e in ring.entries_for(ident, "blind_index")

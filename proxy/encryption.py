@@ -1054,7 +1054,10 @@ class SessionProtector:
 class EncryptionConfigError(ConfigError):
     """The `protect:` / `keys:` configuration cannot be put into service (wrong KEK,
     missing keyring, unknown column keys). A ConfigError, so callers that report bad
-    configuration (serve, reload, check-config) report this the same way."""
+    configuration (serve, reload, check-config) report this the same way.
+    `keyring_auth_failed`: the keyring failed authentication (counted and alerted on)."""
+
+    keyring_auth_failed = False
 
 
 class Encryption:
@@ -1067,6 +1070,11 @@ class Encryption:
 
         try:
             self._load(protect, keys_cfg, base, gate, kr)
+        except kr.KeyringAuthError as exc:
+            # A keyring changed outside `strongroom keys`: never used (see keys.keyring).
+            err = EncryptionConfigError([f"keys: keyring refused: {exc}"])
+            err.keyring_auth_failed = True
+            raise err from None
         except (kr.KeyringError, ProviderError, OSError, ValueError) as exc:
             # No traceback and no key bytes: the keyring's messages name KEK fingerprints
             # and column names only.
@@ -1096,7 +1104,9 @@ class Encryption:
             self.options[(schema, table, column)] = dict(spec)
         self.schema = ProtectedSchema(self.specs.values())
         self.provider = make_provider(keys_cfg, base)
-        ring = kr.load(resolve(base, keys_cfg["keyring"]))
+        # Authenticated under the KEK (MAC) and refused if others may write it.
+        ring = kr.load(resolve(base, keys_cfg["keyring"]), self.provider)
+        self.ring = ring
         # Decrypt cache entries and bytes per column and slot (see ColumnRuntime); 0
         # turns it off.
         self.cache_size = int(keys_cfg.get("decrypt_cache_size", DEFAULT_DECRYPT_CACHE_SIZE))

@@ -294,18 +294,34 @@ class Gate:
 
     def configure(self, settings: Settings) -> None:
         """Install the policy of a (re)loaded configuration. Cached decisions are dropped,
-        so a reload applies to the next statement of every existing session."""
+        so a reload applies to the next statement of every existing session.
+
+        Everything that can fail (the policy, the keys: a keyring that does not
+        authenticate) is built before anything is replaced, so a refused reload leaves
+        the running policy and keys in force without reading any file again."""
         from proxy.policy import Policy
         from proxy.policy.model import POLICY_KEYS
 
         raw = settings.raw
+        policy = None
+        if "roles" in raw or "default" in raw or "default_column_view" in raw:
+            policy = Policy.from_dict({k: raw[k] for k in POLICY_KEYS if k in raw})
+        encryption = None
+        if raw.get("protect"):
+            import os
+
+            from proxy.encryption import Encryption
+
+            base = os.path.dirname(os.path.abspath(settings.source)) \
+                if not settings.source.startswith("<") else os.getcwd()
+            encryption = Encryption(raw["protect"], raw.get("keys") or {}, base, self)
+            if "catalog_max_age" in raw:
+                encryption.catalog_max_age = float(raw["catalog_max_age"])
+        # Nothing of the running configuration has changed up to here.
         self.cache_bytes = settings.limits.statement_cache_bytes
         self.analyses.resize(self.cache_bytes)
         expanded = self.policy is not None and self.policy.expand_views
-        if "roles" in raw or "default" in raw or "default_column_view" in raw:
-            self.policy = Policy.from_dict({k: raw[k] for k in POLICY_KEYS if k in raw})
-        else:
-            self.policy = None
+        self.policy = policy
         if self.policy is not None and self.policy.expand_views and not expanded:
             # Turned on now: what was loaded before may be stale; sessions that start
             # from now on load it again (older ones are refused until one does).
@@ -319,23 +335,12 @@ class Gate:
             if st is not None:
                 st.unnamed_ok = None
                 self._watch_named(session, st)
-        if raw.get("protect"):
-            import os
-
-            from proxy.encryption import Encryption
-
-            base = os.path.dirname(os.path.abspath(settings.source)) \
-                if not settings.source.startswith("<") else os.getcwd()
-            old = self.encryption
-            self.encryption = Encryption(raw["protect"], raw.get("keys") or {}, base, self)
-            if old is not None:
-                self.encryption.inherit(old)
-            if "catalog_max_age" in raw:
-                self.encryption.catalog_max_age = float(raw["catalog_max_age"])
-            self.encryption.plan_cache.resize(self.cache_bytes)
-            self.encryption.set_max_cell_size(settings.limits.max_cell_size)
-        else:
-            self.encryption = None
+        if encryption is not None:
+            if self.encryption is not None:
+                encryption.inherit(self.encryption)
+            encryption.plan_cache.resize(self.cache_bytes)
+            encryption.set_max_cell_size(settings.limits.max_cell_size)
+        self.encryption = encryption
 
     def _cache_for(self, database: str, reset_path: tuple[str, ...]) -> PolicyCache:
         cache = self._caches.get((database, reset_path))

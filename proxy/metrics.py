@@ -489,6 +489,12 @@ class Metrics:
         )
         self._reload_ok = self.reloads.child("ok")
         self._reload_failed = self.reloads.child("failed")
+        self.keyring_auth_failures = _Counters(
+            r, "strongroom_keyring_auth_failures",
+            "Keyring loads refused because the keyring's MAC did not verify under the KEK "
+            "(or it had none): edited outside `strongroom keys`.", [],
+        )  # fmt: skip
+        self._keyring_auth_failures = self.keyring_auth_failures.child()
 
         self.key_ids = Gauge(
             "strongroom_key_ids_in_use",
@@ -683,6 +689,10 @@ class Metrics:
 
     def config_reloaded(self, ok: bool) -> None:
         (self._reload_ok if ok else self._reload_failed)[0] += 1
+
+    def keyring_auth_failed(self) -> None:
+        """A reload found a keyring that does not authenticate (and kept the running one)."""
+        self._keyring_auth_failures[0] += 1
 
     # ------------------------------------------------------------------ exposition
 

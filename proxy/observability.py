@@ -459,15 +459,16 @@ def configure_metrics(metrics: Metrics, settings: Settings, gate: Gate) -> None:
     metrics.set_known_roles(policy.roles if policy is not None else ())
     protect = settings.raw.get("protect") or {}
     metrics.set_protected_columns(protect)
-    metrics.set_key_ids(key_ids(settings))
+    metrics.set_key_ids(key_ids(settings, getattr(gate.encryption, "ring", None)))
     analyses = gate.analyses
     metrics.track_plan_cache(lambda: (analyses.hits, analyses.misses))
     analyses.on_parse = metrics.analyzer_parsed
 
 
-def key_ids(settings: Settings) -> dict[str, list[int]]:
-    """Live (not retired) encrypt/blind-index key ids per protected column, read from the
-    keyring file (no key is unwrapped for this)."""
+def key_ids(settings: Settings, ring: Any = None) -> dict[str, list[int]]:
+    """Live (not retired) encrypt/blind-index key ids per protected column: of `ring`
+    (the gate's, authenticated when it was loaded), else read from the keyring file
+    unverified (no key is unwrapped for this; labels only)."""
     protect = settings.raw.get("protect") or {}
     keys_cfg = settings.raw.get("keys") or {}
     if not protect or not keys_cfg.get("keyring"):
@@ -476,7 +477,8 @@ def key_ids(settings: Settings) -> dict[str, list[int]]:
     from proxy.encryption import key_name, resolve
 
     try:
-        ring = kr.load(resolve(str(_base(settings)), keys_cfg["keyring"]))
+        if ring is None:
+            ring, _ = kr.load_unverified(resolve(str(_base(settings)), keys_cfg["keyring"]))
     except Exception as exc:  # the gate reports a broken keyring; metrics just go without
         log.warning("key ids for metrics: cannot read the keyring: %s", exc.__class__.__name__)
         return {}

@@ -187,10 +187,12 @@ class Server:
         if (new.listen, new.workers) != (old.listen, old.workers):
             log.warning("listen address or worker count changed: takes effect after a restart")
         try:
+            # (builds everything first: on failure nothing of the running one changed)
             self.gate.configure(new)
-        except Exception as exc:  # a policy that validated but cannot be built
-            self.gate.configure(old)
-            return self._reload_failed(str(exc))
+        except Exception as exc:  # a policy that cannot be built, keys that do not load
+            if getattr(exc, "keyring_auth_failed", False):
+                self.metrics.keyring_auth_failed()
+            return self._reload_failed(f"(running keys kept) {exc}")
         self.settings = new
         self.client_ssl = new.client_ssl_context()
         self.upstream_ssl = new.upstream_ssl_context()

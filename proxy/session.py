@@ -762,6 +762,21 @@ class Session(asyncio.Protocol):
                     ssl_handshake_timeout=up.connect_timeout,
                 )
                 proto.transport = transport
+        except ssl.SSLCertVerificationError as exc:
+            # Not an outage: the server is up but is not who upstream.tls says it must be.
+            self.server.on_upstream_connect_failed(exc)
+            log.error("session %s: upstream %s:%s: TLS certificate verification failed: %s "
+                      "(check upstream.tls.ca_file / mode)", self.id, up.host, up.port,
+                      exc.verify_message)
+            if self.state is not State.CLOSED:
+                self._fatal(
+                    "08006",
+                    "could not connect to the upstream server: its TLS certificate did not "
+                    "verify",
+                    hint="The server's certificate does not chain to upstream.tls.ca_file "
+                    "(or does not name the host); see the proxy's log.",
+                )
+            return
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             self.server.on_upstream_connect_failed(exc)
             log.warning("session %s: cannot reach upstream %s:%s: %s", self.id, up.host, up.port,

@@ -46,7 +46,7 @@ class UpstreamSettings:
     host: str = "127.0.0.1"
     port: int = 5432
     database: str | None = None
-    tls_mode: str = "disable"  # disable | require | verify-full
+    tls_mode: str = "disable"  # disable | require | verify-ca | verify-full
     tls_ca_file: str | None = None
     tls_server_name: str | None = None
     connect_timeout: float = 10.0
@@ -104,19 +104,25 @@ class Settings:
         return ctx
 
     def upstream_ssl_context(self) -> ssl.SSLContext | None:
+        """TLS to the server, with libpq's `sslmode` semantics: `require` only encrypts,
+        unless a CA is given: then, as libpq does with a root certificate present, the
+        chain is verified against it (verify-ca), never silently ignored; `verify-ca`
+        verifies the chain, `verify-full` the chain and the host name (`server_name`,
+        else `upstream.host`). Without `ca_file` the verifying modes use the system CAs."""
         mode = self.upstream.tls_mode
         if mode == "disable":
             return None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if mode == "verify-full":
-            ctx.check_hostname = True
+        ca = self.upstream.tls_ca_file
+        if mode in ("verify-full", "verify-ca") or ca:
+            ctx.check_hostname = mode == "verify-full"
             ctx.verify_mode = ssl.CERT_REQUIRED
-            if self.upstream.tls_ca_file:
-                ctx.load_verify_locations(self.upstream.tls_ca_file)
+            if ca:
+                ctx.load_verify_locations(ca)
             else:
                 ctx.load_default_certs()
-        else:  # require: encrypted, not authenticated (libpq's sslmode=require)
+        else:  # require without a CA: encrypted, not authenticated (libpq's sslmode=require)
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
@@ -207,6 +213,7 @@ def parse_text(text: str, source: str = "<string>") -> Settings:
         problems.append(f"{source}:{line}: {where}: {err.message}")
     problems += _check_files(doc, source)
     if not problems:
+        problems += _check_upstream_tls(doc, source)
         problems += _check_protect(doc, source)
         problems += _check_policy(doc, source)
     if problems:
@@ -256,6 +263,27 @@ def _check_protect(doc: dict[str, Any], source: str) -> list[str]:
             line = _line_of(doc, ["protect", name, "join_group"])
             problems.append(f"{source}:{line}: protect.{name}.join_group: {why}")
     return problems
+
+
+def _check_upstream_tls(doc: dict[str, Any], source: str) -> list[str]:
+    """A `ca_file` that would not be used, or that holds no usable CA, is refused: an
+    operator who names a CA expects the server to be verified against it."""
+    tls = (doc.get("upstream") or {}).get("tls") or {}
+    ca = tls.get("ca_file")
+    if not ca:
+        return []
+    line = _line_of(doc, ["upstream", "tls", "ca_file"])
+    if tls.get("mode", "disable") == "disable":
+        return [f"{source}:{line}: upstream.tls.ca_file: set, but upstream.tls.mode is disable "
+                "(no TLS to the server, the CA would be ignored): use mode verify-full (or "
+                "verify-ca), or remove ca_file"]
+    base = Path(source).parent if source and not source.startswith("<") else Path.cwd()
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(_resolve(base, ca))
+    except (ssl.SSLError, OSError) as exc:
+        return [f"{source}:{line}: upstream.tls.ca_file: not a usable CA bundle (PEM): "
+                f"{getattr(exc, 'reason', None) or exc.__class__.__name__}"]
+    return []
 
 
 def _check_files(doc: dict[str, Any], source: str) -> list[str]:
@@ -356,15 +384,16 @@ def line_in_file(path: str | os.PathLike[str], keys: list[Any]) -> int:
     return _line_of(doc, keys)
 
 
-def writable_by_others(path: str | os.PathLike[str]) -> list[str]:
-    """`file: message` problems for a config file, or its directory, that a group or
-    everyone may write: whoever can write the config (or swap the file in its directory)
-    can give themselves any role's access, point `upstream` at their own server or name
-    their own keys, so such a file is refused rather than trusted. Symlinks are
-    followed: what is checked is what is read."""
+def writable_by_others(path: str | os.PathLike[str], kind: str = "config file") -> list[str]:
+    """`file: message` problems for a config file (or, with `kind`, a keyring), or its
+    directory, that a group or everyone may write: whoever can write the config (or swap
+    the file in its directory) can give themselves any role's access, point `upstream` at
+    their own server or name their own keys, so such a file is refused rather than
+    trusted. Symlinks are followed: what is checked is what is read. A file that does not
+    exist is skipped (reading it reports that); its directory is still checked."""
     p = Path(path)
     problems = []
-    for target, what in ((p, "config file"), (p.resolve().parent, "directory of the config file")):
+    for target, what in ((p, kind), (p.resolve().parent, f"directory of the {kind}")):
         try:
             mode = stat.S_IMODE(os.stat(target).st_mode)
         except OSError:

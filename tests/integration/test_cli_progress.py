@@ -48,7 +48,7 @@ async def test_progress_lines_when_redirected(pg: Any, tmp_path: Path) -> None:
     _check(res.stderr, f"encrypt {column}", 120)
 
     new = cli_ops.add(s.keyring, s.provider(), column)
-    cli_ops.promote(s.keyring, new)
+    cli_ops.promote(s.keyring, new, s.provider())
     res = s.cli("keys", "rotate", "--column", column, *fast)
     assert res.returncode == 0, res.stderr
     _check(res.stderr, f"rotate {column}", rows)

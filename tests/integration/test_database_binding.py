@@ -98,8 +98,8 @@ def _refused(p: ProxyProcess, db: str, sql: str) -> str:
 def _v1_envelope(p: ProxyProcess, plain: bytes) -> bytes:
     """A `pan` envelope as the proxy wrote it before database binding (version 1): the
     column's live key from the keyring, sealed with the old associated data."""
-    ring = kr.load(p.dir / "keyring.json")
-    keys = ring.column_keys(PAN, "encrypt", LocalKekProvider(p.dir / "dev.kek"))
+    kek = LocalKekProvider(p.dir / "dev.kek")
+    keys = kr.load(p.dir / "keyring.json", kek).column_keys(PAN, "encrypt", kek)
     header = HEADER.pack(1, Algorithm.AES_256_GCM, keys.primary_id)
     aead = AESGCM(derive(keys.material(keys.primary_id), LABEL_GCM, PAN, 32))
     nonce = os.urandom(NONCE_LEN)

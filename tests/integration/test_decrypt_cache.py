@@ -178,12 +178,12 @@ def test_retired_key_still_answers_after_reload(pg: Any, dproxy: Any) -> None:
     old = next(k["id"] for k in cli_ops.show(ring)
                if k["column"] == "public.dc_cards.cvv" and k["purpose"] == "encrypt")
     new = cli_ops.add(ring, LocalKekProvider(kek), "public.dc_cards.cvv")
-    cli_ops.promote(ring, new)
+    cli_ops.promote(ring, new, LocalKekProvider(kek))
     _reload(dproxy)
     with psycopg.connect(dproxy.conninfo(), autocommit=True) as c:
         assert c.execute(SELECT).fetchall() == _expected()  # old key still decrypt-only
         c.execute("UPDATE dc_cards SET cvv = %s WHERE id = 5", (ROWS[4][2],))  # new key
-    cli_ops.retire(ring, old)
+    cli_ops.retire(ring, old, LocalKekProvider(kek))
     _reload(dproxy)
     try:
         with psycopg.connect(dproxy.conninfo(), autocommit=True) as c:

@@ -407,7 +407,7 @@ async def test_rotation_dance(pg: Any, tmp_path: Path) -> None:
                          None if c is None else pan_a.blind_index.compute(c),
                          amount_a.cipher.encrypt(amount_a.codec.from_text(f"{i}.25".encode()))))
         await conn.executemany(f"INSERT INTO {table} VALUES ($1, $2, $3, $4)", rows)
-        ring = kr.load(s.keyring)
+        ring = kr.load(s.keyring, s.provider())
         enc_id_a = ring.primary(column, "encrypt").id
         bidx_id_a = ring.primary(column, "blind_index").id
 
@@ -417,8 +417,8 @@ async def test_rotation_dance(pg: Any, tmp_path: Path) -> None:
         mid = s.enc()  # a reloaded proxy: reads B, still writes A
         assert mid.columns_for(APP_DB)[("public", table, "pan")].cipher.key_id_of(
             mid.columns_for(APP_DB)[("public", table, "pan")].cipher.encrypt(b"x")) == enc_id_a
-        cli_ops.promote(s.keyring, enc_id_b)
-        cli_ops.promote(s.keyring, bidx_id_b)
+        cli_ops.promote(s.keyring, enc_id_b, s.provider())
+        cli_ops.promote(s.keyring, bidx_id_b, s.provider())
 
         # an app write after the reload goes under B and must survive the rotation as is
         enc_b = s.enc()
@@ -443,8 +443,8 @@ async def test_rotation_dance(pg: Any, tmp_path: Path) -> None:
         assert again.rewritten == 0 and again.remaining == 0  # idempotent
         assert await conn.fetchval(f"SELECT pan FROM {table} WHERE id = 1") == fresh
 
-        cli_ops.retire(s.keyring, enc_id_a)
-        cli_ops.retire(s.keyring, bidx_id_a)
+        cli_ops.retire(s.keyring, enc_id_a, s.provider())
+        cli_ops.retire(s.keyring, bidx_id_a, s.provider())
         enc_c = s.enc()  # only B is live now
         pan_c = s.rt("pan", enc_c)
         assert await conn.fetchval(
@@ -463,7 +463,7 @@ async def test_rotation_dance(pg: Any, tmp_path: Path) -> None:
         # a column without blind index: candidates are selected by envelope key id in SQL
         amount_col = f"public.{table}.amount"
         amount_b = cli_ops.add(s.keyring, s.provider(), amount_col, "encrypt")
-        cli_ops.promote(s.keyring, amount_b)
+        cli_ops.promote(s.keyring, amount_b, s.provider())
         amount_d = s.rt("amount")
         with pytest.raises(migrate.Interrupted):
             await rotate_column(conn, amount_d, amount_b, batch=50, max_batches=1)

@@ -315,6 +315,28 @@ def test_upstream_verify_full_rejects_wrong_ca(pg: devcluster.Cluster, make_prox
     assert "Traceback" not in p.log()
 
 
+@pytest.mark.parametrize("mode", ["require", "verify-ca"])
+def test_upstream_ca_file_is_verified_not_ignored(pg: devcluster.Cluster, make_proxy,
+                                                  proxy_cert: tuple[Path, Path],
+                                                  mode: str) -> None:
+    """`require` (or `verify-ca`) with a `ca_file` verifies the server's chain against it,
+    as libpq's sslmode=require does with a root certificate: a CA that did not sign the
+    server's certificate -> 08006 saying so (and the log names the reason); the right CA
+    -> an encrypted, working connection. Before, `require` ignored the CA silently."""
+    p = make_proxy({"upstream": {"tls": {"mode": mode, "ca_file": str(proxy_cert[0])}}})
+    with RawPG(p.port) as raw:
+        raw.send(startup_packet({"user": APP_USER, "database": APP_DB}))
+        msgs = raw.read_to_close()
+    assert [k for k, _ in msgs] == [b"E"]
+    fields = error_fields(msgs[0][1])
+    assert fields["C"] == "08006" and "certificate did not verify" in fields["M"], fields
+    assert "TLS certificate verification failed" in p.log() and "Traceback" not in p.log()
+    good = make_proxy({"upstream": {"tls": {"mode": mode, "ca_file": str(pg.cert)}}})
+    with psycopg.connect(good.conninfo(), autocommit=True) as conn:
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        assert _upstream_ssl(pg, pid)
+
+
 def test_tls_required_refuses_plaintext_clients(pg: devcluster.Cluster,
                                                 proxy_cert: tuple[Path, Path]) -> None:
     """`listen.tls.required`: a startup packet that did not come over TLS gets FATAL 28000

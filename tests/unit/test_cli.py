@@ -76,6 +76,7 @@ def fresh(tmp_path: Path) -> Path:
 def test_every_subcommand_is_found() -> None:
     names = {" ".join(p) for p, _ in leaves(build_parser())}
     assert {"serve", "check-config", "demo", "keys init", "keys retire", "keys unretire",
+            "keys seal",
             "keys rotate", "encrypt-column", "audit verify", "audit keygen"} <= names
 
 
@@ -165,6 +166,29 @@ def test_unknown_key_and_the_primary(fresh: Path) -> None:
     assert "is the primary" in line and "promote another key" in line
     line = one_line_error(run("keys", "unretire", "-c", str(fresh), primary.group(1)))
     assert "not retired" in line
+
+
+def test_keys_seal_migrates_an_unauthenticated_keyring(fresh: Path) -> None:
+    """A keyring written before keyring MACs (format 1) is refused with a pointer to
+    `keys seal`; `keys show --unverified` shows it; `keys seal` authenticates it once."""
+    import json
+
+    assert run("keys", "init", "-c", str(fresh)).returncode == 0
+    ring = fresh.parent / "keys" / "keyring.json"
+    doc = json.loads(ring.read_text())
+    doc["format"] = 1
+    del doc["mac"], doc["mac_key"]
+    ring.write_text(json.dumps(doc))
+    line = one_line_error(run("keys", "show", "-c", str(fresh)))
+    assert "not authenticated" in line and "keys seal" in line
+    shown = run("keys", "show", "--unverified", "-c", str(fresh))
+    assert shown.returncode == 0 and "NOT AUTHENTICATED" in shown.stderr
+    assert "public.cards.pan" in shown.stdout
+    res = run("keys", "seal", "-c", str(fresh))
+    assert res.returncode == 0 and "MAC added" in res.stdout, res.stderr
+    assert run("keys", "show", "-c", str(fresh)).stdout == shown.stdout
+    res = run("keys", "seal", "-c", str(fresh))
+    assert res.returncode == 0 and "already authenticated" in res.stdout
 
 
 def test_debug_shows_the_traceback(fresh: Path) -> None:

@@ -346,8 +346,8 @@ def test_a_new_keyring_load_starts_empty_and_a_retired_key_still_opens(
     from keys.providers.local import LocalKekProvider
 
     new = cli_ops.add(ring, LocalKekProvider(tmp_path / "dev.kek"), "public.t.pan")
-    cli_ops.promote(ring, new)
-    cli_ops.retire(ring, old)
+    cli_ops.promote(ring, new, LocalKekProvider(tmp_path / "dev.kek"))
+    cli_ops.retire(ring, old, LocalKekProvider(tmp_path / "dev.kek"))
     enc2 = _encryption(tmp_path)
     rt2 = enc2.columns_for("app")[("public", "t", "pan")]
     assert rt2.caches == {}

@@ -137,23 +137,24 @@ def test_save_load_atomic_and_private(provider: LocalKekProvider, tmp_path: Path
     ring, k1 = fresh(provider)
     path = tmp_path / "keyring.json"
     os.umask(0o022)
-    kr.save(ring, path)
+    kr.save(ring, path, provider)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert kr.load(path) == ring
+    assert kr.load(path, provider) == ring
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     keys = ring.column_keys(COL, "encrypt", provider)
     text = path.read_text()
     assert keys.material(k1).hex() not in text
-    assert kr.load(path).column_keys(COL, "encrypt", provider).material(k1) == keys.material(k1)
+    loaded = kr.load(path, provider)
+    assert loaded.column_keys(COL, "encrypt", provider).material(k1) == keys.material(k1)
 
 
 def test_load_rejects_malformed(tmp_path: Path, provider: LocalKekProvider) -> None:
     path = tmp_path / "k.json"
     ring, k1 = fresh(provider)
-    doc = json.loads(ring.to_json())
+    doc = json.loads(ring.to_json(provider))
     bad_docs = [
         "not json",
-        json.dumps({**doc, "format": 2}),
+        json.dumps({**doc, "format": 3}),
         json.dumps({**doc, "keys": doc["keys"] * 2}),  # duplicate ids
         json.dumps({**doc, "keys": [{**doc["keys"][0], "state": "dormant"}]}),
         json.dumps({**doc, "keys": [{**doc["keys"][0], "id": -1}]}),
@@ -163,17 +164,18 @@ def test_load_rejects_malformed(tmp_path: Path, provider: LocalKekProvider) -> N
     for text in bad_docs:
         path.write_text(text)
         with pytest.raises(KeyringError):
-            kr.load(path)
+            kr.load(path, provider)
 
 
 def test_wrapped_dek_bound_to_its_entry(provider: LocalKekProvider) -> None:
     ring, k1 = fresh(provider)
     ring, k2 = ring.add("public.cards.cvv", "encrypt", provider)
     ring = ring.promote(k2)
-    doc = json.loads(ring.to_json())
+    doc = json.loads(ring.to_json(provider))
     by_id = {e["id"]: e for e in doc["keys"]}
     by_id[k1]["wrapped"], by_id[k2]["wrapped"] = by_id[k2]["wrapped"], by_id[k1]["wrapped"]
-    swapped = kr.Keyring.from_json(json.dumps(doc))
+    # (the keyring MAC refuses this file as a whole; here: the per-entry AD alone)
+    swapped, _ = kr.parse_unverified(json.dumps(doc))
     with pytest.raises(KeyringError, match="unwrap"):
         swapped.column_keys(COL, "encrypt", provider)
 
@@ -216,10 +218,143 @@ def test_cli_ops(tmp_path: Path) -> None:
     assert {r["id"]: r["state"] for r in cli_ops.show(ring_path)}[new] == "decrypt_only"
     old = next(r["id"] for r in rows if r["column"] == COL and r["purpose"] == "encrypt")
     with pytest.raises(KeyringError):
-        cli_ops.retire(ring_path, old)
-    cli_ops.promote(ring_path, new)
-    cli_ops.retire(ring_path, old)
-    states = {r["id"]: r["state"] for r in cli_ops.show(ring_path)}
+        cli_ops.retire(ring_path, old, provider)
+    cli_ops.promote(ring_path, new, provider)
+    cli_ops.retire(ring_path, old, provider)
+    states = {r["id"]: r["state"] for r in cli_ops.show(ring_path, provider)}
     assert states[new] == "active" and states[old] == "retired"
     with pytest.raises(TypeError):
         cli_ops.init(kek, ring_path, COL)
+
+
+# ------------------------------------------------------------- authentication (issue 17)
+
+
+def _saved(provider: LocalKekProvider, tmp_path: Path) -> tuple[Path, int, int]:
+    """A saved keyring with a retired old key and an active new one: (path, old, new)."""
+    ring, old = fresh(provider)
+    ring, new = ring.add(COL, "encrypt", provider)
+    ring = ring.promote(new).retire(old)
+    path = tmp_path / "keyring.json"
+    kr.save(ring, path, provider)
+    return path, old, new
+
+
+def _edited(path: Path, change: object) -> None:
+    doc = json.loads(path.read_text())
+    change(doc)  # type: ignore[operator]
+    path.write_text(json.dumps(doc))
+
+
+def _by_id(doc: dict, key_id: int) -> dict:
+    return next(k for k in doc["keys"] if k["id"] == key_id)
+
+
+def test_every_field_of_the_keyring_is_authenticated(
+    provider: LocalKekProvider, tmp_path: Path
+) -> None:
+    """Each edit a writer of the file could make is refused by `load`, including those
+    the per-entry associated data cannot see (states, times, the KEK id)."""
+    path, old, new = _saved(provider, tmp_path)
+    pristine = path.read_text()
+    edits = {
+        "retired -> decrypt_only": lambda d: _by_id(d, old).update(state="decrypt_only"),
+        "active/retired swapped": lambda d: (_by_id(d, old).update(state="active"),
+                                             _by_id(d, new).update(state="retired")),
+        "created_at": lambda d: _by_id(d, new).update(created_at="2001-01-01T00:00:00Z"),
+        "entry removed": lambda d: d.update(keys=[_by_id(d, new)]),
+        "mac replaced": lambda d: d.update(mac=d["mac"][:-4] + "AAA="),
+        "mac_key replaced": lambda d: d.update(mac_key=_by_id(d, old)["wrapped"]),
+        "wrapped changed": lambda d: _by_id(d, old).update(wrapped=_by_id(d, new)["wrapped"]),
+    }
+    for name, change in edits.items():
+        path.write_text(pristine)
+        _edited(path, change)
+        with pytest.raises(kr.KeyringAuthError):
+            kr.load(path, provider)
+            pytest.fail(f"accepted an edit: {name}")
+    path.write_text(pristine)
+    assert kr.load(path, provider).get(old).state is KeyState.RETIRED
+
+
+def test_the_mac_does_not_verify_under_another_kek(
+    provider: LocalKekProvider, tmp_path: Path
+) -> None:
+    """A keyring forged under the attacker's own KEK (kek_id rewritten) is refused."""
+    path, _, _ = _saved(provider, tmp_path)
+    other = EnvKekProvider(environ={"STRONGROOM_KEK": generate_env_value()})
+    forged = kr.parse_unverified(path.read_text())[0]
+    forged = kr.Keyring(other.key_id, forged.entries, kr.new_mac_key(other))
+    (tmp_path / "forged.json").write_text(forged.to_json(other))
+    _edited(tmp_path / "forged.json", lambda d: d.update(kek_id=provider.key_id))
+    with pytest.raises(kr.KeyringAuthError):
+        kr.load(tmp_path / "forged.json", provider)
+
+
+def _unsealed(path: Path) -> None:
+    """The file as a release before keyring MACs wrote it (format 1, no mac_key/mac)."""
+    def change(d: dict) -> None:
+        d["format"] = 1
+        del d["mac"], d["mac_key"]
+    _edited(path, change)
+
+
+def test_an_unsealed_keyring_is_refused_until_sealed(
+    provider: LocalKekProvider, tmp_path: Path
+) -> None:
+    path, old, _ = _saved(provider, tmp_path)
+    _unsealed(path)
+    with pytest.raises(kr.KeyringUnsealedError, match="keys seal"):
+        kr.load(path, provider)
+    with pytest.raises(kr.KeyringUnsealedError):
+        cli_ops.promote(path, old, provider)
+    other = EnvKekProvider(environ={"STRONGROOM_KEK": generate_env_value()})
+    with pytest.raises(KeyringError, match="KEK"):
+        cli_ops.seal(path, other)  # only the keyring's own KEK seals it
+    assert cli_ops.seal(path, provider) is True
+    assert kr.load(path, provider).get(old).state is KeyState.RETIRED
+    assert cli_ops.seal(path, provider) is False  # sealed already: verified, unchanged
+    _edited(path, lambda d: _by_id(d, old).update(state="decrypt_only"))
+    with pytest.raises(kr.KeyringAuthError):
+        cli_ops.seal(path, provider)  # no re-sealing over an edit
+
+
+def test_seal_refuses_entries_that_do_not_unwrap(
+    provider: LocalKekProvider, tmp_path: Path
+) -> None:
+    path, old, new = _saved(provider, tmp_path)
+    _unsealed(path)
+    _edited(path, lambda d: _by_id(d, old).update(wrapped=_by_id(d, new)["wrapped"]))
+    with pytest.raises(KeyringError, match="unwrap failed"):
+        cli_ops.seal(path, provider)
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666])
+def test_group_or_world_writable_keyring_file_is_refused(
+    provider: LocalKekProvider, tmp_path: Path, mode: int
+) -> None:
+    path, old, _ = _saved(provider, tmp_path)
+    os.chmod(path, mode)
+    for call in (lambda: kr.load(path, provider), lambda: cli_ops.show(path),
+                 lambda: cli_ops.unretire(path, old, provider)):
+        with pytest.raises(KeyringError, match="group- or world-writable"):
+            call()
+    os.chmod(path, 0o640)  # readable by the group is fine: it holds wrapped keys only
+    kr.load(path, provider)
+
+
+def test_group_or_world_writable_keyring_directory_is_refused(
+    provider: LocalKekProvider, tmp_path: Path
+) -> None:
+    d = tmp_path / "keys"
+    d.mkdir(mode=0o700)
+    ring, _ = fresh(provider)
+    kr.save(ring, d / "keyring.json", provider)
+    os.chmod(d, 0o777)
+    try:
+        with pytest.raises(KeyringError, match="directory of the keyring"):
+            kr.load(d / "keyring.json", provider)
+        with pytest.raises(KeyringError, match="directory of the keyring"):
+            kr.save(ring, d / "keyring.json", provider)
+    finally:
+        os.chmod(d, 0o700)

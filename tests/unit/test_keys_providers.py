@@ -167,7 +167,7 @@ def test_pkcs11_keyring_end_to_end(softhsm: dict[str, str], tmp_path: Path) -> N
     try:
         ring_path = tmp_path / "keyring.json"
         cli_ops.init(None, ring_path, ["public.t.c"], provider=p)
-        keys = kr.load(ring_path).column_keys("public.t.c", "encrypt", p)
+        keys = kr.load(ring_path, p).column_keys("public.t.c", "encrypt", p)
         c = ColumnCipher("public.t.c", "text", "randomized", keys, database="appdb")
         assert c.decrypt(c.encrypt(b"hsm")) == b"hsm"
     finally:
@@ -185,10 +185,10 @@ def test_rewrap_moves_a_keyring_to_the_hsm_and_back(softhsm: dict[str, str],
     local = LocalKekProvider(init_kek_file(tmp_path / "kek"))
     ring_path = tmp_path / "keyring.json"
     cli_ops.init(None, ring_path, {"public.t.c": {"search": "blind_index"}}, provider=local)
-    ring = kr.load(ring_path)
+    ring = kr.load(ring_path, local)
     ring, spare = ring.add("public.t.c", "encrypt", local)
     ring = ring.retire(spare)  # retired entries move too
-    kr.save(ring, ring_path)
+    kr.save(ring, ring_path, local)
     before = ColumnCipher("public.t.c", "text", "randomized",
                           ring.column_keys("public.t.c", "encrypt", local), database="appdb")
     sealed = before.encrypt(b"4111111111111111")
@@ -198,7 +198,7 @@ def test_rewrap_moves_a_keyring_to_the_hsm_and_back(softhsm: dict[str, str],
     try:
         hsm_path = tmp_path / "keyring-hsm.json"
         assert cli_ops.rewrap(ring_path, local, hsm, hsm_path) == hsm.key_id
-        moved = kr.load(hsm_path)
+        moved = kr.load(hsm_path, hsm)
         assert moved.kek_id == hsm.key_id
         assert moved.describe() == ring.describe()
         assert all(moved.get(e.id).wrapped != e.wrapped for e in ring.entries)
@@ -215,7 +215,7 @@ def test_rewrap_moves_a_keyring_to_the_hsm_and_back(softhsm: dict[str, str],
             cli_ops.rewrap(hsm_path, local, hsm)  # the wrong "current" KEK
         # and back, in place
         cli_ops.rewrap(hsm_path, hsm, local)
-        back = kr.load(hsm_path)
+        back = kr.load(hsm_path, local)
         assert back.kek_id == local.key_id
         again = ColumnCipher("public.t.c", "text", "randomized",
                              back.column_keys("public.t.c", "encrypt", local), database="appdb")
@@ -273,11 +273,12 @@ def test_aws_kms_keyring_end_to_end(kms: Any, tmp_path: Path) -> None:
     local = LocalKekProvider(init_kek_file(tmp_path / "kek"))
     ring_path = tmp_path / "keyring.json"
     cli_ops.init(None, ring_path, ["public.t.c"], provider=local)
-    sealed = ColumnCipher("public.t.c", "text", "randomized", kr.load(ring_path).column_keys(
-        "public.t.c", "encrypt", local), database="appdb").encrypt(b"DE89370400440532013000")
+    sealed = ColumnCipher("public.t.c", "text", "randomized", kr.load(
+        ring_path, local).column_keys("public.t.c", "encrypt", local),
+        database="appdb").encrypt(b"DE89370400440532013000")
     p = AwsKmsKekProvider(kms.create_key()["KeyMetadata"]["KeyId"])
     cli_ops.rewrap(ring_path, local, p)  # local file -> KMS, in place
-    ring = kr.load(ring_path)
+    ring = kr.load(ring_path, p)
     assert ring.kek_id == p.key_id
     cipher = ColumnCipher("public.t.c", "text", "randomized",
                           ring.column_keys("public.t.c", "encrypt", p), database="appdb")
