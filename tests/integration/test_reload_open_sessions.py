@@ -310,3 +310,45 @@ def test_a_reload_that_cannot_check_stored_values_is_refused(
         assert _failed_reloads(p) == 1
         assert _pans(c) == PANS
         assert "configuration reloaded" not in p.log()
+
+
+OTHER_DB = "rl_other"
+
+
+def test_a_reload_checks_databases_this_process_has_not_served(
+        guarded: ProxyProcess, pg: Any) -> None:
+    """Without `upstream.database` a client picks its database: a protected column may
+    hold envelopes in a database no session of this process has opened yet. Dropping its
+    protection is refused all the same (before, only the served databases were asked,
+    the reload was applied, and the next INSERT there stored plaintext in the bytea
+    column next to the stranded envelopes)."""
+    p = guarded
+    with direct(pg, db="postgres") as d:
+        d.execute(f"DROP DATABASE IF EXISTS {OTHER_DB}")
+        d.execute(f"CREATE DATABASE {OTHER_DB}")
+    try:
+        with direct(pg, db=OTHER_DB) as d:
+            d.execute("CREATE TABLE rl_cards (id int PRIMARY KEY, pan bytea); "
+                      f"GRANT ALL ON rl_cards TO {APP_USER}")
+        with psycopg.connect(p.conninfo(db=OTHER_DB), autocommit=True) as c:
+            c.execute("INSERT INTO rl_cards (id, pan) VALUES (%s, %s)", (1, PANS[1]))
+        p.stop()  # a restart: from now on this process serves the default database only
+        p.start()
+        with psycopg.connect(p.conninfo(), autocommit=True) as c:
+            c.execute("DELETE FROM rl_cards")  # no envelope left where it is serving
+            _reload(p, {"protect": {EMPTY: p.config["protect"][EMPTY]}},
+                    expect="reload rejected")
+        assert (f"{PAN} (removed from protect:) still holds encrypted values in database "
+                f"{OTHER_DB}") in p.log(), p.log()[-2000:]
+        assert "configuration reloaded" not in p.log()
+        with psycopg.connect(p.conninfo(db=OTHER_DB), autocommit=True) as c:
+            c.execute("INSERT INTO rl_cards (id, pan) VALUES (%s, %s)", (2, PANS[2]))
+            assert _pans(c) == PANS
+        with direct(pg, db=OTHER_DB) as d:
+            stored = [bytes(r[0]) for r in d.execute("SELECT pan FROM rl_cards")]
+        assert len(stored) == 2 and not any(v.encode() in s for s in stored
+                                            for v in PANS.values())
+    finally:
+        p.stop()
+        with direct(pg, db="postgres") as d:
+            d.execute(f"DROP DATABASE IF EXISTS {OTHER_DB} WITH (FORCE)")
