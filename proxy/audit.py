@@ -750,8 +750,9 @@ def verify(
             "rotated file to prove the log complete", first[1], count, incomplete=True,
         )
     if anchor_gaps:
-        return VerifyResult(False, None, "the chain records an anchor gap (records were cut): " + "; ".join(anchor_gaps),
-                            None, count, incomplete=True, gaps=tuple(gaps))
+        return VerifyResult(
+            False, None, "the chain records an anchor gap (records were cut): "
+            + "; ".join(anchor_gaps), None, count, incomplete=True, gaps=tuple(gaps))
     note = f", head seq {seq} matches the anchor" if anchor is not None else ""
     if gaps:
         note += f"; {len(gaps)} recorded gap(s): " + "; ".join(gaps)
