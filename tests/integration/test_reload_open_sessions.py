@@ -29,7 +29,20 @@ import pytest
 
 from keys import cli_ops
 from proxy.devcluster import free_port
-from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, ProxyProcess
+from tests.conftest import (
+    APP_DB,
+    APP_PASSWORD,
+    APP_USER,
+    SYNC,
+    ProxyProcess,
+    RawPG,
+    bind_msg,
+    describe_msg,
+    error_fields,
+    execute_msg,
+    parse_msg,
+    query_msg,
+)
 from tests.integration.encryption_env import direct, keys_cli, setup_sql, start_encrypted
 from tests.integration.observability_env import scrape
 
@@ -179,6 +192,39 @@ def test_a_table_right_removed_reaches_open_sessions(any_path: ProxyProcess) -> 
             await pool.close()
 
     asyncio.run(run())
+
+
+def test_a_portal_bound_before_a_reload_and_not_run_yet_is_refused(rl: ProxyProcess) -> None:
+    """A portal bound before the reload whose first Execute comes after it (the only
+    message of the session since) is a statement that has not started: it must not
+    reveal under the replaced view. It is refused (34000, bind it again); a portal that
+    already returned rows finishes as it began; a new Bind reveals under the new view."""
+    raw = RawPG(rl.port)
+    raw.login(APP_USER, APP_PASSWORD, database=APP_DB)
+    sql = "SELECT id, pan FROM rl_cards ORDER BY id"
+
+    def run(data: bytes) -> list[tuple[bytes, bytes]]:
+        raw.send(data)
+        return raw.read_until(b"Z")
+
+    run(query_msg("BEGIN"))
+    run(parse_msg(sql, "s") + bind_msg(stmt="s", portal="idle") + describe_msg(b"P", "idle")
+        + bind_msg(stmt="s", portal="begun") + describe_msg(b"P", "begun")
+        + execute_msg("begun", max_rows=1) + SYNC)
+    _reload(rl, _policy("masked"))
+    replies = run(execute_msg("idle") + SYNC)
+    assert not any(v.encode() in body for _k, body in replies for v in PANS.values())
+    errors = [error_fields(body) for kind, body in replies if kind == b"E"]
+    assert errors and errors[0]["C"] == "34000" and "reloaded" in errors[0]["M"], replies
+    run(query_msg("ROLLBACK"))
+    run(query_msg("BEGIN"))
+    run(bind_msg(stmt="s", portal="begun") + execute_msg("begun", max_rows=1) + SYNC)
+    _reload(rl, _policy("plaintext"))
+    replies = run(execute_msg("begun") + SYNC)  # begun before: finishes as it began
+    assert [k for k, _ in replies] == [b"D", b"C", b"Z"], replies
+    replies = run(bind_msg(stmt="s") + execute_msg() + SYNC)  # a new Bind: the new view
+    assert next(b for k, b in replies if k == b"D").endswith(PANS[1].encode()), replies
+    raw.close()
 
 
 def _keys(p: ProxyProcess, state: str) -> int:
