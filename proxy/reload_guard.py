@@ -56,6 +56,11 @@ async def holds_values(conn: Any, schema: str, table: str, column: str) -> bool:
         f"WHERE {qi(column)} IS NOT NULL)"))
 
 
+UNFILTERED = {"row_security": "off"}
+"""Row-level security that hides rows from the checking role must not read as "no
+envelope": with it off, PostgreSQL raises an error instead of filtering (as for
+pg_dump), and the reload is refused."""
+
 DATABASES_SQL = ("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
                  "ORDER BY datname")
 
@@ -82,7 +87,7 @@ async def columns_with_values(settings: Any, databases: Iterable[str],
         seen.add(database)
         conn = await connect(host=up.host, port=up.port, database=database,
                              ssl=settings.upstream_ssl_context() or False,
-                             timeout=up.connect_timeout)
+                             timeout=up.connect_timeout, server_settings=UNFILTERED)
         try:
             if not listed:
                 listed = True

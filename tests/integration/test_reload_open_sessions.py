@@ -398,3 +398,25 @@ def test_a_reload_checks_databases_this_process_has_not_served(
         p.stop()
         with direct(pg, db="postgres") as d:
             d.execute(f"DROP DATABASE IF EXISTS {OTHER_DB} WITH (FORCE)")
+
+
+def test_a_reload_check_is_not_blinded_by_row_level_security(
+        guarded: ProxyProcess, pg: Any) -> None:
+    """Row-level security hiding the rows from the role the proxy checks with (a tenant
+    policy keyed on a setting the check does not set) must not read as "no envelope":
+    the check runs with row_security off, so PostgreSQL refuses it instead of filtering,
+    and the reload is refused (before, the hidden envelopes were stranded and the next
+    INSERT stored plaintext)."""
+    p = guarded
+    with direct(pg) as d:
+        d.execute("ALTER TABLE rl_cards ENABLE ROW LEVEL SECURITY; "
+                  "ALTER TABLE rl_cards FORCE ROW LEVEL SECURITY; "  # (app owns it)
+                  f"CREATE POLICY rl_tenant ON rl_cards TO {APP_USER} "
+                  "USING (id::text = current_setting('app.tenant', true))")
+    _reload(p, {"protect": {EMPTY: p.config["protect"][EMPTY]}}, expect="reload rejected")
+    assert "configuration reloaded" not in p.log()
+    assert "could not be asked" in p.log() and "row-level security" in p.log()
+    with psycopg.connect(p.conninfo(), autocommit=True) as c:
+        c.execute("SET app.tenant = '3'")
+        c.execute("INSERT INTO rl_cards (id, pan) VALUES (%s, %s)", (3, PANS[1]))
+    assert PANS[1].encode() not in _stored(pg, 3)
