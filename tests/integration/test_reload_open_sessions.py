@@ -227,6 +227,37 @@ def test_a_portal_bound_before_a_reload_and_not_run_yet_is_refused(rl: ProxyProc
     raw.close()
 
 
+def test_a_portal_bound_before_a_right_was_removed_does_not_run(
+        any_path: ProxyProcess) -> None:
+    """Both paths: a portal bound (in an open transaction) before the reload that removes
+    the right to its table, executed after it, is refused (it returned the rows before);
+    portals bound since the reload run, and after the transaction the session is as
+    any other."""
+    raw = RawPG(any_path.port)
+    raw.login(APP_USER, APP_PASSWORD, database=APP_DB)
+
+    def run(data: bytes) -> list[tuple[bytes, bytes]]:
+        raw.send(data)
+        return raw.read_until(b"Z")
+
+    run(query_msg("BEGIN"))
+    run(parse_msg("SELECT id, body FROM rl_notes", "notes") + bind_msg(stmt="notes",
+        portal="old") + parse_msg("SELECT count(*) FROM rl_cards", "count") + SYNC)
+    _reload(any_path, _policy(notes=False))
+    replies = run(execute_msg("old") + SYNC)
+    assert not any(b"n1" in body for kind, body in replies if kind == b"D"), replies
+    errors = [error_fields(body) for kind, body in replies if kind == b"E"]
+    assert errors and errors[0]["C"] == "34000" and "reloaded" in errors[0]["M"], replies
+    run(query_msg("ROLLBACK"))
+    run(query_msg("BEGIN"))
+    replies = run(bind_msg(stmt="count", portal="new") + execute_msg("new") + SYNC)
+    assert [k for k, _ in replies] == [b"2", b"D", b"C", b"Z"], replies
+    run(query_msg("COMMIT"))
+    replies = run(bind_msg(stmt="count") + execute_msg() + SYNC)
+    assert [k for k, _ in replies] == [b"2", b"D", b"C", b"Z"], replies
+    raw.close()
+
+
 def _keys(p: ProxyProcess, state: str) -> int:
     return next(k["id"] for k in cli_ops.show(p.dir / "keyring.json")
                 if k["column"] == PAN and k["purpose"] == "encrypt" and k["state"] == state)
