@@ -317,7 +317,8 @@ class Gate:
             if st is not None:
                 st.unnamed_ok = None
                 self._watch_named(session, st)
-                if session.tracker is None:  # (tracking: `Tracker._client_execute`)
+                if session.tracker is None and (  # (tracking: `Tracker._client_execute`)
+                        st.last_status != b"I" or session.outstanding):  # portals may exist
                     st.portals_bound = set()
                     session.watch_portals = True
         if raw.get("protect"):
