@@ -28,7 +28,7 @@ from proxy.sql import encoding
 from proxy.sql.cache import DEFAULT_CACHE_BYTES, AnalysisCache, text_key
 from proxy.sql.info import ALL, Analysis, StatementInfo
 from proxy.sql.names import parse_search_path, quote_ident
-from proxy.tracking import ClientRefusal, refusal_sql
+from proxy.tracking import STALE_PORTAL_EXECUTE, ClientRefusal, refusal_sql
 
 if TYPE_CHECKING:
     from proxy.policy import Decision, Policy, PolicyCache
@@ -158,6 +158,10 @@ class SessionPolicy:
     prepared_path: dict[str, tuple[str, ...]] = field(default_factory=dict)
     refused: set[bytes] = field(default_factory=set)  # statement names substituted
     staged: dict[bytes, Analysis] = field(default_factory=dict)  # effects applied at Bind
+    # After a reload, while a portal bound before it may still exist (until the
+    # transaction ends, `Gate.ready`): the portals bound since. An Execute of any other
+    # is refused (`Gate.execute`): it would run what the replaced policy allowed.
+    portals_bound: set[bytes] | None = None
     named: dict[bytes, tuple[str, str, tuple[str, ...], int]] = field(default_factory=dict)
     """Allowed named statements: (text, role, search_path, policy generation) they were
     decided with (`Gate.generation`: a reload decides them again at their next Bind)."""
@@ -335,6 +339,10 @@ class Gate:
             if st is not None:
                 st.unnamed_ok = None
                 self._watch_named(session, st)
+                if session.tracker is None and (  # (tracking: `Tracker._client_execute`)
+                        st.last_status != b"I" or session.outstanding):  # portals may exist
+                    st.portals_bound = set()
+                    session.watch_portals = True
         if encryption is not None:
             if self.encryption is not None:
                 encryption.inherit(self.encryption)
@@ -944,6 +952,11 @@ class Gate:
             st.put(st.level)  # SET LOCAL ends with any transaction
             st.savepoints.clear()
             st.aborted = False
+            if st.portals_bound is not None and not session.outstanding:
+                # The transaction ended, with every portal bound in it: none left from
+                # before the reload.
+                st.portals_bound = None
+                session.watch_portals = False
         elif status == b"E":
             st.aborted = True
         else:
@@ -1067,6 +1080,9 @@ class Gate:
         every value becomes NULL: no input function runs, so no type or encoding error
         (or 08P01) can come before the refusal, and no value reaches the server."""
         bind = rows.decode_bind(body)
+        st_: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        if st_ is not None and st_.portals_bound is not None:
+            st_.portals_bound.add(bind.portal)
         if session.effect_portals:
             session.effect_portals.pop(bind.portal, None)  # a new Bind replaces the portal
         if bind.statement not in session.denied:
@@ -1108,6 +1124,8 @@ class Gate:
         An Execute of a SQL cursor (DECLARE) is refused: it is decided at FETCH (see
         `cursor_execute`). Returns the Execute to send instead, or None."""
         st: SessionPolicy | None = session.policy_state  # type: ignore[assignment]
+        if st is not None and st.portals_bound is not None and portal not in st.portals_bound:
+            return STALE_PORTAL_EXECUTE  # bound before a reload (see SessionPolicy)
         refused = cursor_execute(st, portal)
         if refused is not None:
             return refused

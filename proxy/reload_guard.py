@@ -10,8 +10,10 @@ values there.
 Whether it does is observed, not assumed: one query per column on a direct connection
 (asyncpg, as `keys retire` counts key usage in keys/usage.py) to the upstream
 host/port with the credentials of the proxy's environment ($PGUSER, $PGPASSWORD or
-~/.pgpass), in `upstream.database` and every database the proxy has served. When the
-question cannot be asked or answered, the reload is refused (fail closed).
+~/.pgpass), in `upstream.database` when it pins every session there, else in every
+database of the server that accepts connections (a client picks its database, and one
+this process has not served yet may hold envelopes). When the question cannot be asked
+or answered in one of them, the reload is refused (fail closed).
 """
 
 from __future__ import annotations
@@ -54,25 +56,48 @@ async def holds_values(conn: Any, schema: str, table: str, column: str) -> bool:
         f"WHERE {qi(column)} IS NOT NULL)"))
 
 
+UNFILTERED = {"row_security": "off"}
+"""Row-level security that hides rows from the checking role must not read as "no
+envelope": with it off, PostgreSQL raises an error instead of filtering (as for
+pg_dump), and the reload is refused."""
+
+DATABASES_SQL = ("SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+                 "ORDER BY datname")
+
+
 async def columns_with_values(settings: Any, databases: Iterable[str],
                               columns: Iterable[str]) -> list[tuple[str, str]]:
     """(database, column) for each of `columns` that holds values in one of
-    `databases`. Raises whatever the connection or query raises."""
+    `databases` and, when `upstream.database` does not pin every session to one
+    database, in every database of the server a client could connect to: a client
+    picks its database then, and one this process has not served yet may hold the
+    envelopes. Raises whatever a connection or query raises (a database that cannot be
+    asked is not taken to hold none)."""
     from proxy.migrate import connect
 
-    found: list[tuple[str, str]] = []
     up = settings.upstream
-    for database in sorted(set(databases)):
+    found: list[tuple[str, str]] = []
+    todo = sorted(set(databases))
+    seen: set[str] = set()
+    listed = bool(up.database)  # pinned: the sessions' database is the only one
+    while todo:
+        database = todo.pop(0)
+        if database in seen:
+            continue
+        seen.add(database)
         conn = await connect(host=up.host, port=up.port, database=database,
                              ssl=settings.upstream_ssl_context() or False,
-                             timeout=up.connect_timeout)
+                             timeout=up.connect_timeout, server_settings=UNFILTERED)
         try:
+            if not listed:
+                listed = True
+                todo += [r["datname"] for r in await conn.fetch(DATABASES_SQL)]
             for name in columns:
                 if await holds_values(conn, *name.split(".")):
                     found.append((database, name))
         finally:
             await conn.close()
-    return found
+    return sorted(found)
 
 
 def refusal(found: list[tuple[str, str]], dropped: list[tuple[str, str]]) -> str:

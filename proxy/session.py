@@ -227,6 +227,9 @@ class Session(asyncio.Protocol):
         self._batch_user_code = False
         # Portals bound to a statement with session effects: applied at their Execute.
         self.effect_portals: dict[bytes, object] = {}
+        # A reload happened while portals bound before it may exist: the gate sees every
+        # Bind and Execute until the transaction ends (`SessionPolicy.portals_bound`).
+        self.watch_portals = False
         self.last_parse: bytes | None = None  # Parse body the gate last analysed (no policy)
         self.watch_ready = False  # gate.ready() wants every ReadyForQuery status
         self.policy_state: object | None = None
@@ -325,11 +328,11 @@ class Session(asyncio.Protocol):
                             self._t0 = _now()
                         self.outstanding += 1
                     elif act == _A_BIND:
-                        if self.denied or self.effect_portals:
+                        if self.denied or self.effect_portals or self.watch_portals:
                             replacement = self.gate.bind(self, data[pos + 5 : stop])
                     elif act == _A_EXECUTE:
                         st = self.policy_state
-                        if self.effect_portals or (
+                        if self.effect_portals or self.watch_portals or (
                                 st is not None and st.cursors):  # type: ignore[attr-defined]
                             replacement = self.gate.execute(
                                 self, m.execute_portal(data[pos + 5 : stop]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 import stat
 from dataclasses import dataclass, field
@@ -181,6 +182,39 @@ def _schema() -> dict[str, Any]:
         return json.load(fh)
 
 
+_CREDENTIAL_KEYS = frozenset({"dsn", "anchor", "password"})
+_CREDENTIAL_TEXT = re.compile(r"://[^/\s@]*:[^/\s@]*@|password\s*=", re.IGNORECASE)
+
+
+def _holds_credential(value: object, depth: int = 0) -> bool:
+    """Whether a configuration value is, or holds, text that may carry a password: a
+    DSN (`audit.anchor.dsn`), a URI with user:password@, a `password=` keyword."""
+    if depth > 20:
+        return True
+    if isinstance(value, str):
+        return bool(_CREDENTIAL_TEXT.search(value))
+    if isinstance(value, dict):
+        return any(str(k).lower() in _CREDENTIAL_KEYS or _holds_credential(v, depth + 1)
+                   for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_credential(v, depth + 1) for v in value)
+    return False
+
+
+def _error_text(err: jsonschema.ValidationError) -> str:
+    """jsonschema's message quotes the offending value (for `anyOf`, the whole mapping
+    around it). Where that value may hold a credential, or sits under a key that does
+    (`audit.anchor`), the message names only its type and the rule it breaks: config
+    errors are printed by check-config and logged at start and on SIGHUP."""
+    if not (_holds_credential(err.instance)
+            or any(str(p).lower() in _CREDENTIAL_KEYS for p in err.path)):
+        return err.message
+    rule = err.validator_value if err.validator in ("type", "pattern", "minLength",
+                                                    "exclusiveMinimum", "enum") else None
+    return (f"invalid {type(err.instance).__name__} value (not shown: it may hold a "
+            f"credential); fails {err.validator}" + (f" {rule!r}" if rule is not None else ""))
+
+
 def parse_text(text: str, source: str = "<string>") -> Settings:
     """Validate YAML text and build Settings, or raise ConfigError with file:line messages."""
     try:
@@ -210,7 +244,7 @@ def parse_text(text: str, source: str = "<string>") -> Settings:
                         f" (allowed here: {', '.join(allowed)})"
                     )
             continue
-        problems.append(f"{source}:{line}: {where}: {err.message}")
+        problems.append(f"{source}:{line}: {where}: {_error_text(err)}")
     problems += _check_files(doc, source)
     if not problems:
         problems += _check_upstream_tls(doc, source)

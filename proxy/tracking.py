@@ -49,6 +49,16 @@ AUDIT_REFUSED = ("the audit record of this statement could not be written; it wa
                  "before any protected value was sent (audit.on_failure: refuse)")
 
 
+STALE_PORTAL = ("the configuration was reloaded since this portal was bound and before it "
+                "ran; bind it again (it would run under the rules replaced)")
+STALE_PORTAL_EXECUTE = m.message(b"E", STALE_PORTAL.encode() + b"\0" + b"\0\0\0\0")
+"""A reload reaches a session at its next statement, and a portal that has not run is
+one: its Execute becomes one of a portal that cannot exist, named with the reason (the
+server answers 34000 in order, and the rest of the request is skipped to Sync). A portal
+that already returned rows (suspended by a row limit) finishes under the rules it began
+with."""
+
+
 class ValueError_(Exception):
     """A value could not be converted (bad input syntax, failed decryption)."""
 
@@ -167,6 +177,10 @@ class Portal:
     # The audited reveal of its rows, from its first revealed row until it completes,
     # fails or is closed (a row-limited portal spans several Executes).
     reveal: Reveal | None = None
+    # The rules (protector's Encryption) it was bound under, and whether an Execute ran
+    # it: one not run yet when a reload replaced them is refused (`Tracker._stale_portal`)
+    rules: object = None
+    started: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -588,7 +602,7 @@ class Tracker:
                         and (stmt.role is not self._state.role
                              or stmt.path is not self._state.path))):
                 return self._client_bind_full(msg)
-            self.portals[portal] = Portal(stmt, result_formats, plan.copies)
+            self.portals[portal] = Portal(stmt, result_formats, plan.copies, rules=rules)
         else:
             if (self._state is not None and self._state.sql_prepared and name.decode(
                     errors="surrogateescape") in self._state.sql_prepared):
@@ -613,8 +627,9 @@ class Tracker:
         bind = rows.decode_bind(msg[5:])
         stmt = self.statements.get(bind.statement)
         refused = stmt is None or stmt.plan.refusal is not None
-        self.portals[bind.portal] = Portal(stmt, bind.result_formats,
-                                           () if refused else stmt.plan.copies)
+        self.portals[bind.portal] = Portal(
+            stmt, bind.result_formats, () if refused else stmt.plan.copies,
+            rules=self._follow() if self._follow is not None else None)
         specs = (stmt.plan.rechecks.get(0)
                  if stmt is not None and stmt.plan.refusal is None and stmt.plan.rechecks
                  else None)
@@ -686,6 +701,15 @@ class Tracker:
                 if len(queue) == 1:
                     self._set_data_plan(self._current_plan(entry))
                 return refused
+        if portal is not None and not portal.started:
+            if (portal.rules is not None and self._follow is not None
+                    and portal.rules is not self._follow()):
+                entry.target = None
+                queue.append(entry)
+                if len(queue) == 1:
+                    self._set_data_plan(self._current_plan(entry))
+                return STALE_PORTAL_EXECUTE
+            portal.started = True
         if portal is not None and portal.statement is not None:
             stmt = portal.statement
             if stmt.effects is not None:

@@ -29,7 +29,20 @@ import pytest
 
 from keys import cli_ops
 from proxy.devcluster import free_port
-from tests.conftest import APP_DB, APP_PASSWORD, APP_USER, ProxyProcess
+from tests.conftest import (
+    APP_DB,
+    APP_PASSWORD,
+    APP_USER,
+    SYNC,
+    ProxyProcess,
+    RawPG,
+    bind_msg,
+    describe_msg,
+    error_fields,
+    execute_msg,
+    parse_msg,
+    query_msg,
+)
 from tests.integration.encryption_env import direct, keys_cli, setup_sql, start_encrypted
 from tests.integration.observability_env import scrape
 
@@ -181,6 +194,70 @@ def test_a_table_right_removed_reaches_open_sessions(any_path: ProxyProcess) -> 
     asyncio.run(run())
 
 
+def test_a_portal_bound_before_a_reload_and_not_run_yet_is_refused(rl: ProxyProcess) -> None:
+    """A portal bound before the reload whose first Execute comes after it (the only
+    message of the session since) is a statement that has not started: it must not
+    reveal under the replaced view. It is refused (34000, bind it again); a portal that
+    already returned rows finishes as it began; a new Bind reveals under the new view."""
+    raw = RawPG(rl.port)
+    raw.login(APP_USER, APP_PASSWORD, database=APP_DB)
+    sql = "SELECT id, pan FROM rl_cards ORDER BY id"
+
+    def run(data: bytes) -> list[tuple[bytes, bytes]]:
+        raw.send(data)
+        return raw.read_until(b"Z")
+
+    run(query_msg("BEGIN"))
+    run(parse_msg(sql, "s") + bind_msg(stmt="s", portal="idle") + describe_msg(b"P", "idle")
+        + bind_msg(stmt="s", portal="begun") + describe_msg(b"P", "begun")
+        + execute_msg("begun", max_rows=1) + SYNC)
+    _reload(rl, _policy("masked"))
+    replies = run(execute_msg("idle") + SYNC)
+    assert not any(v.encode() in body for _k, body in replies for v in PANS.values())
+    errors = [error_fields(body) for kind, body in replies if kind == b"E"]
+    assert errors and errors[0]["C"] == "34000" and "reloaded" in errors[0]["M"], replies
+    run(query_msg("ROLLBACK"))
+    run(query_msg("BEGIN"))
+    run(bind_msg(stmt="s", portal="begun") + execute_msg("begun", max_rows=1) + SYNC)
+    _reload(rl, _policy("plaintext"))
+    replies = run(execute_msg("begun") + SYNC)  # begun before: finishes as it began
+    assert [k for k, _ in replies] == [b"D", b"C", b"Z"], replies
+    replies = run(bind_msg(stmt="s") + execute_msg() + SYNC)  # a new Bind: the new view
+    assert next(b for k, b in replies if k == b"D").endswith(PANS[1].encode()), replies
+    raw.close()
+
+
+def test_a_portal_bound_before_a_right_was_removed_does_not_run(
+        any_path: ProxyProcess) -> None:
+    """Both paths: a portal bound (in an open transaction) before the reload that removes
+    the right to its table, executed after it, is refused (it returned the rows before);
+    portals bound since the reload run, and after the transaction the session is as
+    any other."""
+    raw = RawPG(any_path.port)
+    raw.login(APP_USER, APP_PASSWORD, database=APP_DB)
+
+    def run(data: bytes) -> list[tuple[bytes, bytes]]:
+        raw.send(data)
+        return raw.read_until(b"Z")
+
+    run(query_msg("BEGIN"))
+    run(parse_msg("SELECT id, body FROM rl_notes", "notes") + bind_msg(stmt="notes",
+        portal="old") + parse_msg("SELECT count(*) FROM rl_cards", "count") + SYNC)
+    _reload(any_path, _policy(notes=False))
+    replies = run(execute_msg("old") + SYNC)
+    assert not any(b"n1" in body for kind, body in replies if kind == b"D"), replies
+    errors = [error_fields(body) for kind, body in replies if kind == b"E"]
+    assert errors and errors[0]["C"] == "34000" and "reloaded" in errors[0]["M"], replies
+    run(query_msg("ROLLBACK"))
+    run(query_msg("BEGIN"))
+    replies = run(bind_msg(stmt="count", portal="new") + execute_msg("new") + SYNC)
+    assert [k for k, _ in replies] == [b"2", b"D", b"C", b"Z"], replies
+    run(query_msg("COMMIT"))
+    replies = run(bind_msg(stmt="count") + execute_msg() + SYNC)
+    assert [k for k, _ in replies] == [b"2", b"D", b"C", b"Z"], replies
+    raw.close()
+
+
 def _keys(p: ProxyProcess, state: str) -> int:
     return next(k["id"] for k in cli_ops.show(p.dir / "keyring.json")
                 if k["column"] == PAN and k["purpose"] == "encrypt" and k["state"] == state)
@@ -310,3 +387,67 @@ def test_a_reload_that_cannot_check_stored_values_is_refused(
         assert _failed_reloads(p) == 1
         assert _pans(c) == PANS
         assert "configuration reloaded" not in p.log()
+
+
+OTHER_DB = "rl_other"
+
+
+def test_a_reload_checks_databases_this_process_has_not_served(
+        guarded: ProxyProcess, pg: Any) -> None:
+    """Without `upstream.database` a client picks its database: a protected column may
+    hold envelopes in a database no session of this process has opened yet. Dropping its
+    protection is refused all the same (before, only the served databases were asked,
+    the reload was applied, and the next INSERT there stored plaintext in the bytea
+    column next to the stranded envelopes)."""
+    p = guarded
+    with direct(pg, db="postgres") as d:
+        d.execute(f"DROP DATABASE IF EXISTS {OTHER_DB}")
+        d.execute(f"CREATE DATABASE {OTHER_DB}")
+    try:
+        with direct(pg, db=OTHER_DB) as d:
+            d.execute("CREATE TABLE rl_cards (id int PRIMARY KEY, pan bytea); "
+                      f"GRANT ALL ON rl_cards TO {APP_USER}")
+        with psycopg.connect(p.conninfo(db=OTHER_DB), autocommit=True) as c:
+            c.execute("INSERT INTO rl_cards (id, pan) VALUES (%s, %s)", (1, PANS[1]))
+        p.stop()  # a restart: from now on this process serves the default database only
+        p.start()
+        with psycopg.connect(p.conninfo(), autocommit=True) as c:
+            c.execute("DELETE FROM rl_cards")  # no envelope left where it is serving
+            _reload(p, {"protect": {EMPTY: p.config["protect"][EMPTY]}},
+                    expect="reload rejected")
+        assert (f"{PAN} (removed from protect:) still holds encrypted values in database "
+                f"{OTHER_DB}") in p.log(), p.log()[-2000:]
+        assert "configuration reloaded" not in p.log()
+        with psycopg.connect(p.conninfo(db=OTHER_DB), autocommit=True) as c:
+            c.execute("INSERT INTO rl_cards (id, pan) VALUES (%s, %s)", (2, PANS[2]))
+            assert _pans(c) == PANS
+        with direct(pg, db=OTHER_DB) as d:
+            stored = [bytes(r[0]) for r in d.execute("SELECT pan FROM rl_cards")]
+        assert len(stored) == 2 and not any(v.encode() in s for s in stored
+                                            for v in PANS.values())
+    finally:
+        p.stop()
+        with direct(pg, db="postgres") as d:
+            d.execute(f"DROP DATABASE IF EXISTS {OTHER_DB} WITH (FORCE)")
+
+
+def test_a_reload_check_is_not_blinded_by_row_level_security(
+        guarded: ProxyProcess, pg: Any) -> None:
+    """Row-level security hiding the rows from the role the proxy checks with (a tenant
+    policy keyed on a setting the check does not set) must not read as "no envelope":
+    the check runs with row_security off, so PostgreSQL refuses it instead of filtering,
+    and the reload is refused (before, the hidden envelopes were stranded and the next
+    INSERT stored plaintext)."""
+    p = guarded
+    with direct(pg) as d:
+        d.execute("ALTER TABLE rl_cards ENABLE ROW LEVEL SECURITY; "
+                  "ALTER TABLE rl_cards FORCE ROW LEVEL SECURITY; "  # (app owns it)
+                  f"CREATE POLICY rl_tenant ON rl_cards TO {APP_USER} "
+                  "USING (id::text = current_setting('app.tenant', true))")
+    _reload(p, {"protect": {EMPTY: p.config["protect"][EMPTY]}}, expect="reload rejected")
+    assert "configuration reloaded" not in p.log()
+    assert "could not be asked" in p.log() and "row-level security" in p.log()
+    with psycopg.connect(p.conninfo(), autocommit=True) as c:
+        c.execute("SET app.tenant = '3'")
+        c.execute("INSERT INTO rl_cards (id, pan) VALUES (%s, %s)", (3, PANS[1]))
+    assert PANS[1].encode() not in _stored(pg, 3)

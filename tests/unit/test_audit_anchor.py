@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy.audit import AuditLog, private_dir, verify
 from proxy.audit_anchor import gap_reason, mac_at, quoted_table
@@ -95,3 +96,30 @@ def test_anchor_table_names_are_identifiers() -> None:
     for bad in ("a;drop table x", "a.b.c", "", '"x"'):
         with pytest.raises(ValueError):
             quoted_table(bad)
+
+
+SECRET = "S3cretAnchorPw"
+DSN = f"postgresql://strongroom:{SECRET}@db.internal:5432/audit"
+
+
+@pytest.mark.parametrize("audit", [
+    {"anchor": DSN},  # the DSN where the mapping belongs
+    {"anchor": {"dsn": [DSN]}},
+    {"anchor": {"dsn": DSN, "interval": "soon"}},
+    {"anchor": {"dsn": f"host=db.internal password={SECRET}", "table": "bad name"}},
+    DSN,
+    {"anchor": {"dsn": DSN, "intervall": 5}},
+])
+def test_config_errors_never_quote_a_credential(audit: object) -> None:
+    """A misplaced anchor DSN is a configuration error (check-config, start, SIGHUP, all
+    of which print or log it): its text names the key and what is wrong, never the
+    password jsonschema would quote with the value."""
+    from proxy.settings import ConfigError, parse_text
+
+    text = yaml.safe_dump({"listen": {"host": "127.0.0.1", "port": 6432},
+                           "upstream": {"host": "127.0.0.1", "port": 5432}, "audit": audit})
+    with pytest.raises(ConfigError) as err:
+        parse_text(text, "strongroom.yaml")
+    problems = "\n".join(err.value.problems)
+    assert "strongroom.yaml:" in problems and "audit" in problems, problems
+    assert SECRET not in problems and SECRET not in str(err.value), problems
