@@ -848,7 +848,8 @@ def add_verify_arguments(ap: argparse.ArgumentParser) -> None:
                     help="[schema.]table of the anchor (default strongroom_audit_anchor)")
     ap.add_argument("--anchor-id", metavar="ID",
                     help="row of the anchor table (default: the absolute path of the "
-                    "newest file, as the proxy names it)")
+                    "newest file, as the proxy names it; INSTANCE:PATH when the proxy "
+                    "sets audit.anchor.instance)")
 
 
 def verify_command(args: argparse.Namespace, key: bytes) -> int:

@@ -28,7 +28,12 @@ hand whoever can edit the file a way to stop the service, and the gap stays prov
 three places (the chain itself, where `audit verify` reports it as incomplete; the row;
 the metric history). `strongroom audit verify --anchor DSN` checks files against the row.
 
-The row identifies its file by `log_id`, the absolute path of the (per-worker) audit file.
+The row identifies its file by `log_id`: the absolute path of the (per-worker) audit file,
+prefixed by `audit.anchor.instance` when set. Replicas on several hosts that share one
+anchor table and the same audit path must each set their own `instance`: otherwise they
+overwrite each other's row and every start reports a mismatch. The default is the path
+alone, not the host name, because a container's host name changes at each restart: a
+new row per restart would leave a cut before the restart undetected.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class AnchorConfig:
     table: str = DEFAULT_TABLE
     interval: float = DEFAULT_INTERVAL
     timeout: float = 10.0
+    instance: str | None = None
 
 
 def anchor_config(settings: Settings) -> AnchorConfig | None:
@@ -81,6 +87,7 @@ def anchor_config(settings: Settings) -> AnchorConfig | None:
         dsn=str(cfg["dsn"]), table=str(cfg.get("table", DEFAULT_TABLE)),
         interval=float(cfg.get("interval", DEFAULT_INTERVAL)),
         timeout=float(settings.upstream.connect_timeout),
+        instance=str(cfg["instance"]) if cfg.get("instance") else None,
     )
 
 
@@ -92,9 +99,11 @@ def quoted_table(table: str) -> str:
     return ".".join(f'"{p}"' for p in parts)
 
 
-def log_id(path: str | os.PathLike[str]) -> str:
-    """The row key of an audit file: its absolute path (per-worker files differ)."""
-    return str(Path(path).resolve())
+def log_id(path: str | os.PathLike[str], instance: str | None = None) -> str:
+    """The row key of an audit file: its absolute path (per-worker files differ),
+    as `INSTANCE:PATH` when `audit.anchor.instance` names this proxy."""
+    where = str(Path(path).resolve())
+    return f"{instance}:{where}" if instance else where
 
 
 # --------------------------------------------------------------------------- SQL
@@ -225,7 +234,7 @@ class Anchor:
         assert audit.path is not None
         self.audit = audit
         self.cfg = cfg
-        self.ident = log_id(audit.path)
+        self.ident = log_id(audit.path, cfg.instance)
         self.anchored: tuple[int, str] | None = None
         self.checked = False
         self.mismatch = 0

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from proxy.audit import AuditLog, private_dir, verify
-from proxy.audit_anchor import gap_reason, mac_at, quoted_table
+from proxy.audit_anchor import Anchor, AnchorConfig, gap_reason, mac_at, quoted_table
 
 
 @pytest.fixture
@@ -123,3 +123,22 @@ def test_config_errors_never_quote_a_credential(audit: object) -> None:
     problems = "\n".join(err.value.problems)
     assert "strongroom.yaml:" in problems and "audit" in problems, problems
     assert SECRET not in problems and SECRET not in str(err.value), problems
+
+
+def test_replicas_sharing_a_table_and_a_path_get_their_own_rows(tmp_path: Path,
+                                                                  key: bytes) -> None:
+    """Two hosts writing /var/log/strongroom/audit.jsonl into one anchor table: without
+    `audit.anchor.instance` they share a row (each start would see the other's head as a
+    cut); with it each keeps its own, and the default stays the path alone, stable across
+    container restarts."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, key)
+    try:
+        plain = Anchor(log, AnchorConfig(dsn="x"))
+        a = Anchor(log, AnchorConfig(dsn="x", instance="eu-1"))
+        b = Anchor(log, AnchorConfig(dsn="x", instance="eu-2"))
+    finally:
+        log.close()
+    assert plain.ident == str(path.resolve())
+    assert a.ident == f"eu-1:{path.resolve()}" and b.ident == f"eu-2:{path.resolve()}"
+    assert len({plain.ident, a.ident, b.ident}) == 3
