@@ -686,10 +686,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from keys.keyring import KeyringError
     from keys.providers.base import ProviderError, UnwrapError
     from keys.usage import UsageUnknown
+    from proxy.encryption import DatabaseNotBindable
     from proxy.migrate import MigrationError
 
     return (CliError, KeyringError, ProviderError, UnwrapError, UsageUnknown, MigrationError,
-            OSError, asyncpg.InterfaceError)
+            DatabaseNotBindable, OSError, asyncpg.InterfaceError)
 
 
 def _error_line(exc: BaseException, args: argparse.Namespace) -> str:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -256,6 +257,11 @@ def test_a_database_whose_name_reads_as_another_ones_does_not_share_its_binding(
         with pytest.raises(psycopg.Error), psycopg.connect(twin_info) as c:
             c.execute("SELECT id FROM dbb_cards WHERE email = %s", (EMAIL,)).fetchall()
         assert "non-ASCII name in a LATIN1 database" in p.log()
+        # The offline tools refuse to bind to it as well (rotation would rewrite the
+        # copied rows there as the twin's own).
+        res = _cli(p, quote(twin), "keys", "rotate", "--column", PAN)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "non-ASCII name in a LATIN1 database" in res.stderr, res.stderr
     finally:
         p.stop()
         for db in (victim, twin):
