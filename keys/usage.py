@@ -135,10 +135,10 @@ async def key_usage(conn: asyncpg.Connection, enc: Any, ring: kr.Keyring, key_id
     `enc` is the configuration's Encryption (protected columns, their keys). Raises
     UsageUnknown when no configured column uses the key and the database cannot be
     asked by other means (a join group's or a blind-index key of a removed column)."""
-    from proxy.encryption import key_name
+    from proxy.encryption import key_name, observed_database
 
     entry = ring.get(key_id)
-    database = str(await conn.fetchval("SELECT current_database()"))
+    database = await observed_database(conn)
     # Bound to the database connected to, as the proxy's sessions there are: a value
     # that opens here is one the proxy would open here.
     columns = enc.columns_for(database)

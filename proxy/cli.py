@@ -686,10 +686,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from keys.keyring import KeyringError
     from keys.providers.base import ProviderError, UnwrapError
     from keys.usage import UsageUnknown
+    from proxy.encryption import DatabaseNotBindable
     from proxy.migrate import MigrationError
 
     return (CliError, KeyringError, ProviderError, UnwrapError, UsageUnknown, MigrationError,
-            OSError, asyncpg.InterfaceError)
+            DatabaseNotBindable, OSError, asyncpg.InterfaceError)
 
 
 def _error_line(exc: BaseException, args: argparse.Namespace) -> str:
@@ -852,7 +853,9 @@ async def _bound_runtime(conn: object, enc: object, key: tuple[str, str, str]) -
     """The column as the proxy seals it in the database `conn` is connected to (the
     server's `current_database()`, mapped by `keys.database_binding.bind_as`), so what an
     offline tool writes opens through the proxy there and nowhere else."""
-    database = str(await conn.fetchval("SELECT pg_catalog.current_database()"))  # type: ignore[attr-defined]
+    from proxy.encryption import observed_database
+
+    database = await observed_database(conn)
     return enc.columns_for(database, upgrading=True)[key]  # type: ignore[attr-defined]
 
 

@@ -30,6 +30,7 @@ from proxy.crypto.masking import MaskConfigError, make_masker
 from proxy.protocol.rows import NULL_CELL, bytea_from_text, bytea_to_text, cell_length
 from proxy.settings import ConfigError, join_group_problem
 from proxy.sql.cache import ByteLRU, text_key
+from proxy.sql.encoding import clean_encoding_name
 from proxy.sql.positions import Shift
 from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
@@ -1308,6 +1309,41 @@ class DatabaseBinding:
         if not database:
             raise ValueError("the server reported no database name")
         return self.bind_as.get(database, database)
+
+
+#: The database a connection is on, and that database's encoding (see `bindable_database`).
+DATABASE_SQL = "SELECT pg_catalog.current_database(), pg_catalog.getdatabaseencoding()"
+
+class DatabaseNotBindable(ValueError):
+    """The database's name as reported cannot identify it (`bindable_database`)."""
+
+
+_NAME_AS_STORED = frozenset({"utf8", "sqlascii"})  # encodings that report a name unconverted
+
+
+def bindable_database(name: str, encoding: str) -> str:
+    """`name` (the server's `current_database()`, received as UTF-8) when it is the
+    database's name as stored, the only form two databases never share.
+
+    The server converts the stored name from the database's own encoding before sending
+    it: a LATIN1 database whose stored name is the UTF-8 of `db_é` reports `db_Ã©`, the
+    name of another, UTF8, database. Binding to the reported name would let whoever can
+    create (or write into) the first read the second's copied envelopes through the
+    proxy. UTF8 and SQL_ASCII databases report their name unconverted and every server
+    encoding leaves ASCII as it is; a non-ASCII name of any other database is refused
+    (DatabaseNotBindable), never guessed."""
+    if name.isascii() or clean_encoding_name(encoding) in _NAME_AS_STORED:
+        return name
+    raise DatabaseNotBindable(
+        f"database {name!r} has a non-ASCII name in a {encoding} database: its name as "
+        "reported in UTF-8 may be another database's, so values cannot be bound to it; "
+        "rename it to an ASCII name or use a UTF8 database")
+
+
+async def observed_database(conn: Any) -> str:
+    """The database an offline tool's connection is on, as sessions there bind it."""
+    row = await conn.fetchrow(DATABASE_SQL)
+    return bindable_database(str(row[0]), str(row[1]))
 
 
 def key_name(key: tuple[str, str, str], opts: dict[str, Any]) -> str:

@@ -52,7 +52,7 @@ _CATALOG_CHANGES = frozenset({"ddl", "do"})  # may create, rename or drop functi
 PRELUDE_SQL = (
     "SELECT nspname FROM pg_catalog.pg_namespace; "
     "SELECT pg_catalog.current_setting('search_path'), pg_catalog.current_setting('role'), "
-    "session_user, pg_catalog.current_database()"
+    "session_user, pg_catalog.current_database(), pg_catalog.getdatabaseencoding()"
 )
 
 # pg_proc by OID, for FunctionCall messages (which name a function by OID only): loaded
@@ -459,7 +459,9 @@ class Gate:
         if self.encryption is not None:
             # The database envelopes are bound to: the server's answer, not the startup
             # packet (see encryption.DatabaseBinding); a session cannot change it.
-            database = row[3] if len(row) > 3 else ""
+            from proxy.encryption import bindable_database
+
+            database = bindable_database(row[3], row[4]) if len(row) > 4 else ""
             self.encryption.attach(session, results[2] if catalog and len(results) > 2 else [],
                                    database)
 

@@ -69,7 +69,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from proxy.encryption import ColumnRuntime
+from proxy.encryption import ColumnRuntime, observed_database
 from proxy.types import CodecError
 
 NEW_SUFFIX = "__sr_new"
@@ -482,7 +482,7 @@ async def require_bound_here(conn: asyncpg.Connection, rt: ColumnRuntime) -> Non
     """Refuse a column runtime made for another database than the one `conn` is on:
     what it writes would be bound there and fail to open here (see
     `proxy.encryption.DatabaseBinding`)."""
-    here = str(await conn.fetchval("SELECT pg_catalog.current_database()"))
+    here = await observed_database(conn)
     if rt.database != here:
         raise MigrationError(
             f"the column keys were bound for database {rt.database!r}, but the connection "

@@ -22,6 +22,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from proxy.encryption import DatabaseNotBindable
 from proxy.observability import flush_crypto
 from proxy.protocol import messages as m
 from proxy.protocol.framing import Framer, unpack_head
@@ -1243,6 +1244,11 @@ class Session(asyncio.Protocol):
                 self._prelude = None
                 try:
                     self.gate.prelude_done(self, results)
+                except DatabaseNotBindable as exc:
+                    log.warning("session %s: %s", self.id, exc)
+                    self._fatal("08000", "strongroom could not prepare the session",
+                                hint=str(exc))
+                    return
                 except Exception:
                     log.exception("session %s: could not set up the session", self.id)
                     self._fatal("08000", "strongroom could not prepare the session")

@@ -418,25 +418,50 @@ def line_in_file(path: str | os.PathLike[str], keys: list[Any]) -> int:
     return _line_of(doc, keys)
 
 
+def _open_dirs(path: Path) -> list[Path]:
+    """Directories above `path` (as named, then as resolved) that group or others may
+    write without the sticky bit, nearest first: whoever may write one can rename what
+    is in it and put another file (or directory, or symlink) in its place. A sticky
+    directory (/tmp) lets no one rename what they do not own."""
+    found: list[Path] = []
+    named = Path(os.path.abspath(path))
+    for start in (named, named.resolve()):
+        for d in start.parents:
+            if d in found:
+                continue
+            try:
+                st_mode = os.stat(d).st_mode
+            except OSError:
+                continue  # reading the file reports the problem
+            if st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st_mode & stat.S_ISVTX:
+                found.append(d)
+    return found
+
+
 def writable_by_others(path: str | os.PathLike[str], kind: str = "config file") -> list[str]:
-    """`file: message` problems for a config file (or, with `kind`, a keyring), or its
-    directory, that a group or everyone may write: whoever can write the config (or swap
-    the file in its directory) can give themselves any role's access, point `upstream` at
-    their own server or name their own keys, so such a file is refused rather than
-    trusted. Symlinks are followed: what is checked is what is read. A file that does not
-    exist is skipped (reading it reports that); its directory is still checked."""
+    """`file: message` problems for a config file (or, with `kind`, a keyring), or a
+    directory on the way to it, that a group or everyone may write: whoever can write the
+    config (or swap the file, or a directory above it, for their own) can give themselves
+    any role's access, point `upstream` at their own server or name their own keys, so
+    such a file is refused rather than trusted. Every directory up to the root counts, on
+    the path as named (a symlink's own directory) and as resolved (what is read), as
+    OpenSSH's StrictModes checks them; sticky directories are fine. A file that does not
+    exist is skipped (reading it reports that); its directories are still checked."""
     p = Path(path)
     problems = []
-    for target, what in ((p, kind), (p.resolve().parent, f"directory of the {kind}")):
-        try:
-            mode = stat.S_IMODE(os.stat(target).st_mode)
-        except OSError:
-            continue  # reading it reports the problem
-        if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            problems.append(
-                f"{target}: {what} is group- or world-writable (mode {mode:04o}); "
-                f"refusing it: `chmod go-w {target}`"
-            )
+    try:
+        mode = stat.S_IMODE(os.stat(p).st_mode)
+    except OSError:
+        mode = 0  # reading it reports the problem
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append(f"{p}: {kind} is group- or world-writable (mode {mode:04o}); "
+                        f"refusing it: `chmod go-w {p}`")
+    parent = p.resolve().parent
+    for d in _open_dirs(p):
+        what = f"directory of the {kind}" if d == parent else f"a directory above the {kind}"
+        mode = stat.S_IMODE(os.stat(d).st_mode)
+        problems.append(f"{d}: {what} is group- or world-writable (mode {mode:04o}); "
+                        f"refusing it: `chmod go-w {d}` (or make it sticky, `chmod +t`)")
     return problems
 
 

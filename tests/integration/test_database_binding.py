@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -224,3 +225,44 @@ def test_encrypt_column_binds_the_database_it_connects_to(clean: Any) -> None:
         for db in (APP_DB, OTHER_DB):
             with direct(clean, db) as c:
                 c.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def test_a_database_whose_name_reads_as_another_ones_does_not_share_its_binding(
+        clean: Any) -> None:
+    """Two databases, one name as the server reports it: a LATIN1 database whose raw
+    name bytes are the UTF-8 of `dbb_é` reports its name, converted, as `dbb_Ã©`, the
+    name of a UTF8 database. Someone who can create (or write into) the first must not
+    read the second's copied envelopes there: the binding is to the name's stored bytes,
+    and a name whose bytes are not its reported UTF-8 is refused rather than guessed."""
+    victim, twin = "dbb_\u00c3\u00a9", "dbb_\u00e9"
+    clean.psql(f'CREATE DATABASE "{victim}" OWNER {APP_USER}')
+    clean.psql(f'CREATE DATABASE "{twin}" OWNER {APP_USER} ENCODING LATIN1 '
+               "LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    p = _proxy(clean)
+    try:
+        for db in (victim, twin):
+            with direct(clean, db) as c:
+                c.execute(f"SET ROLE {APP_USER}; " + SCHEMA)
+        with direct(clean, twin) as c:  # the server reports the twin's name as victim's
+            assert c.execute("SELECT current_database()").fetchone() == (victim,)
+        with psycopg.connect(p.conninfo(db=victim), autocommit=True) as c:
+            c.execute("INSERT INTO dbb_cards VALUES (1, %s, %s, 'n')", (CARD, EMAIL))
+        _copy_row(clean, 1, victim, twin)
+        assert _read(p, victim, "SELECT pan, email FROM dbb_cards") == [(CARD, EMAIL)]
+        twin_info = p.conninfo(db=twin) + " client_encoding=UTF8"
+        with pytest.raises(psycopg.Error) as info, psycopg.connect(twin_info) as c:
+            c.execute("SELECT pan, email FROM dbb_cards").fetchall()
+        assert "could not prepare the session" in str(info.value), info.value
+        assert CARD not in str(info.value)
+        with pytest.raises(psycopg.Error), psycopg.connect(twin_info) as c:
+            c.execute("SELECT id FROM dbb_cards WHERE email = %s", (EMAIL,)).fetchall()
+        assert "non-ASCII name in a LATIN1 database" in p.log()
+        # The offline tools refuse to bind to it as well (rotation would rewrite the
+        # copied rows there as the twin's own).
+        res = _cli(p, quote(twin), "keys", "rotate", "--column", PAN)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "non-ASCII name in a LATIN1 database" in res.stderr, res.stderr
+    finally:
+        p.stop()
+        for db in (victim, twin):
+            clean.psql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')

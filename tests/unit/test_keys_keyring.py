@@ -358,3 +358,36 @@ def test_group_or_world_writable_keyring_directory_is_refused(
             kr.save(ring, d / "keyring.json", provider)
     finally:
         os.chmod(d, 0o700)
+
+
+def test_keyring_reached_through_a_directory_others_may_write_is_refused(
+    provider: LocalKekProvider, tmp_path: Path
+) -> None:
+    """Checking the keyring's own directory is not enough: whoever may write any
+    directory on the way to it can rename that directory (or the symlink the
+    configuration names) and put another, still authentic, keyring in its place (an
+    older one, with a retired key live again). So every directory from the keyring up to
+    the root, on the path as named and as resolved, must be closed to group and others
+    (a sticky directory such as /tmp is fine: others cannot rename what they do not own)."""
+    ring, _ = fresh(provider)
+    shared = tmp_path / "shared"
+    keys = shared / "keys"
+    keys.mkdir(parents=True, mode=0o700)
+    kr.save(ring, keys / "keyring.json", provider)
+    os.chmod(shared, 0o777)  # an ancestor others may write
+    try:
+        with pytest.raises(KeyringError, match="group- or world-writable"):
+            kr.load(keys / "keyring.json", provider)
+        os.chmod(shared, 0o1777)  # sticky: entries cannot be renamed by others
+        kr.load(keys / "keyring.json", provider)
+        os.chmod(shared, 0o700)
+        # A symlink in a directory others may write, to a keyring in a closed one.
+        drop = tmp_path / "drop"
+        drop.mkdir(mode=0o700)
+        (drop / "keyring.json").symlink_to(keys / "keyring.json")
+        kr.load(drop / "keyring.json", provider)
+        os.chmod(drop, 0o777)
+        with pytest.raises(KeyringError, match="group- or world-writable"):
+            kr.load(drop / "keyring.json", provider)
+    finally:
+        os.chmod(shared, 0o700)
