@@ -17,6 +17,7 @@ treats a view it cannot map as untraceable (its protected output is refused).
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -34,11 +35,18 @@ class TableInfo:
     depends: frozenset[int] = frozenset()  # views: oids of the relations it reads
 
 
+_SERIALS = itertools.count(1)
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     tables: dict[tuple[str, str], TableInfo] = field(default_factory=dict)
     by_oid: dict[int, TableInfo] = field(default_factory=dict)
     search_path: tuple[str, ...] = ("public",)  # the path view definitions were printed in
+    # Unique for the life of the process: what plan caches key a snapshot by. Never
+    # id(snapshot): a freed snapshot's address is reused by the next one, which would be
+    # served the plans made for another catalog (a view it did not know of: unsealed).
+    serial: int = field(default_factory=lambda: next(_SERIALS), compare=False)
 
     def table(self, schema: str, name: str) -> TableInfo | None:
         return self.tables.get((schema, name))

@@ -544,6 +544,11 @@ def _is_ddl(gate: Any, sql: str) -> bool:
     return any(s.kind == "ddl" for s in analysis.statements)
 
 
+def snapshot_key(snap: Snapshot | None) -> int:
+    """A catalog snapshot's part of a plan-cache key (0: none loaded yet)."""
+    return snap.serial if snap is not None else 0
+
+
 def holds_literals(rplan: Any) -> bool:
     """Whether a rewrite plan holds the text of a protected column's literal (to seal,
     index or recheck): such a plan is made again for every statement, never cached, so
@@ -871,7 +876,7 @@ class SessionProtector:
 
         path = self.search_path()
         snap = self.catalog.snapshot
-        key = (text_key(sql), path, id(snap))
+        key = (text_key(sql), path, snapshot_key(snap))
         cache = self.enc.plan_cache
         if cache.lookup(key) is not None:
             return None
@@ -893,7 +898,7 @@ class SessionProtector:
         if refusal is not None:
             return StatementPlan(sql=raw, touches_protected=True, refusal=refusal)
         path = self.search_path()
-        key = (text_key(sql), path, id(self.catalog.snapshot))
+        key = (text_key(sql), path, snapshot_key(self.catalog.snapshot))
         cache = self.enc.plan_cache
         rplan = cache.get(key)
         if rplan is None and cache.big is not None and cache.big[0] == key:
@@ -1137,7 +1142,7 @@ class Encryption:
         except MaskConfigError as exc:
             raise EncryptionConfigError([f"protect: {exc}"]) from None
         self.catalogs: dict[str, DatabaseCatalog] = {}
-        # (text_key(text), search_path, id(snapshot)) -> rewrite plan: never the text,
+        # (text_key(text), search_path, snapshot serial) -> rewrite plan: never the text,
         # and never a plan that holds a literal (`keep_plan`).
         self.plan_cache = ByteLRU(10_000)
         self._views: OrderedDict[int, tuple[Snapshot, ProtectedSchema, ViewMap]] = OrderedDict()
@@ -1183,11 +1188,11 @@ class Encryption:
         map for one catalog snapshot; computed once per snapshot."""
         if snap is None:
             return self.schema, {}
-        hit = self._views.get(id(snap))
+        hit = self._views.get(snap.serial)
         if hit is not None and hit[0] is snap:
             return hit[1], hit[2]
         schema, attrs = analyse_views(self.schema, snap) if snap.views() else (self.schema, {})
-        self._views[id(snap)] = (snap, schema, attrs)
+        self._views[snap.serial] = (snap, schema, attrs)
         while len(self._views) > 16:
             self._views.popitem(last=False)
         return schema, attrs

@@ -205,3 +205,29 @@ def test_a_large_statements_plan_with_literals_is_used_once_then_dropped(
     plan = _run(protector, facts, sql)
     assert plan.touches_protected and PAN.encode() not in (plan.sql or b"")
     assert enc.plan_cache.big is None and len(enc.plan_cache) == 0
+
+
+def test_a_plan_is_never_served_for_another_snapshot_at_a_reused_address(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans are cached per catalog snapshot. Keyed by `id(snapshot)`, a snapshot freed
+    after the view cache let it go can have its address reused by the next one, which
+    would then be served plans made for another catalog (one without a view the new one
+    traces to a protected column: its values would go unsealed). Whether CPython reuses
+    the address at once depends on the allocator, so the test makes every snapshot's
+    `id()` the same, as a reused address would; the key must not depend on it."""
+    import builtins
+
+    from proxy import encryption
+    from proxy.catalog import Snapshot
+
+    monkeypatch.setattr(encryption, "id", lambda o: 1 if isinstance(o, Snapshot)
+                        else builtins.id(o), raising=False)
+    _gate, protector, _facts = _setup(tmp_path)
+    cache = protector.enc.plan_cache
+    sql = "SELECT id FROM hy_cards WHERE id = $1"
+    protector.catalog.update(Snapshot())
+    protector.plan_query(sql)
+    entries = len(cache)
+    protector.catalog.update(Snapshot())  # another catalog at "the same address"
+    protector.plan_query(sql)
+    assert len(cache) == entries + 1  # planned for the new snapshot, not served the old
