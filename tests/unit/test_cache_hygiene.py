@@ -194,7 +194,8 @@ def test_a_large_statements_plan_with_literals_is_used_once_then_dropped(
     _gate, protector, facts = _setup(tmp_path)
     enc = protector.enc
     sql = f"INSERT INTO hy_cards (id, pan) VALUES (1, '{PAN}')"
-    key = (text_key(sql), protector.search_path(), id(protector.catalog.snapshot))
+    key = (text_key(sql), protector.search_path(),
+           encryption.snapshot_key(protector.catalog.snapshot))
     rplan = plan_statement(sql, enc.views_of(None)[0], protector.search_path())
     encryption.keep_plan(enc.plan_cache, key, rplan, len(sql), keep_big=True)
 
