@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 from proxy.protocol.messages import ProtocolViolation, message
 
-_H = struct.Struct("!h")
 _HH = struct.Struct("!H")
+"""Every count on the wire (fields, cells, parameters, format codes) is an Int16 that
+PostgreSQL reads unsigned (`pq_getmsgint(msg, 2)`): a Parse or Bind may carry up to
+65,535 parameters. Read as signed, a count above 32,767 went negative and a valid
+message was refused as a protocol violation."""
 _I = struct.Struct("!i")
 _FIELD = struct.Struct("!IhIhih")  # table oid, attnum, type oid, typlen, typmod, format
 
@@ -32,7 +35,7 @@ class Field:
 
 def decode_row_description(body: bytes | memoryview) -> list[Field]:
     raw = bytes(body)
-    (count,) = _H.unpack_from(raw, 0)
+    (count,) = _HH.unpack_from(raw, 0)
     pos = 2
     fields = []
     for _ in range(count):
@@ -46,7 +49,7 @@ def decode_row_description(body: bytes | memoryview) -> list[Field]:
 
 
 def encode_row_description(fields: list[Field]) -> bytes:
-    parts = [_H.pack(len(fields))]
+    parts = [_HH.pack(len(fields))]
     for f in fields:
         parts.append(f.name + b"\0")
         parts.append(
@@ -57,7 +60,7 @@ def encode_row_description(fields: list[Field]) -> bytes:
 
 def decode_data_row(body: bytes | memoryview) -> list[bytes | None]:
     raw = bytes(body)
-    (count,) = _H.unpack_from(raw, 0)
+    (count,) = _HH.unpack_from(raw, 0)
     pos = 2
     values: list[bytes | None] = []
     for _ in range(count):
@@ -78,7 +81,7 @@ cell_length = _I.pack
 
 
 def encode_data_row(values: list[bytes | None]) -> bytes:
-    parts = [_H.pack(len(values))]
+    parts = [_HH.pack(len(values))]
     for v in values:
         if v is None:
             parts.append(_I.pack(-1))
@@ -90,12 +93,12 @@ def encode_data_row(values: list[bytes | None]) -> bytes:
 
 def decode_parameter_description(body: bytes | memoryview) -> list[int]:
     raw = bytes(body)
-    (count,) = _H.unpack_from(raw, 0)
+    (count,) = _HH.unpack_from(raw, 0)
     return list(struct.unpack_from(f"!{count}I", raw, 2))
 
 
 def encode_parameter_description(oids: list[int]) -> bytes:
-    return message(b"t", _H.pack(len(oids)) + struct.pack(f"!{len(oids)}I", *oids))
+    return message(b"t", _HH.pack(len(oids)) + struct.pack(f"!{len(oids)}I", *oids))
 
 
 @dataclass(slots=True)
@@ -206,7 +209,7 @@ def encode_bind(b: Bind) -> bytes:
 
 
 def encode_parse(name: bytes, query: bytes, param_oids: list[int]) -> bytes:
-    body = name + b"\0" + query + b"\0" + _H.pack(len(param_oids))
+    body = name + b"\0" + query + b"\0" + _HH.pack(len(param_oids))
     body += struct.pack(f"!{len(param_oids)}I", *param_oids)
     return message(b"P", body)
 
@@ -216,7 +219,7 @@ def decode_parse(body: bytes | memoryview) -> tuple[bytes, bytes, list[int]]:
     try:
         end = raw.index(b"\0")
         end2 = raw.index(b"\0", end + 1)
-        (n,) = _H.unpack_from(raw, end2 + 1)
+        (n,) = _HH.unpack_from(raw, end2 + 1)
         oids = list(struct.unpack_from(f"!{n}I", raw, end2 + 3))
     except (ValueError, struct.error) as exc:
         raise ProtocolViolation("invalid Parse message") from exc
