@@ -603,7 +603,11 @@ class Session(asyncio.Protocol):
                 # until it finishes.
                 self.server.send_cancel(*self.backend_key)
             try:
-                up.transport.write(m.message(b"X"))
+                if was is not _AUTH:
+                    # During authentication the server reads a password or SASL
+                    # response, and takes a Terminate for a malformed one (a FATAL in
+                    # its log); a client that leaves there is an EOF to it, as direct.
+                    up.transport.write(m.message(b"X"))
             finally:
                 up.transport.close()
         self.server.release(self, was)

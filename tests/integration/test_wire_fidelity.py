@@ -15,6 +15,9 @@ with `protect:`) against a real server.
 from __future__ import annotations
 
 import re
+import socket
+import struct
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +34,7 @@ from tests.conftest import (
     describe_msg,
     execute_msg,
     parse_msg,
+    startup_packet,
 )
 from tests.integration.encryption_env import both_paths, direct
 
@@ -122,3 +126,57 @@ def test_more_than_32767_declared_parameters_raw(proxy_of: ProxyProcess, pg: Any
     expected = raw_many_params(pg.port)
     assert [k for k, _ in expected] == [b"1", b"t", b"T", b"2", b"D", b"C", b"Z"], expected
     assert raw_many_params(proxy_of.port) == expected
+
+
+def startup_then_close(port: int, packet: bytes, *, await_auth: bool = False) -> None:
+    """Send `packet` and hang up, as a health check or port scanner does: at once, or
+    once the server has asked for a password (then the proxy's upstream session is
+    certainly in authentication)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(packet)
+        if await_auth:
+            head = sock.recv(5, socket.MSG_WAITALL)
+            assert head[:1] == b"R", head
+            sock.recv(struct.unpack("!I", head[1:])[0] - 4, socket.MSG_WAITALL)
+
+
+LOGIN = startup_packet({"user": ROLE, "database": "app"})
+
+
+def hang_ups(port: int) -> None:
+    startup_then_close(port, LOGIN, await_auth=True)
+    startup_then_close(port, LOGIN)
+
+
+def server_complaints(pg: Any, since: int) -> list[str]:
+    """Errors the server logged since offset `since` (its log is at `warning`, so
+    anything at all but a client's own reset is a complaint)."""
+    added = pg.logfile.read_text(errors="replace")[since:]
+    return [line for line in added.splitlines()
+            if "FATAL" in line or "ERROR" in line or "startup packet" in line]
+
+
+def test_startup_packet_then_close_is_a_clean_close(proxy_of: ProxyProcess, pg: Any) -> None:
+    """PostgreSQL ends a session whose client left during authentication silently. The
+    proxy sent the server a Terminate there, which the server logged as a FATAL
+    ("expected SASL response, got message type 88")."""
+    before_pg = len(pg.logfile.read_text(errors="replace"))
+    hang_ups(pg.port)
+    time.sleep(0.5)
+    assert server_complaints(pg, before_pg) == [], "direct, the server says nothing"
+    before_pg = len(pg.logfile.read_text(errors="replace"))
+    before_errors, before_log = protocol_errors(proxy_of), len(proxy_of.log())
+    hang_ups(proxy_of.port)
+    # the proxy ends what it cannot forward (a packet cut short, a bare SSLRequest)
+    # quietly too, as the server would
+    startup_then_close(proxy_of.port, LOGIN[:20])
+    startup_then_close(proxy_of.port, struct.pack("!II", 8, 80877103))
+    startup_then_close(proxy_of.port, b"")
+    time.sleep(1.0)
+    # still serving, nothing counted or logged as a protocol error, here or upstream
+    with connect(proxy_of) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    added = proxy_of.log()[before_log:]
+    assert "protocol violation" not in added and "startup packet" not in added, added
+    assert protocol_errors(proxy_of) == before_errors
+    assert server_complaints(pg, before_pg) == []
