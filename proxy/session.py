@@ -29,7 +29,7 @@ from proxy.protocol.framing import Framer, unpack_head
 from proxy.protocol.messages import ProtocolViolation
 from proxy.protocol.rows import decode_data_row
 from proxy.sql import encoding
-from proxy.tracking import Tracker
+from proxy.tracking import Tracker, refusal_error
 
 if TYPE_CHECKING:
     from proxy.server import Server
@@ -171,6 +171,27 @@ class Upstream(asyncio.Protocol):
     def expect_ssl_answer(self) -> asyncio.Future[bytes]:
         self._ssl_answer = asyncio.get_running_loop().create_future()
         return self._ssl_answer
+
+
+_Edited = tuple[list[bytes], int]
+"""Server bytes the relay forwards with some messages replaced: the pieces so far, and
+the offset in the chunk where the unreplaced bytes resume."""
+
+
+def _edit(edited: _Edited | None, data: bytes, start: int, stop: int,
+          replacement: bytes) -> _Edited:
+    """`edited` with data[start:stop] replaced by `replacement`."""
+    pieces, resume = edited if edited is not None else ([], 0)
+    pieces += [data[resume:start], replacement]
+    return pieces, stop
+
+
+def _spliced(edited: _Edited | None, data: bytes, upto: int) -> bytes:
+    """data[:upto] with the replacements recorded in `edited`."""
+    if edited is None:
+        return data[:upto]
+    pieces, resume = edited
+    return b"".join([*pieces, data[resume:upto]])
 
 
 def _fatal(buf: bytes, start: int, stop: int) -> bool:
@@ -1157,6 +1178,7 @@ class Session(asyncio.Protocol):
             end = len(data)
             pos = 0
             watch = _SERVER_WATCH
+            edited: _Edited | None = None  # set once a refusal's error is rewritten
             while end - pos >= 5:
                 kind, n = unpack_head(data, pos)
                 if n < 4 or n > _SERVER_MAX:
@@ -1185,7 +1207,8 @@ class Session(asyncio.Protocol):
                             self._observing -= 1
                             if not self._observing:
                                 # What follows is the reply to the observation query.
-                                self.transport.write(data[:stop])  # type: ignore[union-attr]
+                                self.transport.write(  # type: ignore[union-attr]
+                                    _spliced(edited, data, stop))
                                 self.state = _OBSERVE
                                 if stop < end:
                                     self._server_observe(data[stop:])
@@ -1196,10 +1219,15 @@ class Session(asyncio.Protocol):
                         if name in _TEXT_RULES:
                             reason = encoding.session_refusal(self.server_params)
                             if reason is not None:
-                                self._text_rules_broken(data[:pos], reason)
+                                self._text_rules_broken(_spliced(edited, data, pos), reason)
                                 return
                     else:  # ErrorResponse
                         self._count_error(data, pos, stop)
+                        mine = refusal_error(data, pos, stop)
+                        if mine is not None:
+                            # The error of a substituted refusal: forwarded without
+                            # the context of the proxy's DO block.
+                            edited = _edit(edited, data, pos, stop, mine)
                         if _fatal(data, pos, stop):
                             self.server_fatal = True
                         if self.watch_ready:  # the failed transaction takes its SETs too
@@ -1208,7 +1236,9 @@ class Session(asyncio.Protocol):
             else:
                 if pos < end:
                     framer.hold(data, pos, 5)
-            if pos:
+            if edited is not None:
+                self.transport.write(_spliced(edited, data, pos))  # type: ignore[union-attr]
+            elif pos:
                 self.transport.write(data if pos == end else data[:pos])  # type: ignore[union-attr]
         except Exception:
             # Garbage from the server or a proxy bug: end this session only, visibly.

@@ -15,6 +15,7 @@ The module is pure: messages in, bytes out. The session does the I/O.
 from __future__ import annotations
 
 import re
+import secrets
 import struct
 import time
 from collections import deque
@@ -424,6 +425,15 @@ class RecheckFilter:
 _COLLECT = object()  # data_plan marker: rows belong to an injected query
 
 
+REFUSAL_MARK = secrets.token_hex(16).encode()
+"""Carried in the schema-name (`s`) field of the error a substituted refusal raises, so
+that the relay recognises that error as the proxy's (and takes out the `W` line that
+describes the proxy's DO block, not the client's statement) without a request queue.
+Random per process: a client that learnt it (from pg_prepared_statements, say) could
+only have the context of its own errors dropped."""
+_MARK_FIELD = b"s" + REFUSAL_MARK + b"\0"
+
+
 def refusal_sql(refusal: ClientRefusal) -> bytes:
     """A statement that makes the server raise the refusal itself, so that transaction
     state and reply order are exactly those of a real error of that kind."""
@@ -431,12 +441,25 @@ def refusal_sql(refusal: ClientRefusal) -> bytes:
     hint = f", HINT = '{refusal.hint.replace(chr(39), chr(39) * 2)}'" if refusal.hint else ""
     body = (
         f"BEGIN RAISE EXCEPTION USING ERRCODE = '{refusal.sqlstate}', "
-        f"MESSAGE = '{text}'{hint}; END"
+        f"MESSAGE = '{text}'{hint}, SCHEMA = '{REFUSAL_MARK.decode()}'; END"
     )
     tag = "$strongroom$"
     while tag in body:
         tag = tag[:-1] + "x$"
     return f"DO {tag}{body}{tag}".encode()
+
+
+def refusal_error(data: bytes, start: int = 0, stop: int | None = None) -> bytes | None:
+    """The ErrorResponse at data[start:stop] as the client must see it when a
+    substituted refusal raised it: without its `W` (the PL/pgSQL context of the proxy's
+    DO block: "PL/pgSQL function inline_code_block line 1 at RAISE") and without the
+    mark. None for every other error, which passes byte for byte."""
+    stop = len(data) if stop is None else stop
+    if data.find(_MARK_FIELD, start + 5, stop) < 0:
+        return None
+    kept = [field for field in bytes(data[start + 5 : stop - 1]).split(b"\0")
+            if field and field[:1] != b"W" and field != _MARK_FIELD[:-1]]
+    return m.message(b"E", b"\0".join(kept) + b"\0\0")
 
 
 class Tracker:
@@ -1321,7 +1344,10 @@ class Tracker:
                 out = _error_without_hidden_formats(msg, head.hidden_formats)
             if head.kind not in (QUERY, FUNC):
                 self._discard_to_sync()
-        return out
+        if out is None:
+            return refusal_error(msg)
+        stripped = refusal_error(out)
+        return out if stripped is None else stripped
 
     def _server_copy_response(self, kind: int, head: Entry | None,
                               msg: bytes) -> bytes | None:
@@ -1702,5 +1728,6 @@ __all__ = [
     "StatementPlan",
     "Tracker",
     "ValueError_",
+    "refusal_error",
     "refusal_sql",
 ]

@@ -34,6 +34,7 @@ from tests.conftest import (
     describe_msg,
     execute_msg,
     parse_msg,
+    query_msg,
     startup_packet,
 )
 from tests.integration.encryption_env import both_paths, direct
@@ -54,7 +55,8 @@ GRANT ALL ON public.wf_open, public.wf_closed, public.wf_cards TO PUBLIC;
 """
 POLICY: dict[str, Any] = {
     "roles": {ROLE: {"tables": {"public.wf_open": ["select"],
-                                "public.wf_cards": ["select", "insert"]}}},
+                                "public.wf_cards": ["select", "insert"]},
+                     "allow": ["do"]}},
     "default": "deny",
 }
 PROTECT = {"public.wf_cards.pan": {"type": "text", "search": "blind_index"}}
@@ -180,3 +182,39 @@ def test_startup_packet_then_close_is_a_clean_close(proxy_of: ProxyProcess, pg: 
     assert "protocol violation" not in added and "startup packet" not in added, added
     assert protocol_errors(proxy_of) == before_errors
     assert server_complaints(pg, before_pg) == []
+
+
+USER_DO = ("DO $$BEGIN\n  PERFORM 1;\n  RAISE EXCEPTION USING ERRCODE = '22012', "
+           "MESSAGE = 'user raised', SCHEMA = 'user_schema';\nEND$$")
+
+
+def test_a_denial_carries_no_context_of_the_proxys_do_block(
+        proxy_of: ProxyProcess, pg: Any) -> None:
+    with connect(proxy_of) as conn:
+        for params in (None, (1,)):  # simple Query, and Parse/Bind/Execute
+            with pytest.raises(psycopg.Error) as err:
+                conn.execute("SELECT * FROM wf_closed WHERE id = %s" if params
+                             else "SELECT * FROM wf_closed", params)
+            diag = err.value.diag
+            assert err.value.sqlstate == "42501", diag.message_primary
+            assert diag.context is None, diag.context
+            assert diag.schema_name is None, "the proxy's mark never reaches the client"
+        assert conn.execute("SELECT count(*) FROM wf_open").fetchone() == (10,)
+
+
+def test_a_server_error_keeps_every_field(proxy_of: ProxyProcess, pg: Any) -> None:
+    """A user's own DO block keeps its context line, byte for byte as direct."""
+    with RawPG(pg.port) as raw:
+        raw.login(ROLE, PASSWORD, database="app")
+        raw.send(query_msg(USER_DO))
+        expected = [body for kind, body in raw.read_until(b"Z") if kind == b"E"]
+    assert len(expected) == 1 and b"WPL/pgSQL function inline_code_block line 3" in expected[0]
+    with RawPG(proxy_of.port) as raw:
+        raw.login(ROLE, PASSWORD, database="app")
+        raw.send(query_msg(USER_DO))
+        replies = raw.read_until(b"Z")
+    assert [body for kind, body in replies if kind == b"E"] == expected
+    with connect(proxy_of) as conn, pytest.raises(psycopg.Error) as err:
+        conn.execute(USER_DO)
+    assert err.value.diag.context is not None and "inline_code_block" in err.value.diag.context
+    assert err.value.diag.schema_name == "user_schema"

@@ -4,7 +4,7 @@ never a hidden column."""
 from __future__ import annotations
 
 from proxy.protocol import messages as m
-from proxy.tracking import _error_without_hidden_formats
+from proxy.tracking import REFUSAL_MARK, _error_without_hidden_formats, refusal_error
 
 
 def _error(*fields: bytes) -> bytes:
@@ -32,3 +32,19 @@ def test_other_errors_are_kept() -> None:
                b"statement requires 1", b"Rexec_bind_message"), 1) is None
     assert _error_without_hidden_formats(
         _error(b"SERROR", b"C22023", b"Munsupported format code: 2"), 1) is None
+
+
+def test_a_refusals_error_loses_its_context_and_mark_only() -> None:
+    msg = _error(b"SERROR", b"VERROR", b"C42501", b"Mpermission denied by strongroom",
+                 b"WPL/pgSQL function inline_code_block line 1 at RAISE", b"s" + REFUSAL_MARK,
+                 b"Fpl_exec.c", b"L3891", b"Rexec_stmt_raise")
+    chunk = b"xx" + msg + b"yy"
+    assert refusal_error(chunk, 2, 2 + len(msg)) == _error(
+        b"SERROR", b"VERROR", b"C42501", b"Mpermission denied by strongroom",
+        b"Fpl_exec.c", b"L3891", b"Rexec_stmt_raise")
+
+
+def test_a_users_error_is_not_a_refusal() -> None:
+    msg = _error(b"SERROR", b"C42501", b"Mpermission denied by strongroom",
+                 b"WPL/pgSQL function inline_code_block line 1 at RAISE", b"sother")
+    assert refusal_error(msg) is None
