@@ -1911,6 +1911,23 @@ class _Planner:
             elif isinstance(x, list):
                 stack.extend(x)
 
+    def _explain(self, b: Node, root: _Scope) -> None:
+        """EXPLAIN of a statement the proxy seals values into is refused: the plan text
+        (``Index Cond``, ``Filter``, ``Output``, VERBOSE or not) prints the sealed literal
+        or the searched blind index (``pan_bidx = '\\x...'``), and the blind index links
+        every row holding that value, whatever the role's view of the column. EXPLAIN of
+        a statement with nothing sealed (or only ``*`` written out) is passed on."""
+        splices, derived, params = len(self.splices), len(self.derived), set(self.params)
+        self._statement(b["query"], root)
+        sealed = [s.column for s in self.splices[splices:] if s.action != ACTION_RENAME]
+        sealed += [pc for _, pc, _, _ in self.derived[derived:]]
+        sealed += [self.params[n].column for n in sorted(set(self.params) - params)]
+        if sealed:
+            raise _Refuse(_msg(sealed[0], "EXPLAIN would print the value the proxy sealed "
+                               "for it (its ciphertext or blind index) in the plan",
+                               "EXPLAIN the statement with the value left out, or as an "
+                               "administrator directly against the server"))
+
     def _statement(self, node: Node, root: _Scope, *, top: bool = False) -> _Out | None:
         """Plan one statement; returns its result columns when it returns rows."""
         k, b = _kind(node)
@@ -1924,7 +1941,10 @@ class _Planner:
             return self._delete(b, root)
         if k == "CopyStmt":
             return self._copy(b, root)
-        if k in ("ExplainStmt", "CreateTableAsStmt"):
+        if k == "ExplainStmt":
+            self._explain(b, root)
+            return None
+        if k == "CreateTableAsStmt":
             self._statement(b["query"], root)
             return None
         if k == "ViewStmt":

@@ -41,6 +41,7 @@ POLICY: dict[str, Any] = {
         "app": {"tables": {"public.*": [*GRANTS, "copy_in"]}, "allow": ["ddl"]},
         **{role: {"tables": {"public.sc_cards": GRANTS, "public.sc_accounts": GRANTS,
                              "public.sc_view": ["select"]},
+                  "functions": ["public.sc_setof", "public.sc_tab"],
                   "columns": {"public.sc_cards.pan": view}} for role, view in VIEWS.items()},
     },
     "default": "deny",
@@ -53,9 +54,16 @@ def sproxy(pg: Any) -> Iterator[Any]:
     # A view made by a DBA straight on the server: PostgreSQL expands its `*` to every
     # column, the sibling included.
     setup_sql(pg, "CREATE VIEW sc_view AS SELECT * FROM sc_cards")
+    # Table functions made by a DBA: PostgreSQL expands `*` over them to the row type's
+    # every column (the sibling included), with no table in the RowDescription.
+    setup_sql(pg, "CREATE FUNCTION sc_setof() RETURNS SETOF sc_cards LANGUAGE sql STABLE "
+              "AS 'SELECT * FROM sc_cards'")
+    setup_sql(pg, "CREATE FUNCTION sc_tab() RETURNS TABLE (id int, pan_bidx bytea) "
+              "LANGUAGE sql STABLE AS 'SELECT id, pan_bidx FROM sc_cards'")
     for role in VIEWS:
         pg.psql(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN PASSWORD '{role}-pw'")
     pg.psql("GRANT ALL ON sc_cards, sc_accounts, sc_view TO " + ", ".join(VIEWS), db="app")
+    pg.psql("GRANT EXECUTE ON FUNCTION sc_setof(), sc_tab() TO " + ", ".join(VIEWS), db="app")
     p = start_encrypted(pg, PROTECT, POLICY)
     try:
         with psycopg.connect(p.conninfo(), autocommit=True) as c:
@@ -66,7 +74,8 @@ def sproxy(pg: Any) -> Iterator[Any]:
         yield p
     finally:
         p.stop()
-        setup_sql(pg, "DROP VIEW sc_view; DROP TABLE sc_cards, sc_accounts")
+        setup_sql(pg, "DROP FUNCTION sc_setof(), sc_tab(); DROP VIEW sc_view; "
+                  "DROP TABLE sc_cards, sc_accounts")
         pg.psql("DROP ROLE " + ", ".join(VIEWS))
 
 
@@ -300,3 +309,27 @@ def test_star_after_ddl_in_the_same_pipeline_lists_the_new_columns(sproxy: Any) 
         finally:
             raw.send(query_msg("ALTER TABLE sc_cards DROP COLUMN added"))
             raw.read_until(b"Z")
+
+
+@pytest.mark.parametrize("sql", [
+    f"EXPLAIN SELECT * FROM sc_cards WHERE pan = '{PANS[1]}'",
+    f"EXPLAIN (VERBOSE) SELECT id FROM sc_cards WHERE pan = '{PANS[1]}'",
+    f"EXPLAIN ANALYZE SELECT id FROM sc_cards WHERE pan IN ('{PANS[1]}', '{PANS[2]}')",
+    f"EXPLAIN (VERBOSE) UPDATE sc_cards SET pan = '{PANS[2]}' WHERE id = 99",
+    "EXPLAIN SELECT id FROM sc_cards WHERE pan = %s",
+])
+def test_explain_never_prints_a_sealed_value(sproxy: Any, sql: str) -> None:
+    """The plan of a blind-index lookup prints its condition (`pan_bidx = '\\x...'`):
+    the searched value's blind index, which links every row holding it. EXPLAIN of a
+    statement the proxy seals a value into is refused (nothing sent), whatever the
+    role's view; EXPLAIN of what the proxy does not seal still works."""
+    with _connect(sproxy, "sc_plain") as c:
+        for prepare in (False, True):
+            args = (PANS[1],) if "%s" in sql else None
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+                c.execute(sql, args, prepare=prepare)
+            assert "EXPLAIN" in (info.value.diag.message_primary or "")
+        plan = [r[0] for r in c.execute("EXPLAIN SELECT * FROM sc_cards WHERE id = 1")]
+        assert plan and "pan_bidx" not in " ".join(plan)
+        assert c.execute("EXPLAIN SELECT owner FROM sc_accounts").fetchall()
+
