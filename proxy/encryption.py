@@ -32,7 +32,7 @@ from proxy.settings import ConfigError, join_group_problem
 from proxy.sql.cache import ByteLRU, text_key
 from proxy.sql.encoding import clean_encoding_name
 from proxy.sql.positions import Shift
-from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
+from proxy.sql.protected import FunctionResult, ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
 from proxy.tracking import (
     AS_SENT,
@@ -487,6 +487,32 @@ def analyse_views(base: ProtectedSchema, snap: Snapshot) -> tuple[ProtectedSchem
                 view_storage[key] = storage
             schema = SchemaWithViews(base, view_cols, view_storage)
     return schema, attrs
+
+
+def function_results(schema: ProtectedSchema, snap: Snapshot) -> dict[TableKey, FunctionResult]:
+    """The user functions whose result holds a storage column of the proxy: those
+    returning the row type of a protected table or of a view with one (its columns, the
+    sibling among them), and those with an OUT / TABLE column named like a sibling.
+    All overloads of a name count together, failing closed: their storage columns add
+    up, and the column order is known only when they all agree."""
+    siblings = {pc.bidx_column: pc for cols in schema.values() for pc in cols.values()
+                if pc.blind_index and pc.bidx_column is not None}
+    out: dict[TableKey, FunctionResult] = {}
+    for key, overloads in snap.functions.items():
+        orders: set[tuple[str, ...]] = set()
+        storage: dict[str, ProtectedColumn] = {}
+        for fn in overloads:
+            rel = snap.by_oid.get(fn.rowtype) if fn.rowtype else None
+            if rel is not None:
+                orders.add(rel.columns)
+                storage.update(schema.storage((rel.schema, rel.name)))
+            else:
+                orders.add(fn.outputs)
+                storage.update({n: siblings[n] for n in fn.outputs if n in siblings})
+        if storage:
+            out[key] = FunctionResult(next(iter(orders)) if len(orders) == 1 else None,
+                                      storage)
+    return out
 
 
 # Binary parameters of a declared type other than the column's logical type: the ones
@@ -1192,6 +1218,7 @@ class Encryption:
         if hit is not None and hit[0] is snap:
             return hit[1], hit[2]
         schema, attrs = analyse_views(self.schema, snap) if snap.views() else (self.schema, {})
+        schema = schema.with_functions(function_results(schema, snap))
         self._views[snap.serial] = (snap, schema, attrs)
         while len(self._views) > 16:
             self._views.popitem(last=False)

@@ -19,7 +19,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.integration.encryption_env import direct, setup_sql, start_encrypted
+from tests.integration.encryption_env import direct, setup_sql, start_encrypted, stored_bytes
 
 PROTECT = {
     "public.sc_cards.pan": {"type": "text", "mode": "randomized", "search": "blind_index",
@@ -333,3 +333,56 @@ def test_explain_never_prints_a_sealed_value(sproxy: Any, sql: str) -> None:
         assert plan and "pan_bidx" not in " ".join(plan)
         assert c.execute("EXPLAIN SELECT owner FROM sc_accounts").fetchall()
 
+
+def _never_sibling_bytes(p: Any, c: psycopg.Connection, sql: str) -> None:
+    """``sql`` is refused, or its result has no column holding a blind index."""
+    indexes = set(stored_bytes(p.cluster, "sc_cards", ["pan_bidx"]))
+    assert indexes
+    try:
+        cur = c.execute(sql)
+    except psycopg.Error as exc:
+        assert exc.diag.sqlstate in ("42501", "0A000"), (sql, exc)
+        assert c.execute("SELECT 1").fetchone() == (1,)
+        return
+    assert cur.description is not None
+    assert "pan_bidx" not in [d.name for d in cur.description], sql
+    for row in cur.fetchall():
+        for value in row:
+            assert not (isinstance(value, bytes | memoryview) and bytes(value) in indexes), sql
+            assert not any(i.hex() in str(value) for i in indexes), sql
+
+
+@pytest.mark.parametrize("role", list(VIEWS))
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM sc_setof() ORDER BY id",
+    "SELECT f.* FROM sc_setof() f ORDER BY id",
+    "SELECT * FROM public.sc_setof() WITH ORDINALITY",
+    "SELECT * FROM sc_setof() AS f(a, b, c, d, e, f)",
+    "SELECT * FROM sc_tab()",
+    "SELECT * FROM ROWS FROM (sc_tab(), sc_setof())",
+    "SELECT pan_bidx FROM sc_tab()",
+    "SELECT t.pan_bidx FROM sc_setof() t",
+    "SELECT f FROM sc_setof() f",
+    "SELECT row_to_json(f.*) FROM sc_setof() f",
+    "SELECT sc_setof()",
+    "SELECT (sc_setof()).*",
+    "SELECT (sc_tab()).pan_bidx",
+    "SELECT * FROM sc_cards c, LATERAL sc_tab() t WHERE t.id = c.id",
+])
+def test_table_functions_never_return_the_sibling(sproxy: Any, role: str, sql: str) -> None:
+    with _connect(sproxy, role) as c:
+        _never_sibling_bytes(sproxy, c, sql)
+
+
+def test_star_over_a_row_type_function_is_written_out(sproxy: Any) -> None:
+    """A function returning the protected table's row type has its `*` written out like
+    the table's, so the client gets every other column, decrypted per its view."""
+    with _connect(sproxy, "sc_plain") as c:
+        cur = c.execute("SELECT * FROM sc_setof() ORDER BY id")
+        assert cur.description is not None
+        assert [d.name for d in cur.description] == CARD_COLUMNS
+        assert [r[0] for r in cur.fetchall()] == sorted(PANS)
+        cur = c.execute("SELECT * FROM sc_tab() t(n) ORDER BY 1")
+        assert cur.description is not None
+        assert [d.name for d in cur.description] == ["n"]
+        assert [r[0] for r in cur.fetchall()] == sorted(PANS)
