@@ -782,6 +782,19 @@ class SessionProtector:
                 rc.n_encrypt = rc.n_decrypt = rc.n_bidx = rc.n_failed = 0
         return out
 
+    def storage_named(self, name: bytes) -> StorageCell | None:
+        """Backstop for a bytea result field that comes from no table (a function's
+        output, an expression) and is named like a blind-index sibling: its values are
+        refused. The rewriter already writes ``*`` over the functions it knows out
+        without their storage columns and refuses naming one; this catches one it could
+        not know (made after the catalog snapshot, by another process)."""
+        text = name.decode("utf-8", "replace")
+        for cols in self.enc.schema.values():
+            for pc in cols.values():
+                if pc.blind_index and pc.bidx_column == text:
+                    return StorageCell(pc)
+        return None
+
     def column_at(self, table_oid: int, attnum: int) -> RoleColumn | Untraceable | None:
         snap = self.catalog.snapshot
         if snap is not self._attr_snapshot or self.viewer is not self._attr_viewer:
