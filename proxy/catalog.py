@@ -35,6 +35,19 @@ class TableInfo:
     depends: frozenset[int] = frozenset()  # views: oids of the relations it reads
 
 
+@dataclass(frozen=True, slots=True)
+class FunctionInfo:
+    """A user function whose result may hold a storage column of the proxy: it returns
+    the row type of a protected relation (``rowtype``: that relation's oid) or has
+    OUT / TABLE columns of type bytea (``outputs``: their names in order)."""
+
+    oid: int
+    schema: str
+    name: str
+    rowtype: int  # pg_type.typrelid of the result type; 0 when not a relation's row type
+    outputs: tuple[str, ...] = ()
+
+
 _SERIALS = itertools.count(1)
 
 
@@ -47,6 +60,8 @@ class Snapshot:
     # id(snapshot): a freed snapshot's address is reused by the next one, which would be
     # served the plans made for another catalog (a view it did not know of: unsealed).
     serial: int = field(default_factory=lambda: next(_SERIALS), compare=False)
+    # (schema, name) -> every such function of that name (overloads included)
+    functions: dict[tuple[str, str], tuple[FunctionInfo, ...]] = field(default_factory=dict)
 
     def table(self, schema: str, name: str) -> TableInfo | None:
         return self.tables.get((schema, name))
@@ -99,7 +114,25 @@ def catalog_query(tables: list[tuple[str, str]]) -> str:
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid "
         "AND a.attnum > 0 AND NOT a.attisdropped "
-        "ORDER BY c.oid, a.attnum"
+        # Then user functions whose result may hold a storage column (kind 'F'): those
+        # returning the row type of a relation above, and those with an OUT / TABLE
+        # column of type bytea: a row 0 (the row type's relation oid in column 8), then
+        # one row per output column.
+        "UNION ALL SELECT p.oid, n.nspname, p.proname, 'F', o.i, o.name, "
+        "pg_catalog.format_type(o.t, NULL), t.typrelid::text, NULL "
+        "FROM pg_catalog.pg_proc p "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+        "JOIN pg_catalog.pg_type t ON t.oid = p.prorettype "
+        "CROSS JOIN LATERAL (SELECT 0::bigint, NULL::text, NULL::oid UNION ALL "
+        "SELECT a.i, p.proargnames[a.i], a.t "
+        "FROM pg_catalog.unnest(p.proallargtypes) WITH ORDINALITY a(t, i) "
+        "WHERE p.proargmodes[a.i] IN ('o', 'b', 't')) o(i, name, t) "
+        "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND (t.typrelid IN (SELECT oid FROM rels) OR EXISTS ("
+        "SELECT 1 FROM pg_catalog.unnest(p.proallargtypes) WITH ORDINALITY a(t, i) "
+        "WHERE p.proargmodes[a.i] IN ('o', 'b', 't') "
+        "AND a.t = 'pg_catalog.bytea'::pg_catalog.regtype)) "
+        "ORDER BY 1, 5"
     )
 
 
@@ -111,9 +144,17 @@ def build_snapshot(rows: list[list[bytes | None]],
                    search_path: tuple[str, ...] = ("public",)) -> Snapshot:
     """Turn the catalog query's text rows into a Snapshot."""
     grouped: dict[int, list[list[str | None]]] = {}
+    funcs: dict[int, list[list[str | None]]] = {}
     for row in rows:
         vals = [None if v is None else v.decode() for v in row]
-        grouped.setdefault(int(vals[0] or 0), []).append(vals)
+        into = funcs if len(vals) > 3 and vals[3] == "F" else grouped
+        into.setdefault(int(vals[0] or 0), []).append(vals)
+    functions: dict[tuple[str, str], tuple[FunctionInfo, ...]] = {}
+    for oid, outs in funcs.items():
+        fn = FunctionInfo(oid, str(outs[0][1]), str(outs[0][2]), int(outs[0][7] or 0),
+                          tuple(str(o[5] or "") for o in outs if int(o[4] or 0) > 0))
+        key = (fn.schema, fn.name)
+        functions[key] = (*functions.get(key, ()), fn)
     tables: dict[tuple[str, str], TableInfo] = {}
     by_oid: dict[int, TableInfo] = {}
     for oid, cols in grouped.items():
@@ -134,7 +175,7 @@ def build_snapshot(rows: list[list[bytes | None]],
         )
         tables[(schema, name)] = info
         by_oid[oid] = info
-    return Snapshot(tables, by_oid, search_path)
+    return Snapshot(tables, by_oid, search_path, functions=functions)
 
 
 MAX_AGE = 30.0

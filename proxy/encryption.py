@@ -32,7 +32,7 @@ from proxy.settings import ConfigError, join_group_problem
 from proxy.sql.cache import ByteLRU, text_key
 from proxy.sql.encoding import clean_encoding_name
 from proxy.sql.positions import Shift
-from proxy.sql.protected import ProtectedColumn, ProtectedSchema, TableKey
+from proxy.sql.protected import FunctionResult, ProtectedColumn, ProtectedSchema, TableKey
 from proxy.sql.rewrite import plan_statement
 from proxy.tracking import (
     AS_SENT,
@@ -489,6 +489,32 @@ def analyse_views(base: ProtectedSchema, snap: Snapshot) -> tuple[ProtectedSchem
     return schema, attrs
 
 
+def function_results(schema: ProtectedSchema, snap: Snapshot) -> dict[TableKey, FunctionResult]:
+    """The user functions whose result holds a storage column of the proxy: those
+    returning the row type of a protected table or of a view with one (its columns, the
+    sibling among them), and those with an OUT / TABLE column named like a sibling.
+    All overloads of a name count together, failing closed: their storage columns add
+    up, and the column order is known only when they all agree."""
+    siblings = {pc.bidx_column: pc for cols in schema.values() for pc in cols.values()
+                if pc.blind_index and pc.bidx_column is not None}
+    out: dict[TableKey, FunctionResult] = {}
+    for key, overloads in snap.functions.items():
+        orders: set[tuple[str, ...]] = set()
+        storage: dict[str, ProtectedColumn] = {}
+        for fn in overloads:
+            rel = snap.by_oid.get(fn.rowtype) if fn.rowtype else None
+            if rel is not None:
+                orders.add(rel.columns)
+                storage.update(schema.storage((rel.schema, rel.name)))
+            else:
+                orders.add(fn.outputs)
+                storage.update({n: siblings[n] for n in fn.outputs if n in siblings})
+        if storage:
+            out[key] = FunctionResult(next(iter(orders)) if len(orders) == 1 else None,
+                                      storage)
+    return out
+
+
 # Binary parameters of a declared type other than the column's logical type: the ones
 # PostgreSQL itself would accept for the column (implicit or assignment casts), plus
 # text-like types, which are read with the column type's input function.
@@ -755,6 +781,19 @@ class SessionProtector:
                     out.append((col, "blind_index", rc.n_bidx, 0))
                 rc.n_encrypt = rc.n_decrypt = rc.n_bidx = rc.n_failed = 0
         return out
+
+    def storage_named(self, name: bytes) -> StorageCell | None:
+        """Backstop for a bytea result field that comes from no table (a function's
+        output, an expression) and is named like a blind-index sibling: its values are
+        refused. The rewriter already writes ``*`` over the functions it knows out
+        without their storage columns and refuses naming one; this catches one it could
+        not know (made after the catalog snapshot, by another process)."""
+        text = name.decode("utf-8", "replace")
+        for cols in self.enc.schema.values():
+            for pc in cols.values():
+                if pc.blind_index and pc.bidx_column == text:
+                    return StorageCell(pc)
+        return None
 
     def column_at(self, table_oid: int, attnum: int) -> RoleColumn | Untraceable | None:
         snap = self.catalog.snapshot
@@ -1192,6 +1231,7 @@ class Encryption:
         if hit is not None and hit[0] is snap:
             return hit[1], hit[2]
         schema, attrs = analyse_views(self.schema, snap) if snap.views() else (self.schema, {})
+        schema = schema.with_functions(function_results(schema, snap))
         self._views[snap.serial] = (snap, schema, attrs)
         while len(self._views) > 16:
             self._views.popitem(last=False)

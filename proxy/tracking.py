@@ -1504,6 +1504,11 @@ class Tracker:
             crypto = self.protector.column_at(f.table_oid, f.attnum)
             if crypto is not None:
                 return crypto
+        elif f.type_oid == BYTEA_OID:  # from no table: a storage column by its name?
+            storage_named = getattr(self.protector, "storage_named", None)
+            cell = storage_named(f.name) if storage_named is not None else None
+            if cell is not None:
+                return cell
         if outputs is not None and len(outputs) == nfields:
             crypto = outputs[i]
             viewed = getattr(self.protector, "viewed", None)

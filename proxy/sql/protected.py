@@ -8,6 +8,7 @@ I/O, so it can be built once per settings reload and shared by every session.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -91,6 +92,18 @@ class ProtectedColumn:
         return (self.schema, self.table)
 
 
+@dataclass(frozen=True, slots=True)
+class FunctionResult:
+    """The result columns of a user function (all overloads of one schema-qualified
+    name) as far as the proxy's storage columns go: ``columns`` in order (None when the
+    overloads disagree), ``storage`` the ones that are storage columns (a blind-index
+    sibling in the protected row type it returns, or an OUT / TABLE column named like
+    one), each with the protected column it serves."""
+
+    columns: tuple[str, ...] | None
+    storage: Mapping[str, ProtectedColumn]
+
+
 class ProtectedSchema(Mapping[TableKey, Mapping[str, ProtectedColumn]]):
     """All protected columns, by (schema, table) then column name; immutable.
 
@@ -98,7 +111,7 @@ class ProtectedSchema(Mapping[TableKey, Mapping[str, ProtectedColumn]]):
     substring checks that a statement cannot touch any protected table.
     """
 
-    __slots__ = ("_lower_names", "_names", "_needles", "_tables")
+    __slots__ = ("_functions", "_lower_names", "_names", "_needles", "_tables")
 
     def __init__(self, columns: Iterable[ProtectedColumn] = ()) -> None:
         tables: dict[TableKey, dict[str, ProtectedColumn]] = {}
@@ -110,6 +123,7 @@ class ProtectedSchema(Mapping[TableKey, Mapping[str, ProtectedColumn]]):
         self._tables: dict[TableKey, Mapping[str, ProtectedColumn]] = {
             k: dict(v) for k, v in tables.items()
         }
+        self._functions: dict[TableKey, FunctionResult] = {}
         self._names: frozenset[str] = frozenset(t for _, t in tables)
         self._lower_names: tuple[str, ...] = tuple(sorted({n.lower() for n in self._names}))
         self._needles: tuple[str, ...] = tuple(
@@ -157,6 +171,44 @@ class ProtectedSchema(Mapping[TableKey, Mapping[str, ProtectedColumn]]):
         (and tables) with the same value whatever the role's view of the column."""
         return {pc.bidx_column: pc for pc in self._tables.get(key, {}).values()
                 if pc.blind_index and pc.bidx_column is not None and pc.table_key == key}
+
+    def function(self, key: TableKey) -> FunctionResult | None:
+        """What the user function(s) ``key`` return, when that may hold a storage column
+        (see :class:`FunctionResult`); None for any other function."""
+        return self._functions.get(key)
+
+    def function_lookup(self, name: list[str], search_path: tuple[str, ...]
+                        ) -> tuple[TableKey, FunctionResult] | None:
+        """Resolve a function name as written (``[schema,] name``) to one whose result
+        may hold a storage column. Unqualified: the first schema of the path that has
+        one of that name (``pg_catalog`` holds none); an earlier schema's function of
+        the same name that returns no storage is not known here, so this may answer
+        for a name PostgreSQL resolves elsewhere: the caller only refuses or hides
+        more, never less."""
+        if len(name) >= 2:
+            key = (name[-2], name[-1])
+            hit = self._functions.get(key)
+            return (key, hit) if hit is not None else None
+        for sch in search_path:
+            hit = self._functions.get((sch, name[-1]))
+            if hit is not None:
+                return (sch, name[-1]), hit
+        return None
+
+    def with_functions(self, functions: Mapping[TableKey, FunctionResult]) -> ProtectedSchema:
+        """A copy that also knows ``functions``; their names join the prefilter, so a
+        statement calling one is planned even when it names no protected table."""
+        if not functions:
+            return self
+        out = copy.copy(self)
+        out._functions = {**self._functions, **functions}
+        names = set(self._names) | {n for _, n in functions}
+        out._names = frozenset(names)
+        out._lower_names = tuple(sorted({n.lower() for n in names}))
+        out._needles = tuple(sorted(set(self._needles) | {
+            f'"sval":{json.dumps(n, ensure_ascii=a)}' for _, n in functions
+            for a in (True, False)}))
+        return out
 
     def lookup(
         self,

@@ -41,6 +41,7 @@ from pglast.parser import ParseError, parse_sql_json, scan
 from proxy.policy.pg_builtins import PG_CATALOG_FUNCTIONS
 from proxy.sql.names import quote_ident
 from proxy.sql.protected import (
+    FunctionResult,
     ProtectedColumn,
     ProtectedSchema,
     TableExists,
@@ -576,6 +577,46 @@ class _Planner:
                    dict(self.schema.storage(key)))
         return self._apply_alias_cols(rel, colnames)
 
+    def _storage_function(self, call: Node) -> tuple[TableKey, FunctionResult] | None:
+        """The function a FuncCall names, when its result holds a storage column."""
+        return self.schema.function_lookup(_names(call.get("funcname")), self.search_path)
+
+    def _range_function(self, b: Node, scope: _Scope) -> _Rel:
+        """A function in FROM. One whose result holds a storage column of the proxy (it
+        returns a protected table's row type, or has an OUT / TABLE column named like a
+        sibling) is a relation with those storage columns: ``*`` over it is written out
+        without them, naming one is refused, as for the table. ``ROWS FROM`` and
+        ``WITH ORDINALITY`` add their columns; an unknown order refuses ``*``."""
+        alias = b.get("alias") or {}
+        ordered: list[tuple[str, ProtectedColumn | None]] | None = []
+        storage: dict[str, ProtectedColumn] = {}
+        name: str | None = alias.get("aliasname")
+        items = b.get("functions") or []
+        for item in items:
+            call, *rest = (item or {}).get("List", {}).get("items", [{}])
+            fc = call.get("FuncCall") if isinstance(call, dict) else None
+            hit = self._storage_function(fc) if fc is not None else None
+            if fc is None or hit is None:
+                self._free(item, scope, "a function in FROM")
+                ordered = None
+                continue
+            self._free([fc.get("args"), fc.get("agg_filter"), fc.get("over"), rest], scope,
+                       f"a call of {hit[0][1]}()")
+            if name is None and len(items) == 1:
+                name = hit[0][1]
+            storage.update(hit[1].storage)
+            cols = hit[1].columns
+            if ordered is not None and cols is not None:
+                ordered.extend((c, None) for c in cols)
+            else:
+                ordered = None
+        if not storage:
+            return _Rel(alias.get("aliasname"), None, {}, None, None)
+        if ordered is not None and b.get("ordinality"):
+            ordered.append(("ordinality", None))
+        rel = _Rel(name, None, {}, ordered, None, storage)
+        return self._apply_alias_cols(rel, _names(alias.get("colnames")))
+
     def _rel_from_out(self, out: _Out, alias: Node | None) -> _Rel:
         alias = alias or {}
         rel = _Rel(
@@ -635,7 +676,7 @@ class _Planner:
                 if known_plain:
                     return None, None
                 for rel in s.rels:
-                    if rel.name == col and rel.cols:
+                    if rel.name == col and (rel.cols or rel.storage):
                         return _WholeRow(rel), rel
                 s = s.parent
             return None, None
@@ -657,6 +698,11 @@ class _Planner:
 
     @staticmethod
     def _whole_row_msg(rel: _Rel) -> str:
+        if not rel.cols:  # a function's result holding a storage column (and no other)
+            name, owner = next(iter(rel.storage.items()))
+            return _msg(owner, f"a whole-row reference to {rel.name} contains its blind "
+                        f"index {name}, a storage column of the proxy",
+                        "name the columns instead")
         pc = next(iter(rel.cols.values()))
         return _msg(
             pc,
@@ -989,7 +1035,7 @@ class _Planner:
                 raise _Refuse(self._whole_row_msg(r.rel))
             if isinstance(r, _Star):
                 for rel in r.rels:
-                    if rel.cols:
+                    if rel.cols or rel.storage:
                         raise _Refuse(self._whole_row_msg(rel))
         elif k == "A_Expr":
             self._aexpr(b, scope, what)
@@ -1077,6 +1123,12 @@ class _Planner:
 
     def _func(self, b: Node, scope: _Scope) -> None:
         fname = (_names(b.get("funcname")) or ["?"])[-1]
+        hit = self._storage_function(b)
+        if hit is not None:  # its value (a row, a record) would carry the blind index
+            col, owner = next(iter(hit[1].storage.items()))
+            raise _Refuse(_msg(owner, f"the result of {hit[0][0]}.{hit[0][1]}() holds "
+                               f"{col}, a storage column of the proxy (its blind index)",
+                               f"select the columns from {hit[0][1]}() in FROM"))
         args = b.get("args") or []
         if fname == "count" and len(args) == 1 and not b.get("agg_order"):
             pc = self._pref(args[0], scope)
@@ -1501,9 +1553,7 @@ class _Planner:
                 del scope.rels[before:]
                 scope.rels.append(self._apply_alias_cols(merged, _names(alias.get("colnames"))))
         elif k == "RangeFunction":
-            self._free(b.get("functions"), scope, "a function in FROM")
-            alias = b.get("alias") or {}
-            scope.rels.append(_Rel(alias.get("aliasname"), None, {}, None, None))
+            scope.rels.append(self._range_function(b, scope))
         elif k == "RangeTableSample":
             self._from_item(b["relation"], scope)
             self._free([b.get("args"), b.get("repeatable")], scope, "TABLESAMPLE")
@@ -1911,6 +1961,23 @@ class _Planner:
             elif isinstance(x, list):
                 stack.extend(x)
 
+    def _explain(self, b: Node, root: _Scope) -> None:
+        """EXPLAIN of a statement the proxy seals values into is refused: the plan text
+        (``Index Cond``, ``Filter``, ``Output``, VERBOSE or not) prints the sealed literal
+        or the searched blind index (``pan_bidx = '\\x...'``), and the blind index links
+        every row holding that value, whatever the role's view of the column. EXPLAIN of
+        a statement with nothing sealed (or only ``*`` written out) is passed on."""
+        splices, derived, params = len(self.splices), len(self.derived), set(self.params)
+        self._statement(b["query"], root)
+        sealed = [s.column for s in self.splices[splices:] if s.action != ACTION_RENAME]
+        sealed += [pc for _, pc, _, _ in self.derived[derived:]]
+        sealed += [self.params[n].column for n in sorted(set(self.params) - params)]
+        if sealed:
+            raise _Refuse(_msg(sealed[0], "EXPLAIN would print the value the proxy sealed "
+                               "for it (its ciphertext or blind index) in the plan",
+                               "EXPLAIN the statement with the value left out, or as an "
+                               "administrator directly against the server"))
+
     def _statement(self, node: Node, root: _Scope, *, top: bool = False) -> _Out | None:
         """Plan one statement; returns its result columns when it returns rows."""
         k, b = _kind(node)
@@ -1924,7 +1991,10 @@ class _Planner:
             return self._delete(b, root)
         if k == "CopyStmt":
             return self._copy(b, root)
-        if k in ("ExplainStmt", "CreateTableAsStmt"):
+        if k == "ExplainStmt":
+            self._explain(b, root)
+            return None
+        if k == "CreateTableAsStmt":
             self._statement(b["query"], root)
             return None
         if k == "ViewStmt":

@@ -19,7 +19,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.integration.encryption_env import direct, setup_sql, start_encrypted
+from tests.integration.encryption_env import direct, setup_sql, start_encrypted, stored_bytes
 
 PROTECT = {
     "public.sc_cards.pan": {"type": "text", "mode": "randomized", "search": "blind_index",
@@ -41,6 +41,7 @@ POLICY: dict[str, Any] = {
         "app": {"tables": {"public.*": [*GRANTS, "copy_in"]}, "allow": ["ddl"]},
         **{role: {"tables": {"public.sc_cards": GRANTS, "public.sc_accounts": GRANTS,
                              "public.sc_view": ["select"]},
+                  "functions": ["public.sc_setof", "public.sc_tab", "public.sc_late"],
                   "columns": {"public.sc_cards.pan": view}} for role, view in VIEWS.items()},
     },
     "default": "deny",
@@ -53,9 +54,16 @@ def sproxy(pg: Any) -> Iterator[Any]:
     # A view made by a DBA straight on the server: PostgreSQL expands its `*` to every
     # column, the sibling included.
     setup_sql(pg, "CREATE VIEW sc_view AS SELECT * FROM sc_cards")
+    # Table functions made by a DBA: PostgreSQL expands `*` over them to the row type's
+    # every column (the sibling included), with no table in the RowDescription.
+    setup_sql(pg, "CREATE FUNCTION sc_setof() RETURNS SETOF sc_cards LANGUAGE sql STABLE "
+              "AS 'SELECT * FROM sc_cards'")
+    setup_sql(pg, "CREATE FUNCTION sc_tab() RETURNS TABLE (id int, pan_bidx bytea) "
+              "LANGUAGE sql STABLE AS 'SELECT id, pan_bidx FROM sc_cards'")
     for role in VIEWS:
         pg.psql(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN PASSWORD '{role}-pw'")
     pg.psql("GRANT ALL ON sc_cards, sc_accounts, sc_view TO " + ", ".join(VIEWS), db="app")
+    pg.psql("GRANT EXECUTE ON FUNCTION sc_setof(), sc_tab() TO " + ", ".join(VIEWS), db="app")
     p = start_encrypted(pg, PROTECT, POLICY)
     try:
         with psycopg.connect(p.conninfo(), autocommit=True) as c:
@@ -66,7 +74,8 @@ def sproxy(pg: Any) -> Iterator[Any]:
         yield p
     finally:
         p.stop()
-        setup_sql(pg, "DROP VIEW sc_view; DROP TABLE sc_cards, sc_accounts")
+        setup_sql(pg, "DROP FUNCTION sc_setof(), sc_tab(); DROP VIEW sc_view; "
+                  "DROP TABLE sc_cards, sc_accounts")
         pg.psql("DROP ROLE " + ", ".join(VIEWS))
 
 
@@ -300,3 +309,99 @@ def test_star_after_ddl_in_the_same_pipeline_lists_the_new_columns(sproxy: Any) 
         finally:
             raw.send(query_msg("ALTER TABLE sc_cards DROP COLUMN added"))
             raw.read_until(b"Z")
+
+
+@pytest.mark.parametrize("sql", [
+    f"EXPLAIN SELECT * FROM sc_cards WHERE pan = '{PANS[1]}'",
+    f"EXPLAIN (VERBOSE) SELECT id FROM sc_cards WHERE pan = '{PANS[1]}'",
+    f"EXPLAIN ANALYZE SELECT id FROM sc_cards WHERE pan IN ('{PANS[1]}', '{PANS[2]}')",
+    f"EXPLAIN (VERBOSE) UPDATE sc_cards SET pan = '{PANS[2]}' WHERE id = 99",
+    "EXPLAIN SELECT id FROM sc_cards WHERE pan = %s",
+])
+def test_explain_never_prints_a_sealed_value(sproxy: Any, sql: str) -> None:
+    """The plan of a blind-index lookup prints its condition (`pan_bidx = '\\x...'`):
+    the searched value's blind index, which links every row holding it. EXPLAIN of a
+    statement the proxy seals a value into is refused (nothing sent), whatever the
+    role's view; EXPLAIN of what the proxy does not seal still works."""
+    with _connect(sproxy, "sc_plain") as c:
+        for prepare in (False, True):
+            args = (PANS[1],) if "%s" in sql else None
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+                c.execute(sql, args, prepare=prepare)
+            assert "EXPLAIN" in (info.value.diag.message_primary or "")
+        plan = [r[0] for r in c.execute("EXPLAIN SELECT * FROM sc_cards WHERE id = 1")]
+        assert plan and "pan_bidx" not in " ".join(plan)
+        assert c.execute("EXPLAIN SELECT owner FROM sc_accounts").fetchall()
+
+
+def _never_sibling_bytes(p: Any, c: psycopg.Connection, sql: str) -> None:
+    """``sql`` is refused, or its result has no column holding a blind index."""
+    indexes = set(stored_bytes(p.cluster, "sc_cards", ["pan_bidx"]))
+    assert indexes
+    try:
+        cur = c.execute(sql)
+    except psycopg.Error as exc:
+        assert exc.diag.sqlstate in ("42501", "0A000"), (sql, exc)
+        assert c.execute("SELECT 1").fetchone() == (1,)
+        return
+    assert cur.description is not None
+    assert "pan_bidx" not in [d.name for d in cur.description], sql
+    for row in cur.fetchall():
+        for value in row:
+            assert not (isinstance(value, bytes | memoryview) and bytes(value) in indexes), sql
+            assert not any(i.hex() in str(value) for i in indexes), sql
+
+
+@pytest.mark.parametrize("role", list(VIEWS))
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM sc_setof() ORDER BY id",
+    "SELECT f.* FROM sc_setof() f ORDER BY id",
+    "SELECT * FROM public.sc_setof() WITH ORDINALITY",
+    "SELECT * FROM sc_setof() AS f(a, b, c, d, e, f)",
+    "SELECT * FROM sc_tab()",
+    "SELECT * FROM ROWS FROM (sc_tab(), sc_setof())",
+    "SELECT pan_bidx FROM sc_tab()",
+    "SELECT t.pan_bidx FROM sc_setof() t",
+    "SELECT f FROM sc_setof() f",
+    "SELECT row_to_json(f.*) FROM sc_setof() f",
+    "SELECT sc_setof()",
+    "SELECT (sc_setof()).*",
+    "SELECT (sc_tab()).pan_bidx",
+    "SELECT * FROM sc_cards c, LATERAL sc_tab() t WHERE t.id = c.id",
+])
+def test_table_functions_never_return_the_sibling(sproxy: Any, role: str, sql: str) -> None:
+    with _connect(sproxy, role) as c:
+        _never_sibling_bytes(sproxy, c, sql)
+
+
+def test_star_over_a_row_type_function_is_written_out(sproxy: Any) -> None:
+    """A function returning the protected table's row type has its `*` written out like
+    the table's, so the client gets every other column, decrypted per its view."""
+    with _connect(sproxy, "sc_plain") as c:
+        cur = c.execute("SELECT * FROM sc_setof() ORDER BY id")
+        assert cur.description is not None
+        assert [d.name for d in cur.description] == CARD_COLUMNS
+        assert [r[0] for r in cur.fetchall()] == sorted(PANS)
+        cur = c.execute("SELECT * FROM sc_tab() t(n) ORDER BY 1")
+        assert cur.description is not None
+        assert [d.name for d in cur.description] == ["n"]
+        assert [r[0] for r in cur.fetchall()] == sorted(PANS)
+
+
+def test_a_function_the_snapshot_does_not_know_yet_is_refused_per_value(sproxy: Any) -> None:
+    """A table function made by another process after the catalog snapshot is unknown
+    to the rewriter until the next reload; a bytea result column of it named like a
+    sibling (no table in its RowDescription) has its values refused, never passed on."""
+    with _connect(sproxy, "sc_plain") as c:
+        assert c.execute("SELECT count(*) FROM sc_cards").fetchone() == (len(PANS),)
+        setup_sql(sproxy.cluster, "CREATE FUNCTION sc_late() RETURNS TABLE "
+                  "(id int, pan_bidx bytea) LANGUAGE sql STABLE "
+                  "AS 'SELECT id, pan_bidx FROM sc_cards'; "
+                  "GRANT EXECUTE ON FUNCTION sc_late() TO sc_plain")
+        try:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                c.execute("SELECT * FROM public.sc_late()").fetchall()
+            assert "storage column" in (info.value.diag.message_primary or "")
+            assert c.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            setup_sql(sproxy.cluster, "DROP FUNCTION sc_late()")

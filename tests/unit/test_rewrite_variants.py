@@ -67,7 +67,9 @@ FORMS: list[str] = [
     "DELETE FROM @cards WHERE pan IN («{v}», «{w}»)",
     "SELECT id FROM @accounts WHERE iban = «{v}» OR iban = «{w}»",
 ]
-MUST_REFUSE = ("MERGE",)  # a form the proxy cannot rewrite: refused, whatever the value
+# Forms refused whatever the value: MERGE (not rewritten); EXPLAIN of a sealed value
+# (the plan text would print its ciphertext / blind index).
+MUST_REFUSE = ("MERGE", "EXPLAIN")
 
 # Spellings of a value: (template, is a parameter); {m} is the marker, {n} its number.
 # (Parentheses *around* the value come from the depth parameter below.)
