@@ -427,7 +427,7 @@ class Session(asyncio.Protocol):
         metrics = getattr(self.server, "metrics", None)
         if metrics is not None:
             metrics.statement_offloaded()
-        self.transport.pause_reading()  # type: ignore[union-attr]
+        self.pause_client_reading("held")
         loop = asyncio.get_running_loop()
         waiting = [asyncio.wrap_future(future, loop=loop) for future, _ in jobs]
         done = loop.create_task(_bounded(waiting))
@@ -509,7 +509,7 @@ class Session(asyncio.Protocol):
         from proxy.gate import OBSERVE_SQL
 
         self._held = bytearray()
-        self.transport.pause_reading()  # type: ignore[union-attr]
+        self.pause_client_reading("held")
         if self.tracker is not None:
             return self.tracker.inject_query(OBSERVE_SQL, self._observed_rows)
         self._observing = self.outstanding  # the ReadyForQuery messages before its reply
@@ -533,13 +533,19 @@ class Session(asyncio.Protocol):
         asyncio.get_running_loop().call_soon(self._release_held)
 
     def _release_held(self) -> None:
+        """The held bytes are handled, then the client is read again, unless something
+        else still holds it: the server not reading ("upstream", whose high-water mark
+        was crossed meanwhile, maybe by these very bytes) or a new barrier among them.
+        (Resuming here unconditionally let a client push its whole batch into the
+        server leg's write buffer while the server read nothing.)"""
         held, self._held = self._held, None
         if self.state is _CLOSED or held is None:
             return
-        self.transport.resume_reading()  # type: ignore[union-attr]
         if held:
             self._m_in[0] -= len(held)
             self.data_received(bytes(held))
+        if self._held is None:
+            self.resume_client_reading("held")
 
     def _server_observe(self, data: bytes) -> None:
         """Relay: the reply to the observation query. Its row is kept, the rest of it
@@ -619,6 +625,9 @@ class Session(asyncio.Protocol):
             up.transport.resume_reading()
 
     def pause_client_reading(self, reason: str) -> None:
+        """Stop reading the client for `reason`; it is read again once every reason is
+        gone. Every pause of the client goes through here: a direct
+        `transport.resume_reading()` would undo the others (backpressure included)."""
         if not self._paused and self.transport is not None:
             self.transport.pause_reading()
         self._paused.add(reason)
