@@ -56,6 +56,9 @@ OFFLOAD_TIMEOUT = 30.0  # then the session ends with 53400: never analysed on th
 # Big statements being analysed at once, in this process: beyond it a new one ends its
 # session with 53400 rather than queue (one worker; a queue would only grow).
 MAX_OFFLOAD_INFLIGHT = 4
+# Seconds a request may still run after its client vanished before it is cancelled
+# (`Session._orphaned`): short requests end as they would direct.
+ORPHAN_GRACE = 0.5
 _offload_inflight = 0
 
 
@@ -604,15 +607,34 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
         up = self.upstream
         if up is not None and not up.closed and up.transport is not None:
-            if self.outstanding > 0 and self.backend_key is not None:
-                # A statement is running: cancel it, or the backend would live on
-                # until it finishes.
-                self.server.send_cancel(*self.backend_key)
             try:
                 up.transport.write(m.message(b"X"))
             finally:
-                up.transport.close()
+                if self.outstanding > 0 and self.backend_key is not None:
+                    self._orphaned(up)
+                else:
+                    up.transport.close()
         self.server.release(self, was)
+
+    def _orphaned(self, up: Upstream) -> None:
+        """The client vanished with a request running. Direct, PostgreSQL finishes that
+        request (a NOTIFY in it is delivered, a COMMIT commits) and ends the session at
+        the Terminate the proxy queued behind it; so does the proxy: the upstream stays
+        open, its replies read and dropped (State.CLOSED), until the server hangs up.
+        Cancelling at once (as before) aborted such a request. A request still running
+        after ORPHAN_GRACE seconds is cancelled and the upstream closed, so a killed
+        client's long query does not hold a backend."""
+        assert up.transport is not None
+        up.transport.resume_reading()  # the replies must drain, or the server blocks
+        key = self.backend_key
+        assert key is not None
+
+        def expired() -> None:
+            if not up.closed and up.transport is not None:
+                self.server.send_cancel(*key)
+                up.transport.close()
+
+        asyncio.get_running_loop().call_later(ORPHAN_GRACE, expired)
 
     def pause_writing(self) -> None:
         up = self.upstream
