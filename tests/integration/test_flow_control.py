@@ -70,11 +70,12 @@ def proxy_of(request: pytest.FixtureRequest, proxies: dict[str, ProxyProcess]) -
     return proxies[request.param]
 
 
-def _row(i: int) -> str:
+def _row(i: int, tag: str) -> str:
     """An INSERT over the proxy's offload size (analysed in its worker process while the
     client's later bytes wait: a pause and a resume of its reads), distinct so that no
-    cache has it; the first one fails the table's CHECK constraint."""
-    value = ("bad" if i == 0 else "ok-") + f"{i:08d}" + "x" * ROW_BYTES
+    cache has it (`tag`: nor from the other variant's run); the first one fails the
+    table's CHECK constraint."""
+    value = ("bad" if i == 0 else "ok-") + f"{i:08d}{tag}" + "x" * ROW_BYTES
     return f"INSERT INTO public.flow_rows VALUES ('{value}')"
 
 
@@ -82,9 +83,9 @@ def _batch(extended: bool) -> bytes:
     """Extended: an executemany of literal statements in bytes (a Parse, Bind and Execute
     per row, one Sync); simple: a Query per row."""
     if extended:
-        return b"".join(parse_msg(_row(i)) + bind_msg() + execute_msg()
+        return b"".join(parse_msg(_row(i, "e")) + bind_msg() + execute_msg()
                         for i in range(ROWS)) + SYNC
-    return b"".join(query_msg(_row(i)) for i in range(ROWS))
+    return b"".join(query_msg(_row(i, "s")) for i in range(ROWS))
 
 
 def _push(port: int, batch: bytes, stalled: Any, readies: int,
