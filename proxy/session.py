@@ -56,6 +56,9 @@ OFFLOAD_TIMEOUT = 30.0  # then the session ends with 53400: never analysed on th
 # Big statements being analysed at once, in this process: beyond it a new one ends its
 # session with 53400 rather than queue (one worker; a queue would only grow).
 MAX_OFFLOAD_INFLIGHT = 4
+# Seconds a request may still run after its client vanished before it is cancelled
+# (`Session._orphaned`): short requests end as they would direct.
+ORPHAN_GRACE = 0.5
 _offload_inflight = 0
 
 
@@ -448,7 +451,7 @@ class Session(asyncio.Protocol):
         metrics = getattr(self.server, "metrics", None)
         if metrics is not None:
             metrics.statement_offloaded()
-        self.transport.pause_reading()  # type: ignore[union-attr]
+        self.pause_client_reading("held")
         loop = asyncio.get_running_loop()
         waiting = [asyncio.wrap_future(future, loop=loop) for future, _ in jobs]
         done = loop.create_task(_bounded(waiting))
@@ -530,7 +533,7 @@ class Session(asyncio.Protocol):
         from proxy.gate import OBSERVE_SQL
 
         self._held = bytearray()
-        self.transport.pause_reading()  # type: ignore[union-attr]
+        self.pause_client_reading("held")
         if self.tracker is not None:
             return self.tracker.inject_query(OBSERVE_SQL, self._observed_rows)
         self._observing = self.outstanding  # the ReadyForQuery messages before its reply
@@ -554,13 +557,19 @@ class Session(asyncio.Protocol):
         asyncio.get_running_loop().call_soon(self._release_held)
 
     def _release_held(self) -> None:
+        """The held bytes are handled, then the client is read again, unless something
+        else still holds it: the server not reading ("upstream", whose high-water mark
+        was crossed meanwhile, maybe by these very bytes) or a new barrier among them.
+        (Resuming here unconditionally let a client push its whole batch into the
+        server leg's write buffer while the server read nothing.)"""
         held, self._held = self._held, None
         if self.state is _CLOSED or held is None:
             return
-        self.transport.resume_reading()  # type: ignore[union-attr]
         if held:
             self._m_in[0] -= len(held)
             self.data_received(bytes(held))
+        if self._held is None:
+            self.resume_client_reading("held")
 
     def _server_observe(self, data: bytes) -> None:
         """Relay: the reply to the observation query. Its row is kept, the rest of it
@@ -619,10 +628,6 @@ class Session(asyncio.Protocol):
             self._timer.cancel()
         up = self.upstream
         if up is not None and not up.closed and up.transport is not None:
-            if self.outstanding > 0 and self.backend_key is not None:
-                # A statement is running: cancel it, or the backend would live on
-                # until it finishes.
-                self.server.send_cancel(*self.backend_key)
             try:
                 if was is not _AUTH:
                     # During authentication the server reads a password or SASL
@@ -630,8 +635,31 @@ class Session(asyncio.Protocol):
                     # its log); a client that leaves there is an EOF to it, as direct.
                     up.transport.write(m.message(b"X"))
             finally:
-                up.transport.close()
+                if self.outstanding > 0 and self.backend_key is not None:
+                    self._orphaned(up)
+                else:
+                    up.transport.close()
         self.server.release(self, was)
+
+    def _orphaned(self, up: Upstream) -> None:
+        """The client vanished with a request running. Direct, PostgreSQL finishes that
+        request (a NOTIFY in it is delivered, a COMMIT commits) and ends the session at
+        the Terminate the proxy queued behind it; so does the proxy: the upstream stays
+        open, its replies read and dropped (State.CLOSED), until the server hangs up.
+        Cancelling at once (as before) aborted such a request. A request still running
+        after ORPHAN_GRACE seconds is cancelled and the upstream closed, so a killed
+        client's long query does not hold a backend."""
+        assert up.transport is not None
+        up.transport.resume_reading()  # the replies must drain, or the server blocks
+        key = self.backend_key
+        assert key is not None
+
+        def expired() -> None:
+            if not up.closed and up.transport is not None:
+                self.server.send_cancel(*key)
+                up.transport.close()
+
+        asyncio.get_running_loop().call_later(ORPHAN_GRACE, expired)
 
     def pause_writing(self) -> None:
         up = self.upstream
@@ -644,6 +672,9 @@ class Session(asyncio.Protocol):
             up.transport.resume_reading()
 
     def pause_client_reading(self, reason: str) -> None:
+        """Stop reading the client for `reason`; it is read again once every reason is
+        gone. Every pause of the client goes through here: a direct
+        `transport.resume_reading()` would undo the others (backpressure included)."""
         if not self._paused and self.transport is not None:
             self.transport.pause_reading()
         self._paused.add(reason)
