@@ -1447,6 +1447,15 @@ class Tracker:
     def _server_other(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
         return None
 
+    def _server_copy_both(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
+        """CopyBothResponse (START_REPLICATION): the stream that follows is WAL or
+        logical changes the tracker has no plan for, and the client's side of it would
+        pass unexamined. Tracking mode never relays one (even with allow_replication,
+        which only the plain relay honours): the session ends."""
+        raise ProtocolViolation("the server started a replication stream "
+                                "(CopyBothResponse), which is not relayed when "
+                                "protected columns are configured")
+
     def _completed(self, head: Entry, msg: bytes) -> None:
         """A statement finished: hand a protected one to the audit hook."""
         plan: StatementPlan | None = None
@@ -1657,6 +1666,7 @@ def _server_handlers() -> tuple[Callable[[Tracker, int, Entry | None, bytes], by
     table[0x48] = table[0x47] = Tracker._server_copy_response  # H, G
     table[0x64] = Tracker._server_copy_data  # d
     table[0x63] = Tracker._server_copy_done  # c
+    table[0x57] = Tracker._server_copy_both  # W
     return tuple(table)
 
 
