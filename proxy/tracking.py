@@ -218,6 +218,9 @@ class Entry:
     run_next: int = 0
 
     hidden_formats: int = 0  # BIND: result-format codes the proxy added (recheck columns)
+    # SYNC sent before the client's stream of this copy-in run started: the server
+    # ignores it if it starts the run (it is then in copy-in mode), answers it if not.
+    copy_run: CopyRun | None = None
 
 @dataclass(slots=True, eq=False)
 class CopyRun:
@@ -239,6 +242,7 @@ class CopyRun:
     stream: Any = None  # in: the transformer of the client's stream, once started
     state: int = 0  # in: 0 not started, 1 the client's stream is on, 2 it ended
     done: bool = False  # its request is complete on the server
+    started: bool = False  # in: the server's CopyInResponse for it arrived
     failed: ClientRefusal | None = None  # in: a value could not be sealed (CopyFail sent)
 
 
@@ -758,6 +762,8 @@ class Tracker:
         return None
 
     def _client_sync(self, kind: int, msg: bytes) -> bytes | None:
+        if self._guarding:
+            return self._sync_during_copy(msg)
         self.discarding = False  # (`_push`, inline: once per request)
         queue = self.queue
         queue.append(_SYNC_ENTRY)
@@ -765,6 +771,35 @@ class Tracker:
             self._set_data_plan(self._current_plan(_SYNC_ENTRY))
         extra = self._refresh()
         return msg + extra if extra else None
+
+    def _sync_during_copy(self, msg: bytes) -> bytes | None:
+        """Sync while a COPY FROM STDIN may be waiting for the client's data. PostgreSQL
+        ignores Sync (and Flush) in copy-in mode, for libpq's sake, which sends one right
+        behind the Execute of any statement, COPY included, and another after CopyDone:
+        one ReadyForQuery then answers both. Outside copy-in mode (the COPY failed
+        before starting) it is an ordinary Sync. So a Sync before the run's stream
+        started is queued tied to the run, and taken off the queue when the server
+        starts the run (`_server_copy_response`); one the server is known to be in
+        copy-in mode for is not queued at all. Inside the client's stream the answer
+        would depend on whether the server failed on an earlier row before reading it,
+        which the proxy cannot see: it refuses the session rather than guess. Never
+        followed by an injected catalog reload: the server may be in copy-in mode."""
+        run = self.copy_in_run
+        if run is None:
+            expect = self.copy_expect
+            while expect and expect[0].done:
+                expect.popleft()
+            run = expect[0] if expect else None
+        if run is None:  # (the guard lifts on the next `_copy_mode`)
+            self._copy_mode()
+            return self._client_sync(0x53, msg)
+        if run.state != 0:
+            raise ProtocolViolation(
+                "a Sync was sent inside the data of a COPY FROM STDIN; send it after "
+                "CopyDone or CopyFail")
+        if not run.started:
+            self.queue.append(Entry(SYNC, copy_run=run))
+        return None
 
     def _client_func(self, kind: int, msg: bytes) -> bytes | None:
         self._push(_FUNC_ENTRY)
@@ -1394,7 +1429,21 @@ class Tracker:
         if not ok:
             raise ProtocolViolation("the server started a COPY FROM STDIN out of the "
                                     "order the proxy planned")
+        run.started = True
+        self._drop_ignored_syncs(run)
         return None
+
+    def _drop_ignored_syncs(self, run: CopyRun) -> None:
+        """The server started `run`: the Syncs the client sent before its stream were
+        read in copy-in mode and ignored (`_sync_during_copy`), no ReadyForQuery comes
+        for them. They are behind the run's own request in the queue."""
+        queue = self.queue
+        i = 0
+        while i < len(queue):
+            if queue[i].copy_run is run:
+                del queue[i]
+            else:
+                i += 1
 
     def _server_copy_data(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
         if self.copy_out is not None:
@@ -1423,6 +1472,15 @@ class Tracker:
 
     def _server_other(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
         return None
+
+    def _server_copy_both(self, kind: int, head: Entry | None, msg: bytes) -> bytes | None:
+        """CopyBothResponse (START_REPLICATION): the stream that follows is WAL or
+        logical changes the tracker has no plan for, and the client's side of it would
+        pass unexamined. Tracking mode never relays one (even with allow_replication,
+        which only the plain relay honours): the session ends."""
+        raise ProtocolViolation("the server started a replication stream "
+                                "(CopyBothResponse), which is not relayed when "
+                                "protected columns are configured")
 
     def _completed(self, head: Entry, msg: bytes) -> None:
         """A statement finished: hand a protected one to the audit hook."""
@@ -1639,6 +1697,7 @@ def _server_handlers() -> tuple[Callable[[Tracker, int, Entry | None, bytes], by
     table[0x48] = table[0x47] = Tracker._server_copy_response  # H, G
     table[0x64] = Tracker._server_copy_data  # d
     table[0x63] = Tracker._server_copy_done  # c
+    table[0x57] = Tracker._server_copy_both  # W
     return tuple(table)
 
 

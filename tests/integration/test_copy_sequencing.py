@@ -31,6 +31,7 @@ from tests.conftest import (
     RawPG,
     bind_msg,
     cstr,
+    describe_msg,
     error_fields,
     execute_msg,
     msg,
@@ -505,3 +506,74 @@ def test_other_message_while_a_copy_may_wait_for_data_refuses_the_session(env: E
     with direct(env.pg) as d:  # type: ignore[arg-type]
         assert d.execute("SELECT count(*) FROM q_cards WHERE customer_id = ANY(%s)",
                          (list(rows),)).fetchone() == (0,)
+
+
+# ---------------------------------------------------------------- libpq's extended COPY
+
+
+def test_sync_inside_copy_in_leaves_no_stale_request(env: Env) -> None:
+    """libpq sends an extended-protocol COPY FROM STDIN as Parse/Bind/Describe/Execute
+    and Sync at once, then the data, CopyDone and a second Sync (PQputCopyEnd). The
+    first Sync arrives while the server is in copy-in mode, which ignores it: one
+    ReadyForQuery answers both Syncs. The proxy used to expect two, so a second such
+    COPY in the session (and anything after) met a stale entry and failed closed."""
+    first, second = pans(2), pans(2)
+
+    def extended_copy(rows: dict[int, str]) -> bytes:
+        return (parse_msg(COPY_IN) + bind_msg() + describe_msg(b"P") + execute_msg() + SYNC
+                + msg(b"d", text_rows(rows)) + msg(b"c") + SYNC)
+
+    with login(env) as raw:
+        for rows in (first, second):
+            raw.send(extended_copy(rows))
+            replies = raw.read_until(b"Z")
+            assert errors(replies) == []
+            assert kinds(replies) == [b"1", b"2", b"n", b"G", b"C", b"Z"]
+        # a Flush inside the stream is ignored by the server as well
+        third = pans(1)
+        raw.send(parse_msg(COPY_IN) + bind_msg() + execute_msg() + FLUSH + SYNC
+                 + msg(b"d", text_rows(third)) + FLUSH + msg(b"c") + SYNC
+                 + query_msg("SELECT 41 + 1"))
+        replies = raw.read_until(b"Z")
+        assert errors(replies) == [] and kinds(replies) == [b"1", b"2", b"G", b"C", b"Z"]
+        assert (b"D", b"\x00\x01\x00\x00\x00\x0242") in raw.read_until(b"Z")
+    assert_sealed(env, first | second | third)
+    readable(env, first | second | third)
+
+
+def test_sync_behind_a_copy_the_server_refused_is_a_real_sync(env: Env) -> None:
+    """The same libpq sequence for a COPY the server fails before copy mode (no such
+    column): then the first Sync is a real one (ReadyForQuery), the data is dropped and
+    the second Sync gets its own ReadyForQuery. The session stays in step."""
+    rows = pans(1)
+    with login(env) as raw:
+        raw.send(parse_msg("COPY q_plain (nonexistent) FROM STDIN") + bind_msg()
+                 + execute_msg() + SYNC + msg(b"d", b"7\tnot secret\n") + msg(b"c") + SYNC
+                 + query_msg("SELECT 41 + 1"))
+        assert [e["C"] for e in errors(raw.read_until(b"Z"))] == ["42703"]
+        assert kinds(raw.read_until(b"Z")) == [b"Z"]
+        assert (b"D", b"\x00\x01\x00\x00\x00\x0242") in raw.read_until(b"Z")
+        # and a protected extended COPY right after works
+        raw.send(parse_msg(COPY_IN) + bind_msg() + execute_msg() + SYNC
+                 + msg(b"d", text_rows(rows)) + msg(b"c") + SYNC)
+        assert errors(raw.read_until(b"Z")) == []
+    assert_sealed(env, rows)
+
+
+def test_sync_inside_copy_data_refuses_the_session(env: Env) -> None:
+    """A Sync between rows of a COPY FROM STDIN: the server ignores it in copy-in mode,
+    but answers it if an earlier row already failed, which the proxy cannot see. Its
+    picture of the replies would be a guess: the session ends with the proxy's FATAL,
+    and nothing behind the Sync is forwarded."""
+    first, rest = pans(1), pans(1)
+    with login(env) as raw:
+        raw.send(parse_msg(COPY_IN) + bind_msg() + execute_msg() + SYNC
+                 + msg(b"d", text_rows(first)) + SYNC + msg(b"d", text_rows(rest))
+                 + msg(b"c") + SYNC)
+        replies = raw.read_to_close()
+    fatal = [e for e in errors(replies) if e["S"] == "FATAL"]
+    assert len(fatal) == 1 and fatal[0]["C"] == "08P01" and "Sync" in fatal[0]["M"]
+    assert leaks([env.recorder.bytes_sent()], list((first | rest).values())) == []
+    with direct(env.pg) as d:  # type: ignore[arg-type]
+        assert d.execute("SELECT count(*) FROM q_cards WHERE customer_id = ANY(%s)",
+                         (list(first | rest),)).fetchone() == (0,)
