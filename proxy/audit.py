@@ -463,11 +463,7 @@ class AuditLog:
             try:
                 self._write_line(line)
             except OSError:
-                self.seq, self.last_mac = state
-                self.lost += 1
-                self.failures += 1
-                if self.on_write_failure is not None:
-                    self.on_write_failure()
+                self._write_failed(state)
                 raise
             self._gap = None
             self.lost = 0
@@ -478,6 +474,15 @@ class AuditLog:
                 if self._size >= self.max_bytes and fields["event"] != "stop":
                     self._rotate()
             return seq
+
+    def _write_failed(self, state: tuple[int, str]) -> None:
+        """A record was not written: the chain goes back to `state`, the loss is counted
+        (the next record written is preceded by a `gap` record) and reported."""
+        self.seq, self.last_mac = state
+        self.lost += 1
+        self.failures += 1
+        if self.on_write_failure is not None:
+            self.on_write_failure()
 
     def _write_line(self, line: bytes) -> None:
         """One `write` of whole lines; a short write is cut back and is a failure."""
@@ -528,11 +533,7 @@ class AuditLog:
         except OSError:
             # The next record is written after a `gap` record in the new file; verify
             # then reports the chain as starting at a rotation with a recorded gap.
-            self.seq, self.last_mac = state
-            self.lost += 1
-            self.failures += 1
-            if self.on_write_failure is not None:
-                self.on_write_failure()
+            self._write_failed(state)
             log.error("audit log %s: cannot write the rotate record", self.path)
             return
         self._size = len(line)
