@@ -95,6 +95,15 @@ class ProxyProcess:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
+    def reload(self, expect: str = "configuration reloaded", timeout: float = 15.0) -> None:
+        """SIGHUP, then wait until the log says `expect` once more than before."""
+        marker = self.log().count(expect)
+        self.signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self.log().count(expect) <= marker:
+            assert time.monotonic() < deadline, self.log()[-3000:]
+            time.sleep(0.05)
+
     def stop(self) -> int | None:
         if self.proc is None:
             return None

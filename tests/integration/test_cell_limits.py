@@ -9,8 +9,6 @@ a Bind parameter, a literal in the statement text, a COPY row.
 
 from __future__ import annotations
 
-import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,15 +23,6 @@ LIMIT = 4096
 BIG = "d" * (LIMIT + 100)
 
 
-def _reload(p: Any) -> None:
-    marker = p.log().count("configuration reloaded")
-    p.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 15
-    while p.log().count("configuration reloaded") <= marker:
-        assert time.monotonic() < deadline, p.log()[-3000:]
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def proxy(pg: Any) -> Iterator[Any]:
     setup_sql(pg, SCHEMA)
@@ -44,7 +33,7 @@ def proxy(pg: Any) -> Iterator[Any]:
             c.execute("INSERT INTO cl_docs VALUES (1, %s), (2, 'small')", (BIG,))
         p.config["limits"]["max_cell_size"] = LIMIT
         p.write_config()
-        _reload(p)
+        p.reload()
         yield p
     finally:
         p.stop()

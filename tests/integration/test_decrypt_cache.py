@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import signal
-import time
 from typing import Any
 
 import asyncpg
@@ -179,12 +177,12 @@ def test_retired_key_still_answers_after_reload(pg: Any, dproxy: Any) -> None:
                if k["column"] == "public.dc_cards.cvv" and k["purpose"] == "encrypt")
     new = cli_ops.add(ring, LocalKekProvider(kek), "public.dc_cards.cvv")
     cli_ops.promote(ring, new, LocalKekProvider(kek))
-    _reload(dproxy)
+    dproxy.reload()
     with psycopg.connect(dproxy.conninfo(), autocommit=True) as c:
         assert c.execute(SELECT).fetchall() == _expected()  # old key still decrypt-only
         c.execute("UPDATE dc_cards SET cvv = %s WHERE id = 5", (ROWS[4][2],))  # new key
     cli_ops.retire(ring, old, LocalKekProvider(kek))
-    _reload(dproxy)
+    dproxy.reload()
     try:
         with psycopg.connect(dproxy.conninfo(), autocommit=True) as c:
             for binary in (False, True):
@@ -200,12 +198,3 @@ def test_retired_key_still_answers_after_reload(pg: Any, dproxy: Any) -> None:
             cur.executemany("UPDATE dc_cards SET cvv = %s WHERE id = %s",
                             [(r[2], r[0]) for r in ROWS])
     _read_all_ways(dproxy)
-
-
-def _reload(p: Any) -> None:
-    marker = p.log().count("configuration reloaded")
-    p.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 15
-    while p.log().count("configuration reloaded") <= marker:
-        assert time.monotonic() < deadline, p.log()[-3000:]
-        time.sleep(0.05)

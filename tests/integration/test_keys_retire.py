@@ -15,8 +15,6 @@ data back. Here, against a real proxy and a real PostgreSQL:
 
 from __future__ import annotations
 
-import signal
-import time
 from typing import Any
 
 import psycopg
@@ -64,15 +62,6 @@ def _state(p: Any, key_id: int) -> str:
     return next(k["state"] for k in cli_ops.show(p.dir / "keyring.json") if k["id"] == key_id)
 
 
-def _reload(p: Any) -> None:
-    marker = p.log().count("configuration reloaded")
-    p.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 15
-    while p.log().count("configuration reloaded") <= marker:
-        assert time.monotonic() < deadline, p.log()[-3000:]
-        time.sleep(0.05)
-
-
 def _read(p: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(p.conninfo(), autocommit=True) as c:
         return [(i, pan, str(exp)) for i, pan, exp in
@@ -94,9 +83,9 @@ def test_retire_is_refused_while_values_use_the_key_then_allowed_after_rotate(
     res = keys_cli(p, "add", "--column", EXPIRY)
     assert res.returncode == 0, res.stderr
     new = _keys(p, EXPIRY)["decrypt_only"]
-    _reload(p)
+    p.reload()
     assert keys_cli(p, "promote", str(new)).returncode == 0
-    _reload(p)
+    p.reload()
     with psycopg.connect(p.conninfo(), autocommit=True) as c:  # one value under the new key
         c.execute("UPDATE kr_cards SET expiry = %s WHERE id = 1", (ROWS[0][2],))
 
@@ -105,7 +94,7 @@ def test_retire_is_refused_while_values_use_the_key_then_allowed_after_rotate(
     assert _state(p, old) == "decrypt_only"  # nothing changed
     res = keys_cli(p, "retire", "--force", str(old), *_dsn(p))
     assert res.returncode == 2 and "Traceback" not in res.stderr  # there is no --force
-    _reload(p)
+    p.reload()
     assert _read(p) == [(i, pan, exp) for i, pan, exp in ROWS]
 
     res = keys_cli(p, "rotate", "--column", EXPIRY, *_dsn(p))
@@ -114,7 +103,7 @@ def test_retire_is_refused_while_values_use_the_key_then_allowed_after_rotate(
     assert res.returncode == 0, res.stderr
     assert f"{EXPIRY}: 0 values" in res.stdout, res.stdout
     assert _state(p, old) == "retired"
-    _reload(p)
+    p.reload()
     assert _read(p) == [(i, pan, exp) for i, pan, exp in ROWS]
 
 
@@ -128,11 +117,11 @@ def test_a_retired_key_still_decrypts_a_restored_value_and_unretire(rproxy: Any)
     assert keys_cli(p, "add", "--column", EXPIRY).returncode == 0
     new = _keys(p, EXPIRY)["decrypt_only"]
     assert keys_cli(p, "promote", str(new)).returncode == 0
-    _reload(p)
+    p.reload()
     assert keys_cli(p, "rotate", "--column", EXPIRY, *_dsn(p)).returncode == 0
     res = keys_cli(p, "retire", str(old), *_dsn(p))
     assert res.returncode == 0, res.stderr
-    _reload(p)
+    p.reload()
 
     with direct(p.cluster) as d:  # the restore
         d.execute("UPDATE kr_cards SET expiry = %s WHERE id = 2", (backup,))
@@ -167,9 +156,9 @@ def test_retire_of_a_blind_index_key_waits_for_the_reindex(rproxy: Any) -> None:
     old = _keys(p, PAN, "blind_index")["active"]
     assert keys_cli(p, "add", "--column", PAN, "--purpose", "blind_index").returncode == 0
     new = _keys(p, PAN, "blind_index")["decrypt_only"]
-    _reload(p)
+    p.reload()
     assert keys_cli(p, "promote", str(new)).returncode == 0
-    _reload(p)
+    p.reload()
     line = _one_line_error(keys_cli(p, "retire", str(old), *_dsn(p)))
     assert f"{PAN}: 3 blind indexes" in line, line
     assert _state(p, old) == "decrypt_only"
@@ -178,7 +167,7 @@ def test_retire_of_a_blind_index_key_waits_for_the_reindex(rproxy: Any) -> None:
     assert res.returncode == 0, res.stderr
     res = keys_cli(p, "retire", str(old), *_dsn(p))
     assert res.returncode == 0, res.stderr
-    _reload(p)
+    p.reload()
     with psycopg.connect(p.conninfo(), autocommit=True) as c:
         assert c.execute("SELECT id FROM kr_cards WHERE pan = %s",
                          (ROWS[2][1],)).fetchall() == [(3,)]
