@@ -60,6 +60,13 @@ def direct(pg: devcluster.Cluster, db: str = APP_DB, **kw: Any) -> psycopg.Conne
     return psycopg.connect(pg.dsn(db=db) + "?sslmode=disable", autocommit=True, **kw)
 
 
+def login_role_sql(role: str, password: str | None = None) -> str:
+    """A LOGIN role, created unless it exists (the modules share one cluster)."""
+    pw = f" PASSWORD '{password}'" if password else ""
+    return (f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
+            f"THEN CREATE ROLE {role} LOGIN{pw}; END IF; END$$;\n")
+
+
 def setup_sql(pg: devcluster.Cluster, sql: str) -> None:
     """Run DDL as the app role (so it owns the tables), as superuser over the socket."""
     pg.psql("SET ROLE app;\n" + sql, db=APP_DB)

@@ -23,7 +23,7 @@ from proxy import devcluster
 from proxy.devcluster import free_port
 from tests.conftest import ROOT, ProxyProcess
 from tests.integration import policy_env
-from tests.integration.encryption_env import setup_sql, start_encrypted
+from tests.integration.encryption_env import login_role_sql, setup_sql, start_encrypted
 
 PAN = "4111111111111111"
 TAX_ID = "123-45-6789"
@@ -66,10 +66,7 @@ def start_observed_proxy(pg: devcluster.Cluster, audit: dict[str, Any] | None = 
                          ) -> ProxyProcess:
     """Tables, roles, keys (`keys init` also creates the audit key), then the proxy."""
     for role in ROLES:  # the roles only, not policy_env's whole schema
-        pg.psql(
-            f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN "
-            f"CREATE ROLE {role} LOGIN PASSWORD '{policy_env.password(role)}'; END IF; END$$"
-        )
+        pg.psql(login_role_sql(role, policy_env.password(role)))
     setup_sql(pg, TABLES_SQL)
     extra = {
         **POLICY,

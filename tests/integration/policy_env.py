@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from proxy import devcluster
+from tests.integration.encryption_env import login_role_sql
 
 ROLES = ("support_agent", "payments_service", "analyst", "dba_readonly", "ops_admin",
          "unlisted_user")
@@ -124,10 +125,7 @@ def ensure_schema(pg: devcluster.Cluster, db: str = "app") -> None:
     if pg.psql("SELECT 1 FROM pg_namespace WHERE nspname = 'reporting'", db=db).strip():
         return
     for role in ROLES:
-        pg.psql(
-            f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN "
-            f"CREATE ROLE {role} LOGIN PASSWORD '{password(role)}'; END IF; END$$"
-        )
+        pg.psql(login_role_sql(role, password(role)))
     pg.psql(f"GRANT CONNECT ON DATABASE {db} TO PUBLIC")
     # ops_admin (the one role the policy lets SET ROLE) may become any other role.
     others = ", ".join(r for r in ROLES if r != "ops_admin")

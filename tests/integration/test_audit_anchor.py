@@ -23,7 +23,7 @@ import pytest
 
 from proxy import devcluster
 from tests.conftest import APP_DB, ROOT, ProxyProcess
-from tests.integration.encryption_env import direct
+from tests.integration.encryption_env import direct, login_role_sql
 from tests.integration.observability_env import scrape, start_observed_proxy, traffic
 
 ANCHOR_ROLE = "strongroom_anchor"
@@ -38,10 +38,7 @@ def anchor_dsn(pg: devcluster.Cluster) -> str:
 @pytest.fixture
 def anchor_role(pg: devcluster.Cluster) -> str:
     """The proxy's own role, allowed to create its table in `public`; no rows left over."""
-    pg.psql(
-        f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ANCHOR_ROLE}') "
-        f"THEN CREATE ROLE {ANCHOR_ROLE} LOGIN PASSWORD '{ANCHOR_PASSWORD}'; END IF; END$$"
-    )
+    pg.psql(login_role_sql(ANCHOR_ROLE, ANCHOR_PASSWORD))
     pg.psql(f"GRANT CREATE, USAGE ON SCHEMA public TO {ANCHOR_ROLE}; "
             f"DROP TABLE IF EXISTS public.{TABLE}", db=APP_DB)
     return anchor_dsn(pg)

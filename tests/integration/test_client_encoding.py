@@ -33,7 +33,7 @@ from tests.conftest import (
     startup_packet,
 )
 from tests.integration import policy_env
-from tests.integration.encryption_env import direct, setup_sql, start_encrypted
+from tests.integration.encryption_env import direct, login_role_sql, setup_sql, start_encrypted
 
 TAX = "123-45-6789"  # policy_env's customers.tax_id of Ada, and enc_customers' below
 ADDRESS = "221B Baker Street"
@@ -411,8 +411,7 @@ def test_role_setting_refused_at_startup(proxies: dict[str, ProxyProcess],
     """ALTER ROLE ... SET client_encoding: the client asked for nothing, the server
     reports GBK after authentication; the proxy goes by what the server reports."""
     role = "enc_gbk_role"
-    pg.psql(f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
-            f"THEN CREATE ROLE {role} LOGIN PASSWORD 'gbk-pw'; END IF; END$$")
+    pg.psql(login_role_sql(role, "gbk-pw"))
     pg.psql(f"ALTER ROLE {role} SET client_encoding = 'GBK'")
     p = proxies[mode]
     conn = pq.PGconn.connect(

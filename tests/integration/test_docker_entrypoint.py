@@ -31,6 +31,7 @@ import yaml
 
 from proxy import devcluster
 from tests.conftest import APP_PASSWORD, APP_USER, PROXY_DIRS
+from tests.integration.encryption_env import login_role_sql
 from tests.unit.test_compose import _dockerfile_instructions, dockerfile_healthcheck
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -97,8 +98,7 @@ def app_db(pg: devcluster.Cluster) -> Iterator[str]:
     pg.psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     pg.psql(f"CREATE DATABASE {DB}")
     for role in ("support_agent", "etl_backup"):
-        pg.psql(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') "
-                f"THEN CREATE ROLE {role} LOGIN; END IF; END $$")
+        pg.psql(login_role_sql(role))
     sql = (ROOT / "docker" / "init" / "01-schema.sql").read_text()
     pg.psql(re.sub(r"^CREATE ROLE .*$", "", sql, flags=re.M), db=DB)
     yield DB

@@ -29,15 +29,10 @@ from tests.conftest import (
     parse_msg,
     query_msg,
 )
-from tests.integration.encryption_env import both_paths, direct
+from tests.integration.encryption_env import both_paths, direct, login_role_sql
 
 ROLE, PASSWORD = "flow_user", "flow-user-pw"
-SETUP = f"""
-DO $$BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}') THEN
-    CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
-  END IF;
-END$$;
+SETUP = login_role_sql(ROLE, PASSWORD) + """
 DROP TABLE IF EXISTS public.flow_rows, public.flow_cards;
 CREATE TABLE public.flow_rows (v text CHECK (v NOT LIKE 'bad%'));
 CREATE TABLE public.flow_cards (id int, pan bytea, pan_bidx bytea);

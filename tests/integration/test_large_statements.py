@@ -19,15 +19,10 @@ import pytest
 
 from proxy import devcluster
 from tests.conftest import ProxyProcess
-from tests.integration.encryption_env import both_paths, direct
+from tests.integration.encryption_env import both_paths, direct, login_role_sql
 
 ROLE, PASSWORD = "big_user", "big-user-pw"
-SETUP = f"""
-DO $$BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}') THEN
-    CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
-  END IF;
-END$$;
+SETUP = login_role_sql(ROLE, PASSWORD) + """
 DROP TABLE IF EXISTS public.big_open, public.big_closed, public.big_cards;
 CREATE TABLE public.big_open (id int);
 CREATE TABLE public.big_closed (id int);

@@ -17,16 +17,11 @@ import psycopg
 import pytest
 
 from tests.conftest import ProxyProcess
-from tests.integration.encryption_env import both_paths
+from tests.integration.encryption_env import both_paths, login_role_sql
 from tests.integration.test_session_state import PROBE_SETUP, PROTECT, _probe, _server_truth
 
 ROLE, PASSWORD = "uc_user", "uc-user-pw"
-SETUP = f"""
-DO $$BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}') THEN
-    CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
-  END IF;
-END$$;
+SETUP = login_role_sql(ROLE, PASSWORD) + """
 DROP TABLE IF EXISTS public.st_cards;
 CREATE TABLE public.st_cards (id int, pan bytea);
 GRANT ALL ON public.st_cards TO PUBLIC;

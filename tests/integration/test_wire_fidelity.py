@@ -37,15 +37,10 @@ from tests.conftest import (
     query_msg,
     startup_packet,
 )
-from tests.integration.encryption_env import both_paths, direct
+from tests.integration.encryption_env import both_paths, direct, login_role_sql
 
 ROLE, PASSWORD = "wf_user", "wf-user-pw"
-SETUP = f"""
-DO $$BEGIN
-  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}') THEN
-    CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}';
-  END IF;
-END$$;
+SETUP = login_role_sql(ROLE, PASSWORD) + """
 DROP TABLE IF EXISTS public.wf_open, public.wf_closed, public.wf_cards;
 CREATE TABLE public.wf_open (id int);
 CREATE TABLE public.wf_closed (id int);
